@@ -1,0 +1,5 @@
+import sys
+
+from proximal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,239 @@
+"""The actor-critic network, the PPO loss (Eq. 7) and `PPOAgent`.
+
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms":
+  r_t(theta) = pi_theta(a_t | s_t) / pi_theta_old(a_t | s_t)                               (Eq. 6)
+  L^CLIP     = E_t[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]                         (Eq. 7)
+  L^{CLIP+VF+S} = E_t[ L^CLIP - c1 (V(s_t) - V_t^targ)^2 + c2 S[pi](s_t) ]                  (Eq. 9)
+We maximise Eq. 9 by minimising its negative.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from proximal.checkpoint import load_checkpoint
+from proximal.config import TrainConfig
+from proximal.errors import CheckpointError, ConfigError, TrainingDiverged
+from proximal.utils import explained_variance
+
+
+def clipped_surrogate_loss(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_coef: float,
+) -> torch.Tensor:
+    """The clipped surrogate objective of Eq. 7, negated: the scalar to minimise.
+
+    The min makes it a pessimistic bound: once r A has improved past the clip edge
+    (A > 0 and r > 1 + eps, or A < 0 and r < 1 - eps) the clipped term is the smaller one and
+    is constant in theta, so that sample's gradient is exactly zero. Where the change makes the
+    objective worse, the unclipped term is the smaller one and the gradient flows.
+    """
+    ratio = torch.exp(logp_new - logp_old)  # r_t(theta), Eq. 6
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * advantages
+    # Eq. 7 (Schulman et al. 2017): L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]; we minimise its negative.
+    return -torch.min(unclipped, clipped).mean()
+
+
+def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
+    """Orthogonal weights with the given gain, zero biases (as in the PPO paper's baselines code)."""
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _mlp_body(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden_sizes:
+        layers += [_orthogonal(nn.Linear(in_dim, width), gain=np.sqrt(2)), nn.Tanh()]
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+class ActorCritic(nn.Module):
+    """An MLP with two heads: the actor gives action logits [B, A], the critic a value [B].
+
+    With `shared_body` both heads read one body's features; otherwise each head has its own
+    body (the usual choice for control: the value loss cannot disturb the policy's features).
+    """
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: tuple[int, ...], shared_body: bool):
+        super().__init__()
+        self.actor_body = _mlp_body(obs_dim, hidden_sizes)
+        self.critic_body = None if shared_body else _mlp_body(obs_dim, hidden_sizes)
+        # Small policy gain: near-uniform initial policy. Unit value gain: values start near 0.
+        self.actor_head = _orthogonal(nn.Linear(hidden_sizes[-1], num_actions), gain=0.01)
+        self.critic_head = _orthogonal(nn.Linear(hidden_sizes[-1], 1), gain=1.0)
+
+    def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        actor_features = self.actor_body(observations)
+        critic_features = actor_features if self.critic_body is None else self.critic_body(observations)
+        return self.actor_head(actor_features), self.critic_head(critic_features).squeeze(-1)
+
+    def value(self, observations: torch.Tensor) -> torch.Tensor:
+        features = self.actor_body(observations) if self.critic_body is None else self.critic_body(observations)
+        return self.critic_head(features).squeeze(-1)
+
+
+@dataclass
+class RolloutBatch:
+    """The valid transitions of one rollout, flattened over [T, N] to [B]."""
+
+    observations: torch.Tensor  # [B, obs_dim]
+    actions: torch.Tensor  # [B]
+    logprobs: torch.Tensor  # [B]  log pi_old(a|s) at collection time
+    values: torch.Tensor  # [B]  V_old(s) at collection time
+    advantages: torch.Tensor  # [B]
+    returns: torch.Tensor  # [B]  advantages + values: the critic's target
+
+    @property
+    def size(self) -> int:
+        return self.actions.shape[0]
+
+
+class PPOAgent:
+    """Actor-critic PPO: sample actions during rollouts, update on a batch, act when trained."""
+
+    def __init__(self, obs_dim: int, num_actions: int, config: TrainConfig):
+        self.config = config
+        self.obs_dim = obs_dim
+        self.num_actions = num_actions
+        ppo = config.ppo
+        self.network = ActorCritic(obs_dim, num_actions, ppo.hidden_sizes, ppo.shared_body)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=ppo.learning_rate, eps=1e-5)
+
+    # -- acting ---------------------------------------------------------------------------------
+
+    def get_action(
+        self, observations: torch.Tensor, actions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(action, log pi(action|s), entropy of pi(.|s), V(s)), each [B].
+
+        Samples actions from the categorical policy when `actions` is None (rollouts); otherwise
+        scores the given actions under the current policy (updates).
+        """
+        logits, values = self.network(observations)  # [B, A], [B]
+        log_probs = torch.log_softmax(logits, dim=-1)  # [B, A]
+        probs = log_probs.exp()
+        if actions is None:
+            actions = torch.multinomial(probs, 1).squeeze(-1)
+        action_logp = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        entropy = -(probs * log_probs).sum(-1)
+        return actions, action_logp, entropy, values
+
+    def get_value(self, observations: torch.Tensor) -> torch.Tensor:
+        """V(s) [B], without computing the policy."""
+        return self.network.value(observations)
+
+    @torch.no_grad()
+    def act(self, observations: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """Actions for raw observations: [N, obs_dim] -> [N] (or one observation -> one action).
+
+        Deterministic means greedy: the most probable action.
+        """
+        observations = np.asarray(observations, dtype=np.float32)
+        single = observations.ndim == 1
+        batch = observations[None] if single else observations
+        if batch.ndim != 2 or batch.shape[1] != self.obs_dim:
+            raise ValueError(f"act() takes observations of shape [N, {self.obs_dim}] or "
+                             f"[{self.obs_dim}], got {observations.shape}")
+        logits, _ = self.network(torch.from_numpy(batch))
+        if deterministic:
+            actions = logits.argmax(-1)
+        else:
+            actions = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
+        actions = actions.numpy()
+        return actions[0] if single else actions
+
+    # -- learning -------------------------------------------------------------------------------
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """PPO's optimisation phase: `update_epochs` passes over shuffled minibatches.
+
+        Returns statistics averaged over the minibatches that ran: losses, entropy, approx-KL
+        (the k3 estimator E[(r - 1) - log r]), clip fraction, plus the epochs completed (fewer
+        than configured when target-KL stopped early) and the critic's explained variance.
+        """
+        ppo = self.config.ppo
+        num_minibatches = max(1, round(batch.size / ppo.minibatch_size))
+        history: list[torch.Tensor] = []
+        epochs_done = 0
+        for _ in range(ppo.update_epochs):
+            epochs_done += 1
+            epoch_kls = []
+            for indices in torch.tensor_split(torch.randperm(batch.size), num_minibatches):
+                _, logp_new, entropy, new_values = self.get_action(
+                    batch.observations[indices], batch.actions[indices])
+                advantages = batch.advantages[indices]
+                if ppo.norm_adv:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                policy_loss = clipped_surrogate_loss(logp_new, batch.logprobs[indices], advantages, ppo.clip_coef)
+                value_loss = 0.5 * (new_values - batch.returns[indices]).pow(2).mean()
+                entropy_mean = entropy.mean()
+                # Eq. 9, negated: minimise -L^CLIP + c1 L^VF - c2 S.
+                loss = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy_mean
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged("the PPO loss became NaN or infinite")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.network.parameters(), ppo.max_grad_norm)
+                self.optimizer.step()
+                with torch.no_grad():
+                    log_ratio = logp_new - batch.logprobs[indices]
+                    ratio = log_ratio.exp()
+                    approx_kl = ((ratio - 1.0) - log_ratio).mean()
+                    clip_fraction = ((ratio - 1.0).abs() > ppo.clip_coef).float().mean()
+                epoch_kls.append(approx_kl)
+                history.append(torch.stack([policy_loss.detach(), value_loss.detach(),
+                                            entropy_mean.detach(), approx_kl, clip_fraction]))
+            if ppo.target_kl is not None and torch.stack(epoch_kls).mean() > ppo.target_kl:
+                break
+        means = torch.stack(history).mean(0).tolist()
+        stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
+        stats["epochs"] = float(epochs_done)
+        stats["explained_variance"] = explained_variance(batch.values, batch.returns)
+        return stats
+
+    # -- saving and loading -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this agent; only tensors, numbers and strings."""
+        return {
+            "config": self.config.to_json(),
+            "obs_dim": self.obs_dim,
+            "num_actions": self.num_actions,
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, payload: dict[str, Any]) -> PPOAgent:
+        try:
+            config = TrainConfig.from_dict(json.loads(payload["config"]))
+            agent = cls(int(payload["obs_dim"]), int(payload["num_actions"]), config)
+            agent.network.load_state_dict(payload["model"])
+            # Adam keeps the given moment tensors as they are: copy them, or training would
+            # silently mutate the caller's checkpoint dict.
+            agent.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+        except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:
+            raise CheckpointError(f"checkpoint does not describe a proximal agent ({error})") from None
+        return agent
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PPOAgent:
+        """A trained agent from a run directory or a checkpoint file."""
+        return cls.from_state_dict(load_checkpoint(path))

@@ -1,0 +1,164 @@
+"""The `proximal` command: train, eval, plot.
+
+Flags of `train` are generated from the fields of the config dataclasses (config.py), so the
+config stays the single source of truth: `--learning-rate` sets `PPOConfig.learning_rate`. The
+preset for ENV_ID is taken first, then only the flags given explicitly override it.
+
+Errors the user can fix arrive as `ProximalError`, caught once here and printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from proximal.config import SECTION_OF_FIELD, EnvConfig, PPOConfig, RunConfig, TrainConfig, preset_for
+from proximal.errors import ConfigError, ProximalError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2), not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (except env_id, the positional), each defaulting to 'not given'."""
+    for section_cls in (EnvConfig, PPOConfig, RunConfig):
+        for config_field in dataclasses.fields(section_cls):
+            if config_field.name == "env_id":
+                continue
+            flag = "--" + config_field.name.replace("_", "-")
+            default = config_field.default
+            help_text = f"{config_field.metadata['help']} (generic default: {default})"
+            kwargs: dict[str, Any] = {"dest": config_field.name, "default": argparse.SUPPRESS, "help": help_text}
+            if config_field.type == "bool":
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            elif config_field.type == "tuple[int, ...]":
+                parser.add_argument(flag, type=int, nargs="+", metavar="WIDTH", **kwargs)
+            elif config_field.type == "float | None":
+                parser.add_argument(flag, type=_optional_float, metavar="FLOAT|none", **kwargs)
+            else:
+                parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type], **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="proximal", description="PPO from scratch in PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    train = commands.add_parser("train", help="train PPO on a Gymnasium environment",
+                                description="Train PPO. ENV_ID picks a preset of hyperparameters; flags override it.")
+    train.add_argument("env_id", nargs="?", default=None, metavar="ENV_ID",
+                       help="Gymnasium environment id (default: CartPole-v1)")
+    train.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue RUN_DIR from its last checkpoint (only --total-timesteps may change)")
+    _add_config_flags(train)
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="greedy evaluation of a trained run")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a checkpoint file")
+    evaluate.add_argument("--episodes", type=int, default=100, help="episodes to evaluate (default: 100)")
+    evaluate.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's seed)")
+    evaluate.add_argument("--gif", metavar="OUT.gif", default=None, help="also render one greedy episode to a GIF")
+    evaluate.set_defaults(handler=_eval)
+
+    plot = commands.add_parser("plot", help="learning curves of several runs in one PNG")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", default="learning_curves.png", help="output PNG (default: learning_curves.png)")
+    plot.set_defaults(handler=_plot)
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
+    """The config to run, the checkpoint to resume from and its run directory (None for a new run)."""
+    overrides = {name: value for name, value in vars(args).items()
+                 if name in SECTION_OF_FIELD and name != "env_id"}  # ENV_ID picks the preset instead
+    if "hidden_sizes" in overrides:
+        overrides["hidden_sizes"] = tuple(overrides["hidden_sizes"])
+    if args.resume is None:
+        return preset_for(args.env_id or "CartPole-v1").with_overrides(overrides), None, None
+
+    from proximal.checkpoint import load_checkpoint, resolve_checkpoint_path
+
+    if args.env_id is not None:
+        raise ConfigError("--resume continues the run's own environment; drop ENV_ID")
+    changed = sorted(set(overrides) - {"total_timesteps"})
+    if changed:
+        raise ConfigError(f"--resume keeps the run's config; only --total-timesteps may change, not {', '.join(changed)}")
+    checkpoint_path = resolve_checkpoint_path(args.resume)
+    payload = load_checkpoint(checkpoint_path)
+    try:
+        config = TrainConfig.from_dict(json.loads(payload["config"])).with_overrides(overrides)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{checkpoint_path} holds no readable config ({error})") from None
+    if int(payload["iteration"]) >= config.num_iterations:
+        raise ConfigError(f"{args.resume} already finished its {config.ppo.total_timesteps} steps; "
+                          "pass a larger --total-timesteps to train on")
+    return config, payload, checkpoint_path.parent
+
+
+def _train(args: argparse.Namespace) -> int:
+    config, resume, run_dir = _train_config(args)  # validated: nothing is written if this fails
+    from proximal.train import train
+
+    result = train(config, run_dir=run_dir, resume=resume, show_progress=sys.stderr.isatty())
+    returns = result.eval_returns
+    print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.1f} s "
+          f"of training ({result.global_step / result.train_seconds:,.0f} steps/s)")
+    print(f"greedy evaluation, {len(returns)} episodes: mean {returns.mean():.1f} ± {returns.std():.1f}, "
+          f"min {returns.min():.1f}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.episodes <= 0:
+        raise ConfigError(f"--episodes must be a positive integer, got {args.episodes}")
+    import torch
+
+    from proximal.agent import PPOAgent
+    from proximal.evaluate import evaluate, render_gif
+
+    torch.set_num_threads(1)
+    agent = PPOAgent.load(args.run_dir)
+    env_id = agent.config.env.env_id
+    seed = agent.config.run.seed if args.seed is None else args.seed
+    returns = evaluate(agent, env_id, args.episodes, seed)
+    print(f"{env_id}: greedy evaluation, {len(returns)} episodes: mean {returns.mean():.1f} ± "
+          f"{returns.std():.1f}, min {returns.min():.1f}, max {returns.max():.1f}")
+    if args.gif:
+        frames = render_gif(agent, env_id, Path(args.gif), seed)
+        print(f"wrote {args.gif} ({frames} frames)")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from proximal.plots import plot_runs
+
+    print(f"wrote {plot_runs([Path(run_dir) for run_dir in args.run_dirs], Path(args.out))}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ProximalError as error:
+        print(f"proximal {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"proximal {args.command}: interrupted; the last checkpoint written is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The one exception family users see.
+
+Library code raises these; the CLI catches `ProximalError` once and prints its message as a
+single line. Anything else escaping is a bug in proximal, not bad input.
+"""
+
+
+class ProximalError(Exception):
+    """Base class: a problem with the user's input or run, explained in one line."""
+
+
+class ConfigError(ProximalError):
+    """A hyperparameter or option outside its allowed range."""
+
+
+class EnvError(ProximalError):
+    """An environment id that does not exist, or spaces proximal cannot handle."""
+
+
+class CheckpointError(ProximalError):
+    """A checkpoint or run directory that is missing, corrupt or of another kind."""
+
+
+class TrainingDiverged(ProximalError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,82 @@
+"""Learning curves: one run's `learning_curve.png`, and several runs compared in one figure."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from proximal.checkpoint import CONFIG_NAME  # noqa: E402
+from proximal.errors import CheckpointError  # noqa: E402
+from proximal.metrics import METRICS_NAME, read_metrics  # noqa: E402
+
+LEARNING_CURVE_NAME = "learning_curve.png"
+
+
+def _return_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(env steps, mean episodic return) of the iterations in which episodes ended."""
+    rows = [row for row in read_metrics(run_dir) if row["episodic_return"] is not None]
+    return (np.array([row["env_steps"] for row in rows]), np.array([row["episodic_return"] for row in rows]))
+
+
+def plot_learning_curve(run_dir: Path) -> Path:
+    """Episodic return and explained variance against env steps, saved in the run directory."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    steps, returns = _return_curve(run_dir)
+    figure, (return_axis, critic_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                                      gridspec_kw={"height_ratios": [2, 1]})
+    return_axis.plot(steps, returns, color="C0")
+    return_axis.set_ylabel("mean episodic return")
+    return_axis.set_title(run_dir.name)
+    return_axis.grid(alpha=0.3)
+    explained = [(row["env_steps"], row["explained_variance"]) for row in rows
+                 if row["explained_variance"] is not None]
+    if explained:
+        critic_axis.plot(*zip(*explained), color="C1")
+    critic_axis.set_ylabel("explained variance")
+    critic_axis.set_xlabel("environment steps")
+    critic_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = run_dir / LEARNING_CURVE_NAME
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
+    """One panel per environment: the mean return across its runs (seeds) with a min-max band,
+    each run interpolated onto a common grid of env steps."""
+    runs_by_env: dict[str, list[Path]] = defaultdict(list)
+    for run_dir in map(Path, run_dirs):
+        if not (run_dir / CONFIG_NAME).is_file() or not (run_dir / METRICS_NAME).is_file():
+            raise CheckpointError(f"{run_dir} is not a proximal run directory (needs {CONFIG_NAME} and {METRICS_NAME})")
+        env_id = json.loads((run_dir / CONFIG_NAME).read_text())["env"]["env_id"]
+        runs_by_env[env_id].append(run_dir)
+
+    figure, axes = plt.subplots(1, len(runs_by_env), figsize=(6 * len(runs_by_env), 4.2), squeeze=False)
+    for axis, (env_id, env_runs) in zip(axes[0], sorted(runs_by_env.items())):
+        curves = [curve for curve in map(_return_curve, env_runs) if len(curve[0]) > 0]
+        if not curves:
+            axis.set_title(f"{env_id}: no finished episodes yet")
+            continue
+        grid = np.linspace(0, min(steps[-1] for steps, _ in curves), 200)  # [G]
+        on_grid = np.stack([np.interp(grid, steps, returns) for steps, returns in curves])  # [runs, G]
+        axis.plot(grid, on_grid.mean(0), color="C0", label=f"mean of {len(curves)} run(s)")
+        axis.fill_between(grid, on_grid.min(0), on_grid.max(0), color="C0", alpha=0.25, label="min-max")
+        axis.set_title(env_id)
+        axis.set_xlabel("environment steps")
+        axis.set_ylabel("mean episodic return")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right")
+    figure.tight_layout()
+    out_path = Path(out_path)
+    figure.savefig(out_path, dpi=110)
+    plt.close(figure)
+    return out_path

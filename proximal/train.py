@@ -1,0 +1,234 @@
+"""The PPO training loop: rollout -> advantages -> update -> log -> checkpoint.
+
+Read `train` top to bottom; it follows Algorithm 1 of Schulman et al. 2017:
+  for iteration = 1, 2, ...:
+      run the policy in N envs for T steps                       (collect_rollout)
+      compute advantage estimates A_1..A_T                        (compute_gae, utils.py)
+      optimise the surrogate for K epochs, minibatch size M       (PPOAgent.update, agent.py)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import VectorEnv
+
+from proximal.agent import PPOAgent, RolloutBatch
+from proximal.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, save_checkpoint
+from proximal.config import TrainConfig
+from proximal.envs import as_float_observations, make_vector_env
+from proximal.errors import EnvError, TrainingDiverged
+from proximal.evaluate import evaluate
+from proximal.metrics import MetricsLogger
+from proximal.utils import compute_gae
+
+EVAL_NAME = "eval.json"
+
+
+@dataclass
+class EnvState:
+    """What carries over from one rollout to the next, per env."""
+
+    observations: np.ndarray  # [N, obs_dim] the observation the next action is chosen from
+    just_ended: np.ndarray  # [N] the last step ended an episode: the next step is an autoreset
+    episode_return: np.ndarray  # [N] running undiscounted return of the current episode
+    episode_length: np.ndarray  # [N]
+
+    @classmethod
+    def after_reset(cls, observations: np.ndarray) -> EnvState:
+        num_envs = observations.shape[0]
+        return cls(as_float_observations(observations), np.zeros(num_envs, dtype=bool),
+                   np.zeros(num_envs), np.zeros(num_envs, dtype=np.int64))
+
+
+@dataclass
+class Rollout:
+    """T steps of N envs. Rows where `valid` is False are autoreset steps: the env ignored the
+    action there, so they carry no learning signal and never reach the loss."""
+
+    observations: torch.Tensor  # [T, N, obs_dim]
+    actions: torch.Tensor  # [T, N]
+    logprobs: torch.Tensor  # [T, N]
+    values: torch.Tensor  # [T, N]  V(s_t)
+    next_values: torch.Tensor  # [T, N]  V(s_{t+1}); at an episode end, V(final observation)
+    rewards: torch.Tensor  # [T, N]
+    terminated: torch.Tensor  # [T, N] bool
+    truncated: torch.Tensor  # [T, N] bool
+    valid: torch.Tensor  # [T, N] bool
+    episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+
+
+@torch.no_grad()
+def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps: int) -> Rollout:
+    """Run the current policy for `num_steps` steps in every env (NEXT_STEP autoreset).
+
+    In NEXT_STEP mode the observation returned by a step that ends an episode is that episode's
+    final observation, so the value computed for the next row is V(final observation): exactly
+    the bootstrap a truncated step needs, with no extra forward pass.
+    """
+    num_envs, obs_dim = state.observations.shape
+    observations = torch.zeros(num_steps, num_envs, obs_dim)  # [T, N, obs_dim]
+    actions = torch.zeros(num_steps, num_envs, dtype=torch.long)  # [T, N]
+    logprobs = torch.zeros(num_steps, num_envs)  # [T, N]
+    values = torch.zeros(num_steps, num_envs)  # [T, N]
+    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)  # [T, N]
+    terminated = np.zeros((num_steps, num_envs), dtype=bool)  # [T, N]
+    truncated = np.zeros((num_steps, num_envs), dtype=bool)  # [T, N]
+    valid = np.zeros((num_steps, num_envs), dtype=bool)  # [T, N]
+    rollout_returns: list[float] = []
+    rollout_lengths: list[int] = []
+
+    for t in range(num_steps):
+        observations[t] = torch.from_numpy(state.observations)
+        actions[t], logprobs[t], _, values[t] = agent.get_action(observations[t])
+        next_obs, reward, terminated[t], truncated[t], _ = envs.step(actions[t].numpy())
+        valid[t] = ~state.just_ended
+        rewards[t] = np.where(valid[t], reward, 0.0)
+        state.episode_return += rewards[t]
+        state.episode_length += valid[t]
+        done = terminated[t] | truncated[t]
+        for env_index in np.flatnonzero(done):
+            rollout_returns.append(float(state.episode_return[env_index]))
+            rollout_lengths.append(int(state.episode_length[env_index]))
+        state.episode_return[done] = 0.0
+        state.episode_length[done] = 0
+        state.just_ended = done
+        state.observations = as_float_observations(next_obs)
+        if not np.isfinite(state.observations).all():
+            raise EnvError("the environment returned a non-finite observation")
+
+    last_values = agent.get_value(torch.from_numpy(state.observations))  # [N]
+    next_values = torch.cat([values[1:], last_values.unsqueeze(0)])  # [T, N]
+    return Rollout(observations, actions, logprobs, values, next_values, torch.from_numpy(rewards),
+                   torch.from_numpy(terminated), torch.from_numpy(truncated), torch.from_numpy(valid),
+                   rollout_returns, rollout_lengths)
+
+
+def rollout_to_batch(rollout: Rollout, gamma: float, gae_lambda: float) -> RolloutBatch:
+    """GAE over the [T, N] rollout, then flatten to the valid transitions only."""
+    advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.next_values,
+                                      rollout.terminated, rollout.truncated, gamma, gae_lambda)
+    valid = rollout.valid
+    return RolloutBatch(
+        observations=rollout.observations[valid],
+        actions=rollout.actions[valid],
+        logprobs=rollout.logprobs[valid],
+        values=rollout.values[valid],
+        advantages=advantages[valid],
+        returns=returns[valid],
+    )
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    """runs/<env>__<seed>__<time>/, made unique if two runs start in the same second."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(config.run.runs_dir) / f"{config.env.env_id.replace('/', '-')}__{config.run.seed}__{stamp}"
+    run_dir, suffix = base, 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = base.with_name(f"{base.name}-{suffix}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    global_step: int
+    train_seconds: float
+    eval_returns: np.ndarray  # [eval_episodes] greedy returns of the final policy
+    last_metrics: dict[str, Any]
+
+
+def train(
+    config: TrainConfig,
+    run_dir: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    show_progress: bool = False,
+) -> TrainResult:
+    """Train PPO as `config` says, writing everything into `run_dir` (a new one if None).
+
+    `resume` is a loaded checkpoint of the same run: training continues from its iteration with
+    its weights, optimiser state and torch RNG state. The environments restart fresh episodes,
+    seeded from the step counter, since a Gymnasium env's internal state cannot be saved.
+    """
+    ppo, run = config.ppo, config.run
+    torch.set_num_threads(run.torch_threads)
+    torch.manual_seed(run.seed)
+    envs = make_vector_env(config.env.env_id, config.env.num_envs)
+    try:
+        start_iteration, global_step, elapsed_before = 0, 0, 0.0
+        if resume is None:
+            agent = PPOAgent(envs.single_observation_space.shape[0], int(envs.single_action_space.n), config)
+        else:
+            agent = PPOAgent.from_state_dict(resume)
+            start_iteration, global_step = int(resume["iteration"]), int(resume["global_step"])
+            elapsed_before = float(resume["train_seconds"])
+            torch.set_rng_state(resume["torch_rng_state"])
+        if run_dir is None:
+            run_dir = new_run_dir(config)
+        (run_dir / CONFIG_NAME).write_text(config.to_json())
+        checkpoint_path = run_dir / CHECKPOINT_NAME
+
+        def write_checkpoint(iteration: int, train_seconds: float) -> None:
+            save_checkpoint(checkpoint_path, {
+                **agent.state_dict(), "iteration": iteration, "global_step": global_step,
+                "train_seconds": train_seconds, "torch_rng_state": torch.get_rng_state(),
+            })
+
+        state = EnvState.after_reset(envs.reset(seed=run.seed + global_step)[0])
+        logger = MetricsLogger(run_dir, ppo.total_timesteps, start_iteration, global_step, show_progress)
+        metrics: dict[str, Any] = {}
+        start_time = time.perf_counter()
+        train_seconds = elapsed_before
+        try:
+            for iteration in range(start_iteration + 1, config.num_iterations + 1):
+                iteration_start = time.perf_counter()
+                if ppo.anneal_lr:  # linear decay to 0 over the whole run
+                    agent.set_learning_rate(ppo.learning_rate * (1.0 - (iteration - 1) / config.num_iterations))
+                rollout = collect_rollout(agent, envs, state, ppo.num_steps)
+                global_step += config.batch_size
+                batch = rollout_to_batch(rollout, ppo.gamma, ppo.gae_lambda)
+                try:
+                    stats = agent.update(batch)
+                except TrainingDiverged as error:
+                    kept = (f"last good checkpoint kept: {checkpoint_path}" if checkpoint_path.exists()
+                            else "no checkpoint had been written yet")
+                    raise TrainingDiverged(f"{error} at iteration {iteration} (step {global_step}); {kept}") from None
+                now = time.perf_counter()
+                train_seconds = elapsed_before + now - start_time
+                metrics = {
+                    "iteration": iteration,
+                    "env_steps": global_step,
+                    "wall_seconds": train_seconds,
+                    "episodic_return": np.mean(rollout.episode_returns) if rollout.episode_returns else None,
+                    "episodic_length": np.mean(rollout.episode_lengths) if rollout.episode_lengths else None,
+                    **stats,
+                    "learning_rate": agent.optimizer.param_groups[0]["lr"],
+                    "steps_per_second": config.batch_size / (now - iteration_start),
+                }
+                logger.log(metrics)
+                if iteration % run.checkpoint_every == 0 or iteration == config.num_iterations:
+                    write_checkpoint(iteration, train_seconds)
+        finally:
+            logger.close()
+        eval_returns = evaluate(agent, config.env.env_id, run.eval_episodes, seed=run.seed)
+    finally:
+        envs.close()
+
+    (run_dir / EVAL_NAME).write_text(json.dumps({
+        "episodes": len(eval_returns), "mean": float(eval_returns.mean()), "std": float(eval_returns.std()),
+        "min": float(eval_returns.min()), "max": float(eval_returns.max()), "env_steps": global_step,
+    }, indent=2))
+    from proximal.plots import plot_learning_curve  # matplotlib is slow to import: only when used
+
+    plot_learning_curve(run_dir)
+    return TrainResult(run_dir, global_step, train_seconds, eval_returns, metrics)

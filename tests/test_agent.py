@@ -1,0 +1,179 @@
+"""The Eq. 7 loss, the categorical policy, PPOAgent.update/act, saving and loading."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from proximal.agent import ActorCritic, PPOAgent, RolloutBatch, clipped_surrogate_loss
+from proximal.config import EnvConfig, PPOConfig, TrainConfig
+from proximal.errors import TrainingDiverged
+
+EPS = 0.2
+
+
+def eq7_reference(logp_new, logp_old, advantages, eps):
+    """-mean_t min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t), one sample at a time in Python floats."""
+    terms = []
+    for new, old, advantage in zip(logp_new, logp_old, advantages):
+        ratio = math.exp(new - old)
+        clipped_ratio = min(max(ratio, 1 - eps), 1 + eps)
+        terms.append(min(ratio * advantage, clipped_ratio * advantage))
+    return -sum(terms) / len(terms)
+
+
+def test_loss_matches_eq7_on_random_inputs():
+    generator = torch.Generator().manual_seed(0)
+    logp_old = torch.randn(200, generator=generator, dtype=torch.float64)
+    logp_new = logp_old + 0.5 * torch.randn(200, generator=generator, dtype=torch.float64)
+    advantages = torch.randn(200, generator=generator, dtype=torch.float64)
+    loss = clipped_surrogate_loss(logp_new, logp_old, advantages, EPS)
+    expected = eq7_reference(logp_new.tolist(), logp_old.tolist(), advantages.tolist(), EPS)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+# (ratio r, advantage A, is the gradient zero?) covering all six regions of Figure 1.
+REGIONS = [
+    (1.5, 2.0, True),    # A > 0, r > 1 + eps: improvement already past the clip edge -> no push
+    (0.5, -2.0, True),   # A < 0, r < 1 - eps: likewise on the negative side
+    (0.5, 2.0, False),   # A > 0, r < 1 - eps: the change made things worse -> unclipped, gradient flows
+    (1.5, -2.0, False),  # A < 0, r > 1 + eps: likewise
+    (1.1, 2.0, False),   # inside the trust region
+    (0.9, -2.0, False),  # inside the trust region
+]
+
+
+def test_gradient_is_exactly_zero_where_clipped_and_r_times_a_elsewhere():
+    ratios = torch.tensor([r for r, _, _ in REGIONS], dtype=torch.float64)
+    advantages = torch.tensor([a for _, a, _ in REGIONS], dtype=torch.float64)
+    logp_old = torch.zeros(len(REGIONS), dtype=torch.float64)
+    logp_new = torch.log(ratios).requires_grad_(True)
+    clipped_surrogate_loss(logp_new, logp_old, advantages, EPS).backward()
+    n = len(REGIONS)
+    for (ratio, advantage, zero), gradient in zip(REGIONS, logp_new.grad.tolist()):
+        if zero:
+            assert gradient == 0.0, (ratio, advantage)
+        else:
+            # d/dlogp of -(1/n) r A, with r = exp(logp - logp_old): -(1/n) r A, never zero here
+            assert gradient == pytest.approx(-ratio * advantage / n, rel=1e-12), (ratio, advantage)
+            assert gradient != 0.0
+
+
+def small_config(**ppo_overrides):
+    ppo = dict(total_timesteps=512, num_steps=64, minibatch_size=64, update_epochs=4)
+    ppo.update(ppo_overrides)
+    return TrainConfig(env=EnvConfig(env_id="CartPole-v1", num_envs=4), ppo=PPOConfig(**ppo))
+
+
+def random_batch(agent, size=256, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    observations = torch.randn(size, agent.obs_dim, generator=generator)
+    with torch.no_grad():
+        actions, logprobs, _, values = agent.get_action(observations)
+    advantages = torch.randn(size, generator=generator)
+    return RolloutBatch(observations, actions, logprobs, values, advantages, advantages + values)
+
+
+def test_get_action_log_prob_and_entropy_match_torch_categorical():
+    torch.manual_seed(0)
+    agent = PPOAgent(obs_dim=4, num_actions=3, config=small_config())
+    observations = torch.randn(64, 4)
+    actions, logp, entropy, values = agent.get_action(observations)
+    logits, reference_values = agent.network(observations)
+    reference = torch.distributions.Categorical(logits=logits)  # independent reference, tests only
+    torch.testing.assert_close(logp, reference.log_prob(actions))
+    torch.testing.assert_close(entropy, reference.entropy())
+    torch.testing.assert_close(values, reference_values)
+    assert actions.shape == (64,) and values.shape == (64,)
+    # scoring given actions returns those actions and their log-probs
+    given = torch.randint(0, 3, (64,))
+    _, given_logp, _, _ = agent.get_action(observations, given)
+    torch.testing.assert_close(given_logp, reference.log_prob(given))
+
+
+def test_sampling_frequencies_follow_the_policy():
+    torch.manual_seed(0)
+    agent = PPOAgent(obs_dim=2, num_actions=3, config=small_config())
+    with torch.no_grad():
+        agent.network.actor_head.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+        agent.network.actor_head.weight.zero_()
+    observations = torch.zeros(200_000, 2)
+    actions, _, _, _ = agent.get_action(observations)
+    frequencies = torch.bincount(actions, minlength=3).double() / len(actions)
+    expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), 0)
+    torch.testing.assert_close(frequencies, expected, atol=5e-3, rtol=0)
+
+
+def test_two_heads_and_orthogonal_init():
+    torch.manual_seed(0)
+    network = ActorCritic(obs_dim=4, num_actions=2, hidden_sizes=(64, 64), shared_body=False)
+    logits, values = network(torch.randn(5, 4))
+    assert logits.shape == (5, 2) and values.shape == (5,)
+    hidden = network.actor_body[2].weight  # 64 x 64, gain sqrt(2): W W^T = 2 I
+    torch.testing.assert_close(hidden @ hidden.T, 2.0 * torch.eye(64), atol=1e-5, rtol=0)
+    head = network.actor_head.weight  # 2 x 64, gain 0.01: orthonormal rows scaled by 0.01
+    torch.testing.assert_close(head @ head.T, 1e-4 * torch.eye(2), atol=1e-9, rtol=0)
+    assert network.critic_head.bias.item() == 0.0
+    shared = ActorCritic(obs_dim=4, num_actions=2, hidden_sizes=(32,), shared_body=True)
+    assert shared.critic_body is None
+    assert sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in network.parameters())
+
+
+def test_update_returns_statistics_and_changes_the_policy():
+    torch.manual_seed(0)
+    agent = PPOAgent(obs_dim=4, num_actions=2, config=small_config())
+    batch = random_batch(agent)
+    before = [p.detach().clone() for p in agent.network.parameters()]
+    stats = agent.update(batch)
+    assert set(stats) == {"policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "epochs",
+                          "explained_variance"}
+    assert stats["epochs"] == 4
+    assert stats["approx_kl"] >= 0 and 0 <= stats["clip_fraction"] <= 1
+    assert all(not torch.equal(b, p) for b, p in zip(before, agent.network.parameters()))
+
+
+def test_target_kl_stops_the_epochs_early():
+    torch.manual_seed(0)
+    agent = PPOAgent(obs_dim=4, num_actions=2, config=small_config(target_kl=1e-9, update_epochs=10,
+                                                                   learning_rate=1e-2))
+    assert agent.update(random_batch(agent))["epochs"] == 1
+
+
+def test_nan_loss_raises_training_diverged_before_any_step():
+    torch.manual_seed(0)
+    agent = PPOAgent(obs_dim=4, num_actions=2, config=small_config())
+    batch = random_batch(agent)
+    batch.returns[3] = float("nan")
+    before = [p.detach().clone() for p in agent.network.parameters()]
+    with pytest.raises(TrainingDiverged, match="NaN"):
+        agent.update(batch)
+    assert all(torch.equal(b, p) for b, p in zip(before, agent.network.parameters()))
+
+
+def test_act_is_greedy_and_takes_raw_numpy(tmp_path):
+    torch.manual_seed(0)
+    agent = PPOAgent(obs_dim=4, num_actions=3, config=small_config())
+    observations = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float64)
+    actions = agent.act(observations)
+    logits, _ = agent.network(torch.as_tensor(observations, dtype=torch.float32))
+    assert actions.shape == (10,) and actions.dtype == np.int64
+    np.testing.assert_array_equal(actions, logits.argmax(-1).numpy())
+    assert agent.act(observations[0]) == actions[0]
+    with pytest.raises(ValueError, match=r"\[N, 4\]"):
+        agent.act(np.zeros((2, 5)))
+
+
+def test_saved_and_loaded_agent_acts_identically(tmp_path):
+    from proximal.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    agent = PPOAgent(obs_dim=4, num_actions=2, config=small_config())
+    agent.update(random_batch(agent))
+    save_checkpoint(tmp_path / "checkpoint.pt", agent.state_dict())
+    loaded = PPOAgent.load(tmp_path)  # a directory holding checkpoint.pt
+    observations = np.random.default_rng(1).normal(size=(100, 4))
+    np.testing.assert_array_equal(agent.act(observations), loaded.act(observations))
+    assert loaded.config == agent.config
+    for key, value in agent.optimizer.state_dict()["state"][0].items():
+        torch.testing.assert_close(loaded.optimizer.state_dict()["state"][0][key], value)
