@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file or a run directory's checkpoint; never executes pickled code."""
     checkpoint_path = resolve_checkpoint_path(path)
     try:
-        payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles; our error says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{checkpoint_path} is corrupt or not a proximal checkpoint ({first_line})") from None

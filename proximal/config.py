@@ -173,19 +173,21 @@ SECTION_OF_FIELD: dict[str, str] = {
 }
 
 # Hyperparameters per environment, chosen by `proximal train ENV_ID`; flags override them.
-# CartPole-v1: tuned for wall-clock time to a greedy mean of 475 across seeds 0-9 (see README).
+# CartPole-v1: small batches and many epochs with a short horizon (gamma 0.98, lambda 0.8), in
+# the spirit of RL Zoo's tuned CartPole PPO. Chosen over seeds 0-9 for a greedy 100-episode mean
+# of 500 after the full budget and a critic that keeps up (explained variance ~0.75); with
+# lr 2.5e-3 and gamma 0.99 the critic collapsed to a constant and 2 of 10 seeds failed.
 PRESETS: dict[str, TrainConfig] = {
     "CartPole-v1": TrainConfig(
         env=EnvConfig(env_id="CartPole-v1", num_envs=8),
         ppo=PPOConfig(
             total_timesteps=100_000,
-            num_steps=128,
-            learning_rate=2.5e-3,
-            gamma=0.99,
-            gae_lambda=0.95,
-            update_epochs=4,
+            num_steps=32,
+            learning_rate=1e-3,
+            gamma=0.98,
+            gae_lambda=0.8,
+            update_epochs=10,
             minibatch_size=256,
-            clip_coef=0.2,
             ent_coef=0.0,
         ),
     ),

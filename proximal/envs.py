@@ -21,8 +21,10 @@ from proximal.errors import EnvError
 
 def _unknown_env_message(env_id: str) -> str:
     close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; `gymnasium.pprint_registry()` lists them"
-    return f"unknown environment {env_id!r}{hint}"
+    if not close:
+        return f"unknown environment {env_id!r}; `gymnasium.pprint_registry()` lists the known ones"
+    names = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f"unknown environment {env_id!r}; did you mean {names}?"
 
 
 def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:

@@ -1,0 +1,146 @@
+"""The `proximal` command: bad input is one line and writes nothing; the main job end to end."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proximal.checkpoint import save_checkpoint
+from proximal.cli import main
+
+SHORT_RUN = ["--total-timesteps", "2048", "--num-envs", "4", "--num-steps", "64", "--minibatch-size", "128",
+             "--eval-episodes", "5"]
+
+
+def files_under(directory: Path) -> set[str]:
+    return {str(path.relative_to(directory)) for path in directory.rglob("*")}
+
+
+def run_main(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse usage errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def prepare(tmp_path, kind):
+    """Files some bad inputs need in place: returns the path argument to use."""
+    if kind == "empty_dir":
+        (tmp_path / "not_a_run").mkdir()
+        return "not_a_run"
+    if kind == "corrupt":
+        run = tmp_path / "corrupt_run"
+        run.mkdir()
+        (run / "checkpoint.pt").write_bytes(b"\x80\x02garbage that is no checkpoint")
+        return "corrupt_run"
+    if kind == "truncated":
+        run = tmp_path / "torn_run"
+        run.mkdir()
+        save_checkpoint(run / "checkpoint.pt", {"iteration": 1})
+        data = (run / "checkpoint.pt").read_bytes()
+        (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+        return "torn_run"
+    return "missing_run"
+
+
+BAD_INPUTS = [
+    # (argv with {path} placeholder, what must be set up, a fragment of the one line printed)
+    (["train", "CartPol-v1"], None, "did you mean CartPole-v1"),
+    (["train", "Blackjack-v1"], None, "unsupported observation space"),
+    (["train", "Pendulum-v1"], None, "unsupported action space"),
+    (["train", "--clip-coef", "0"], None, "clip_coef must be > 0"),
+    (["train", "--gamma", "1.5"], None, r"gamma must be in \[0, 1\]"),
+    (["train", "--gae-lambda", "-0.5"], None, r"gae_lambda must be in \[0, 1\]"),
+    (["train", "--minibatch-size", "100000"], None, "minibatch_size must be <= the batch"),
+    (["train", "--total-timesteps", "0"], None, "total_timesteps must be a positive integer"),
+    (["train", "--num-envs", "-2"], None, "num_envs must be a positive integer"),
+    (["train", "--learning-rate", "nan"], None, "learning_rate must be a finite number"),
+    (["train", "--num-envs", "abc"], None, "invalid int value"),
+    (["train", "--no-such-flag"], None, "unrecognized arguments"),
+    (["eval", "{path}"], "missing", "no such run directory or checkpoint"),
+    (["eval", "{path}"], "empty_dir", "is not a proximal run directory"),
+    (["eval", "{path}"], "corrupt", "corrupt or not a proximal checkpoint"),
+    (["eval", "{path}"], "truncated", "corrupt or not a proximal checkpoint"),
+    (["eval", "{path}", "--episodes", "0"], "empty_dir", "--episodes must be a positive integer"),
+    (["train", "--resume", "{path}"], "missing", "no such run directory or checkpoint"),
+    (["train", "--resume", "{path}"], "corrupt", "corrupt or not a proximal checkpoint"),
+    (["plot", "{path}"], "empty_dir", "is not a proximal run directory"),
+]
+
+
+@pytest.mark.parametrize("argv,setup,message", BAD_INPUTS)
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(argv, setup, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = prepare(tmp_path, setup) if setup else None
+    before = files_under(tmp_path)
+    code, out, err = run_main([arg.format(path=path) for arg in argv], capsys)
+    assert code != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in err
+    assert files_under(tmp_path) == before
+
+
+def test_the_installed_command_prints_one_line_for_bad_input(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "proximal", "train", "CartPol-v1"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("proximal train: error: unknown environment 'CartPol-v1'; "
+                                     "did you mean CartPole-v1, CartPole-v0 or phys2d/CartPole-v1?")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_refuses_changed_hyperparameters_and_finished_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["train", *SHORT_RUN], capsys)[0] == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    code, _, err = run_main(["train", "--resume", str(run_dir), "--clip-coef", "0.1"], capsys)
+    assert code == 1 and "only --total-timesteps may change, not clip_coef" in err
+    code, _, err = run_main(["train", "--resume", str(run_dir)], capsys)
+    assert code == 1 and "already finished its 2048 steps" in err
+    code, out, _ = run_main(["train", "--resume", str(run_dir), "--total-timesteps", "4096"], capsys)
+    assert code == 0 and "4,096 env steps" in out
+
+
+def test_flags_override_the_preset_and_are_saved(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_main(["train", "CartPole-v1", *SHORT_RUN, "--seed", "3", "--hidden-sizes", "32",
+                             "--no-anneal-lr", "--target-kl", "0.05"], capsys)
+    assert code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("CartPole-v1__3__")
+    from proximal.agent import PPOAgent
+
+    config = PPOAgent.load(run_dir).config
+    assert config.ppo.hidden_sizes == (32,) and config.ppo.anneal_lr is False
+    assert config.ppo.target_kl == 0.05 and config.env.num_envs == 4 and config.run.seed == 3
+
+
+@pytest.mark.slow
+def test_default_train_solves_cartpole_then_eval_plot_and_gif(tmp_path):
+    """The README's main job: `proximal train` with no flags, then `proximal eval`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    train = subprocess.run([sys.executable, "-m", "proximal", "train"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr
+    run_dir = Path(tmp_path, re.search(r"run directory: (\S+)", train.stdout).group(1))
+    assert {"config.json", "metrics.csv", "checkpoint.pt", "learning_curve.png"} <= set(os.listdir(run_dir))
+
+    evaluation = subprocess.run([sys.executable, "-m", "proximal", "eval", str(run_dir), "--episodes", "100",
+                                 "--gif", "episode.gif"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert evaluation.returncode == 0, evaluation.stderr
+    mean = float(re.search(r"100 episodes: mean ([\d.]+)", evaluation.stdout).group(1))
+    assert mean >= 475, evaluation.stdout
+    assert (tmp_path / "episode.gif").stat().st_size > 0
+
+    plot = subprocess.run([sys.executable, "-m", "proximal", "plot", str(run_dir), "--out", "curves.png"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 0

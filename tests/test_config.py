@@ -1,0 +1,71 @@
+"""Config validation: every bad value is named, with its allowed range, before any work starts."""
+
+import dataclasses
+
+import pytest
+
+from proximal.config import PRESETS, EnvConfig, PPOConfig, RunConfig, TrainConfig, preset_for
+from proximal.errors import ConfigError
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    (PPOConfig, "clip_coef", 0.0, "clip_coef must be > 0"),
+    (PPOConfig, "clip_coef", -0.1, "clip_coef must be > 0"),
+    (PPOConfig, "gamma", 1.5, r"gamma must be in \[0, 1\]"),
+    (PPOConfig, "gamma", -0.01, r"gamma must be in \[0, 1\]"),
+    (PPOConfig, "gae_lambda", 1.01, r"gae_lambda must be in \[0, 1\]"),
+    (PPOConfig, "learning_rate", 0.0, "learning_rate must be > 0"),
+    (PPOConfig, "learning_rate", float("nan"), "learning_rate must be a finite number"),
+    (PPOConfig, "total_timesteps", 0, "total_timesteps must be a positive integer"),
+    (PPOConfig, "num_steps", -5, "num_steps must be a positive integer"),
+    (PPOConfig, "update_epochs", 0, "update_epochs must be a positive integer"),
+    (PPOConfig, "minibatch_size", 0, "minibatch_size must be a positive integer"),
+    (PPOConfig, "ent_coef", -1.0, "ent_coef must be >= 0"),
+    (PPOConfig, "vf_coef", -1.0, "vf_coef must be >= 0"),
+    (PPOConfig, "max_grad_norm", 0.0, "max_grad_norm must be > 0"),
+    (PPOConfig, "target_kl", 0.0, "target_kl must be > 0"),
+    (PPOConfig, "hidden_sizes", (), "hidden_sizes must be one or more positive integers"),
+    (PPOConfig, "hidden_sizes", (64, 0), "hidden_sizes must be one or more positive integers"),
+    (EnvConfig, "num_envs", 0, "num_envs must be a positive integer"),
+    (EnvConfig, "env_id", "", "env_id must be a non-empty Gymnasium id"),
+    (RunConfig, "seed", -1, "seed must be an integer >= 0"),
+    (RunConfig, "torch_threads", 0, "torch_threads must be a positive integer"),
+    (RunConfig, "eval_episodes", 0, "eval_episodes must be a positive integer"),
+])
+def test_invalid_values_are_named_with_their_range(section, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        section(**{field: value})
+
+
+def test_minibatch_larger_than_the_batch_is_rejected():
+    with pytest.raises(ConfigError, match=r"minibatch_size must be <= the batch num_steps \* num_envs = 512"):
+        TrainConfig(env=EnvConfig(num_envs=4), ppo=PPOConfig(num_steps=128, minibatch_size=513))
+
+
+def test_budget_smaller_than_one_batch_is_rejected():
+    with pytest.raises(ConfigError, match="total_timesteps must be >= one batch"):
+        TrainConfig(env=EnvConfig(num_envs=4), ppo=PPOConfig(num_steps=128, total_timesteps=100))
+
+
+def test_dict_round_trip_and_unknown_keys():
+    config = preset_for("CartPole-v1")
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    data = config.to_dict()
+    data["ppo"]["learning_rat"] = 0.1
+    with pytest.raises(ConfigError, match="unknown ppo settings: learning_rat"):
+        TrainConfig.from_dict(data)
+
+
+def test_overrides_go_to_the_section_that_owns_each_field():
+    config = TrainConfig().with_overrides({"num_envs": 2, "clip_coef": 0.1, "seed": 5, "minibatch_size": 64})
+    assert (config.env.num_envs, config.ppo.clip_coef, config.run.seed) == (2, 0.1, 5)
+    with pytest.raises(ConfigError, match="unknown setting 'bogus'"):
+        TrainConfig().with_overrides({"bogus": 1})
+
+
+def test_presets_are_valid_and_unknown_envs_get_generic_defaults():
+    for env_id, preset in PRESETS.items():
+        assert preset.env.env_id == env_id
+    generic = preset_for("Acrobot-v1")
+    assert generic.env.env_id == "Acrobot-v1"
+    assert dataclasses.replace(generic, env=EnvConfig()) == TrainConfig()

@@ -1,0 +1,47 @@
+"""Building vector envs: NEXT_STEP autoreset, clear errors for what proximal cannot handle."""
+
+import gymnasium as gym
+import pytest
+from gymnasium.vector import AutoresetMode
+
+from proximal.envs import make_vector_env
+from proximal.errors import EnvError
+
+
+def test_cartpole_uses_its_native_vector_env_in_next_step_mode():
+    envs = make_vector_env("CartPole-v1", 16)
+    assert type(envs).__name__ == "CartPoleVectorEnv" and envs.num_envs == 16
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    envs.close()
+
+
+def test_unknown_env_suggests_close_names():
+    with pytest.raises(EnvError, match="unknown environment 'CartPol-v1'; did you mean CartPole-v1"):
+        make_vector_env("CartPol-v1", 2)
+    with pytest.raises(EnvError, match="unknown environment 'NoSuchThing-v0'"):
+        make_vector_env("NoSuchThing-v0", 2)
+
+
+def test_unsupported_spaces_are_named():
+    with pytest.raises(EnvError, match="unsupported observation space Tuple"):
+        make_vector_env("Blackjack-v1", 2)
+    with pytest.raises(EnvError, match="unsupported observation space Discrete"):
+        make_vector_env("FrozenLake-v1", 2)
+    with pytest.raises(EnvError, match="unsupported action space Box"):
+        make_vector_env("Pendulum-v1", 2)
+
+
+def test_missing_optional_dependency_is_one_clear_error():
+    try:
+        import Box2D  # noqa: F401
+    except ImportError:
+        with pytest.raises(EnvError, match="LunarLander-v3 needs an extra dependency"):
+            make_vector_env("LunarLander-v3", 2)
+    else:
+        pytest.skip("Box2D is installed here")
+
+
+def test_deprecated_versions_point_to_the_new_one():
+    with pytest.raises(EnvError, match="v3"):
+        make_vector_env("LunarLander-v2", 2)
+    assert "LunarLander-v3" in gym.registry
