@@ -69,6 +69,8 @@ class PPOConfig:
     target_kl: float | None = _param(None, "stop an update's epochs early once approx-KL exceeds this")
     hidden_sizes: tuple[int, ...] = _param((64, 64), "widths of the hidden layers of each body")
     shared_body: bool = _param(False, "one MLP body under both heads instead of one per head")
+    use_critic: bool = _param(True, "use V(s) as GAE's baseline and bootstrap; off (an ablation): "
+                                    "V = 0, so with gae_lambda 1 advantages are plain discounted returns")
 
     def __post_init__(self) -> None:
         for name in ("total_timesteps", "num_steps", "update_epochs", "minibatch_size"):

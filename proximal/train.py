@@ -22,7 +22,7 @@ from gymnasium.vector import VectorEnv
 
 from proximal.agent import PPOAgent, RolloutBatch
 from proximal.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, save_checkpoint
-from proximal.config import TrainConfig
+from proximal.config import PPOConfig, TrainConfig
 from proximal.envs import as_float_observations, make_vector_env
 from proximal.errors import EnvError, TrainingDiverged
 from proximal.evaluate import evaluate
@@ -112,16 +112,19 @@ def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps
                    rollout_returns, rollout_lengths)
 
 
-def rollout_to_batch(rollout: Rollout, gamma: float, gae_lambda: float) -> RolloutBatch:
+def rollout_to_batch(rollout: Rollout, ppo: PPOConfig) -> RolloutBatch:
     """GAE over the [T, N] rollout, then flatten to the valid transitions only."""
-    advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.next_values,
-                                      rollout.terminated, rollout.truncated, gamma, gae_lambda)
+    values, next_values = rollout.values, rollout.next_values
+    if not ppo.use_critic:  # ablation: no baseline and no bootstrap, as in REINFORCE
+        values = next_values = torch.zeros_like(values)
+    advantages, returns = compute_gae(rollout.rewards, values, next_values,
+                                      rollout.terminated, rollout.truncated, ppo.gamma, ppo.gae_lambda)
     valid = rollout.valid
     return RolloutBatch(
         observations=rollout.observations[valid],
         actions=rollout.actions[valid],
         logprobs=rollout.logprobs[valid],
-        values=rollout.values[valid],
+        values=values[valid],
         advantages=advantages[valid],
         returns=returns[valid],
     )
@@ -196,7 +199,7 @@ def train(
                     agent.set_learning_rate(ppo.learning_rate * (1.0 - (iteration - 1) / config.num_iterations))
                 rollout = collect_rollout(agent, envs, state, ppo.num_steps)
                 global_step += config.batch_size
-                batch = rollout_to_batch(rollout, ppo.gamma, ppo.gae_lambda)
+                batch = rollout_to_batch(rollout, ppo)
                 try:
                     stats = agent.update(batch)
                 except TrainingDiverged as error:

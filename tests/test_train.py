@@ -26,17 +26,18 @@ class ValueIsTenTimesK(nn.Module):
         return 10.0 * observations[:, 0]
 
 
-def toy_rollout(env_id, num_steps=8, num_envs=2):
+def toy_rollout(env_id, num_steps=8, num_envs=2, use_critic=True, gae_lambda=0.0):
     config = TrainConfig(env=EnvConfig(env_id=env_id, num_envs=num_envs),
                          ppo=PPOConfig(total_timesteps=num_steps * num_envs, num_steps=num_steps,
-                                       minibatch_size=num_steps))
+                                       minibatch_size=num_steps, gamma=0.9, gae_lambda=gae_lambda,
+                                       use_critic=use_critic))
     envs = make_vector_env(env_id, num_envs)
     agent = PPOAgent(obs_dim=1, num_actions=2, config=config)
     agent.network = ValueIsTenTimesK()
     state = EnvState.after_reset(envs.reset(seed=0)[0])
     rollout = collect_rollout(agent, envs, state, num_steps)
     envs.close()
-    return rollout, rollout_to_batch(rollout, gamma=0.9, gae_lambda=0.0)
+    return rollout, rollout_to_batch(rollout, config.ppo)
 
 
 def test_truncation_bootstraps_from_the_final_observation():
@@ -67,6 +68,18 @@ def test_autoreset_transitions_never_reach_the_batch():
     assert set(batch.observations[:, 0].tolist()) == {0.0, 1.0, 2.0}  # never the final obs 3
     assert rollout.rewards[~rollout.valid].eq(0).all()
     assert rollout.episode_returns == [3.0] * 4 and rollout.episode_lengths == [3] * 4
+
+
+def test_without_the_critic_advantages_are_plain_discounted_returns():
+    # use_critic off, lambda 1: A_t = sum of gamma^l r_{t+l} to the episode end, with no baseline
+    # and no bootstrap; the toy critic's V([k]) = 10 k must not appear anywhere.
+    _, batch = toy_rollout("proximal-test/Truncated-v0", use_critic=False, gae_lambda=1.0)
+    expected = {0: 1 + 0.9 + 0.81, 1: 1 + 0.9, 2: 1.0}
+    for k, discounted_return in expected.items():
+        at_k = batch.advantages[batch.observations[:, 0] == k]
+        assert torch.allclose(at_k, torch.tensor(discounted_return)), k
+    torch.testing.assert_close(batch.returns, batch.advantages)
+    assert torch.equal(batch.values, torch.zeros(12))
 
 
 def cartpole_config(tmp_path, **overrides):

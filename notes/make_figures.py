@@ -1,0 +1,144 @@
+"""Regenerate the figures of notes/week1_answers.md from the project's own code.
+
+    python notes/make_figures.py clip                # Figure 1 of the PPO paper, and its gradient (instant)
+    python notes/make_figures.py critic --seeds 5    # CartPole with and without the critic (~2 min on 2 cores)
+
+Figures land in notes/figures/; the critic runs in notes/runs/ (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from proximal.agent import clipped_surrogate_loss  # noqa: E402
+from proximal.config import preset_for  # noqa: E402
+from proximal.metrics import read_metrics  # noqa: E402
+from proximal.train import train  # noqa: E402
+
+NOTES = Path(__file__).parent
+FIGURES = NOTES / "figures"
+CLIP = 0.2
+
+
+def objective_and_gradient(ratios: np.ndarray, advantage: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample L^CLIP(r) = -clipped_surrogate_loss, and dL^CLIP/dr by autograd, at each ratio."""
+    values, gradients = [], []
+    for ratio in ratios:
+        r = torch.tensor([ratio], dtype=torch.float64, requires_grad=True)
+        objective = -clipped_surrogate_loss(torch.log(r), torch.zeros(1, dtype=torch.float64),
+                                            torch.tensor([advantage], dtype=torch.float64), CLIP)
+        objective.backward()
+        values.append(objective.item())
+        gradients.append(r.grad.item())
+    return np.array(values), np.array(gradients)
+
+
+def clip_figure() -> Path:
+    ratios = np.linspace(0.4, 1.6, 1201)
+    figure, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+    for column, advantage in enumerate((1.0, -1.0)):
+        values, gradients = objective_and_gradient(ratios, advantage)
+        top, bottom = axes[0, column], axes[1, column]
+        top.plot(ratios, ratios * advantage, color="0.6", linestyle="--", label="unclipped  r A")
+        top.plot(ratios, values, color="C0", linewidth=2, label="L^CLIP = min(r A, clip(r) A)")
+        bottom.plot(ratios, gradients, color="C3", linewidth=2)
+        zero = (advantage > 0) & (ratios > 1 + CLIP) | (advantage < 0) & (ratios < 1 - CLIP)
+        for axis in (top, bottom):
+            axis.axvline(1.0, color="k", linewidth=0.6)
+            for edge in (1 - CLIP, 1 + CLIP):
+                axis.axvline(edge, color="k", linewidth=0.6, linestyle=":")
+            axis.fill_between(ratios, 0, 1, where=zero, transform=axis.get_xaxis_transform(),
+                              color="C3", alpha=0.08)
+            axis.grid(alpha=0.3)
+        top.set_title(f"A {'> 0' if advantage > 0 else '< 0'}  (A = {advantage:+.0f}, eps = {CLIP})")
+        top.legend(loc="upper left" if advantage > 0 else "upper right", fontsize=8)
+        bottom.set_xlabel("probability ratio r = pi_new / pi_old")
+        bottom.set_ylim(-1.3, 1.3)
+    axes[0, 0].set_ylabel("objective (maximised)")
+    axes[1, 0].set_ylabel("dL^CLIP / dr (autograd)")
+    figure.suptitle("Clipped surrogate objective (Schulman et al. 2017, Eq. 7 / Figure 1); "
+                    "shaded: zero gradient", fontsize=10)
+    figure.tight_layout()
+    path = FIGURES / "clip_objective.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+CRITIC_VARIANTS = {
+    "with critic (GAE, lambda 0.8)": {},
+    "no critic (plain returns, lambda 1)": {"use_critic": False, "gae_lambda": 1.0, "vf_coef": 0.0},
+}
+
+
+def _train_variant(args: tuple[str, int]) -> tuple[str, int, str, float]:
+    name, seed = args
+    overrides = {**CRITIC_VARIANTS[name], "seed": seed, "runs_dir": str(NOTES / "runs" / name.split(" (")[0])}
+    result = train(preset_for("CartPole-v1").with_overrides(overrides))
+    return name, seed, str(result.run_dir), float(result.eval_returns.mean())
+
+
+def critic_figure(seeds: int) -> Path:
+    jobs = [(name, seed) for name in CRITIC_VARIANTS for seed in range(seeds)]
+    with ProcessPoolExecutor(2) as pool:
+        results = list(pool.map(_train_variant, jobs))
+    figure, (return_axis, critic_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    summary = {}
+    for color, name in zip(("C0", "C3"), CRITIC_VARIANTS):
+        runs = [(Path(run_dir), final) for n, _, run_dir, final in results if n == name]
+        grid = np.linspace(0, 99_840, 120)
+        curves, solved_at = [], []
+        for run_dir, _ in runs:
+            rows = [row for row in read_metrics(run_dir) if row["episodic_return"] is not None]
+            steps = np.array([row["env_steps"] for row in rows])
+            returns = np.array([row["episodic_return"] for row in rows])
+            curves.append(np.interp(grid, steps, returns))
+            solved_at.append(next((s for s, r in zip(steps, returns) if r >= 475), None))
+        curves = np.stack(curves)
+        return_axis.plot(grid, curves.mean(0), color=color, label=f"{name}, mean of {len(runs)} seeds")
+        return_axis.fill_between(grid, curves.min(0), curves.max(0), color=color, alpha=0.2)
+        summary[name] = {"final_greedy_means": [round(final, 1) for _, final in runs],
+                         "first_step_with_rollout_mean_475": solved_at}
+        if name.startswith("with"):
+            for index, (run_dir, _) in enumerate(runs):
+                rows = read_metrics(run_dir)
+                critic_axis.plot([row["env_steps"] for row in rows], [row["explained_variance"] for row in rows],
+                                 color=color, alpha=0.5, label="seeds 0-%d" % (len(runs) - 1) if index == 0 else None)
+    return_axis.set(xlabel="environment steps", ylabel="mean episodic return (training rollouts)",
+                    title="CartPole-v1: PPO with and without the critic")
+    return_axis.legend(loc="lower right", fontsize=8)
+    return_axis.grid(alpha=0.3)
+    critic_axis.set(xlabel="environment steps", ylabel="explained variance of V on the batch",
+                    title="the critic learns: explained variance", ylim=(-1, 1.05))
+    critic_axis.legend(loc="lower right", fontsize=8)
+    critic_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = FIGURES / "critic_ablation.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    (FIGURES / "critic_ablation.json").write_text(json.dumps(summary, indent=2))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("figure", choices=["clip", "critic"])
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    FIGURES.mkdir(exist_ok=True)
+    print(clip_figure() if args.figure == "clip" else critic_figure(args.seeds))
+
+
+if __name__ == "__main__":
+    main()
