@@ -2,6 +2,7 @@
 
     python notes/make_figures.py clip                # Figure 1 of the PPO paper, and its gradient (instant)
     python notes/make_figures.py critic --seeds 5    # CartPole with and without the critic (~2 min on 2 cores)
+    python notes/make_figures.py sparse --seeds 3    # CartPole's reward paid every step or at the end (~4 min)
 
 Figures land in notes/figures/; the critic runs in notes/runs/ (not committed).
 """
@@ -13,7 +14,10 @@ import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import gymnasium as gym
 import matplotlib
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+from gymnasium.wrappers import TimeLimit
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -110,10 +114,15 @@ def critic_figure(seeds: int) -> Path:
         summary[name] = {"final_greedy_means": [round(final, 1) for _, final in runs],
                          "first_step_with_rollout_mean_475": solved_at}
         if name.startswith("with"):
-            for index, (run_dir, _) in enumerate(runs):
+            explained = []
+            for run_dir, _ in runs:
                 rows = read_metrics(run_dir)
-                critic_axis.plot([row["env_steps"] for row in rows], [row["explained_variance"] for row in rows],
-                                 color=color, alpha=0.5, label="seeds 0-%d" % (len(runs) - 1) if index == 0 else None)
+                steps = [row["env_steps"] for row in rows]
+                values = [row["explained_variance"] for row in rows]
+                critic_axis.plot(steps, values, color=color, alpha=0.15, linewidth=0.8)
+                explained.append(np.interp(grid, steps, values))
+            critic_axis.plot(grid, np.median(np.stack(explained), 0), color=color, linewidth=2,
+                             label=f"median of {len(runs)} seeds (faint: each seed)")
     return_axis.set(xlabel="environment steps", ylabel="mean episodic return (training rollouts)",
                     title="CartPole-v1: PPO with and without the critic")
     return_axis.legend(loc="lower right", fontsize=8)
@@ -130,14 +139,87 @@ def critic_figure(seeds: int) -> Path:
     return path
 
 
+class PayAtEpisodeEnd(gym.Wrapper):
+    """Holds back every reward and pays the episode's total on its last step (ended or cut): the
+    same return as CartPole, delivered like an LLM's sequence-level score."""
+
+    def reset(self, **kwargs):
+        self.held_back = 0.0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self.held_back += float(reward)
+        if terminated or truncated:
+            reward, self.held_back = self.held_back, 0.0
+        else:
+            reward = 0.0
+        return observation, reward, terminated, truncated, info
+
+
+def make_sparse_cartpole(**kwargs) -> gym.Env:
+    return PayAtEpisodeEnd(TimeLimit(CartPoleEnv(**kwargs), max_episode_steps=500))
+
+
+SPARSE_ENV_ID = "notes/CartPoleSparse-v1"
+gym.register(SPARSE_ENV_ID, entry_point=make_sparse_cartpole)
+REWARD_VARIANTS = {  # name: (env id, overrides of the CartPole preset)
+    "dense, gamma 0.98 (the preset)": ("CartPole-v1", {}),
+    "sparse, gamma 0.98": (SPARSE_ENV_ID, {}),
+    "dense, gamma 1": ("CartPole-v1", {"gamma": 1.0}),
+    "sparse, gamma 1": (SPARSE_ENV_ID, {"gamma": 1.0}),
+}
+
+
+def _train_reward_variant(args: tuple[str, int]) -> tuple[str, int, str, float]:
+    name, seed = args
+    env_id, overrides = REWARD_VARIANTS[name]
+    run_name = name.replace(", ", "_").replace(" ", "-").split("_(")[0]
+    config = preset_for("CartPole-v1").with_overrides(
+        {**overrides, "env_id": env_id, "seed": seed, "runs_dir": str(NOTES / "runs" / run_name)})
+    result = train(config)
+    return name, seed, str(result.run_dir), float(result.eval_returns.mean())
+
+
+def sparse_figure(seeds: int) -> Path:
+    jobs = [(name, seed) for name in REWARD_VARIANTS for seed in range(seeds)]
+    with ProcessPoolExecutor(2) as pool:
+        results = list(pool.map(_train_reward_variant, jobs))
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    grid = np.linspace(0, 99_840, 120)
+    summary = {}
+    for color, name in zip(("C0", "C3", "C2", "C1"), REWARD_VARIANTS):
+        runs = [(Path(run_dir), final) for n, _, run_dir, final in results if n == name]
+        curves = []
+        for run_dir, _ in runs:
+            rows = [row for row in read_metrics(run_dir) if row["episodic_return"] is not None]
+            curves.append(np.interp(grid, [row["env_steps"] for row in rows], [row["episodic_return"] for row in rows]))
+        curves = np.stack(curves)
+        axis.plot(grid, curves.mean(0), color=color, label=f"{name}, mean of {len(runs)} seeds")
+        axis.fill_between(grid, curves.min(0), curves.max(0), color=color, alpha=0.15)
+        summary[name] = {"final_greedy_means": [round(final, 1) for _, final in runs]}
+    axis.set(xlabel="environment steps", ylabel="mean episodic return (training rollouts)",
+             title="CartPole-v1: the same return, paid every step (dense) or at the end (sparse)")
+    axis.legend(loc="lower right", fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = FIGURES / "sparse_reward.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    (FIGURES / "sparse_reward.json").write_text(json.dumps(summary, indent=2))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=["clip", "critic"])
+    parser.add_argument("figure", choices=["clip", "critic", "sparse"])
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     FIGURES.mkdir(exist_ok=True)
-    print(clip_figure() if args.figure == "clip" else critic_figure(args.seeds))
+    makers = {"clip": clip_figure, "critic": lambda: critic_figure(args.seeds),
+              "sparse": lambda: sparse_figure(args.seeds)}
+    print(makers[args.figure]())
 
 
 if __name__ == "__main__":

@@ -177,3 +177,48 @@ def test_saved_and_loaded_agent_acts_identically(tmp_path):
     assert loaded.config == agent.config
     for key, value in agent.optimizer.state_dict()["state"][0].items():
         torch.testing.assert_close(loaded.optimizer.state_dict()["state"][0][key], value)
+
+
+# -- Properties that notes/week1_answers.md relies on -------------------------------------------
+
+
+def test_clipped_objective_is_a_pessimistic_bound_equal_to_the_unclipped_one_near_r_1():
+    ratios = torch.linspace(0.3, 2.0, 341, dtype=torch.float64)
+    for advantage in (-2.0, -0.5, 0.5, 2.0):
+        advantages = torch.full_like(ratios, advantage)
+        per_sample = [-clipped_surrogate_loss(torch.log(r).view(1), torch.zeros(1, dtype=torch.float64),
+                                              torch.tensor([advantage], dtype=torch.float64), EPS).item()
+                      for r in ratios]
+        unclipped = (ratios * advantages).tolist()
+        for ratio, clipped_value, unclipped_value in zip(ratios.tolist(), per_sample, unclipped):
+            assert clipped_value <= unclipped_value + 1e-12  # L^CLIP <= L^CPI: a lower bound
+            if 1 - EPS <= ratio <= 1 + EPS:
+                assert clipped_value == pytest.approx(unclipped_value, abs=1e-12)
+
+
+def test_at_r_equal_1_the_gradient_is_the_plain_policy_gradient():
+    # First update step of each epoch 1: r = 1, so grad L^CLIP = mean(A grad log pi), the
+    # (advantage-weighted) policy gradient.
+    advantages = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
+    logp = torch.tensor([-0.3, -1.2, -2.0], dtype=torch.float64, requires_grad=True)
+    clipped_surrogate_loss(logp, logp.detach(), advantages, EPS).backward()
+    torch.testing.assert_close(logp.grad, -advantages / 3)
+
+
+def test_score_function_has_zero_mean_so_any_state_baseline_is_unbiased():
+    # sum_a pi(a|s) grad log pi(a|s) = grad sum_a pi(a|s) = grad 1 = 0: subtracting b(s) from the
+    # return changes no expected gradient. Checked on the real actor head, every parameter.
+    torch.manual_seed(0)
+    network = ActorCritic(obs_dim=4, num_actions=3, hidden_sizes=(16,), shared_body=False)
+    observation = torch.randn(1, 4)
+    logits, _ = network(observation)
+    log_probs = torch.log_softmax(logits, -1)[0]
+    expected_score = [torch.zeros_like(p) for p in network.actor_body.parameters()] + \
+                     [torch.zeros_like(p) for p in network.actor_head.parameters()]
+    parameters = list(network.actor_body.parameters()) + list(network.actor_head.parameters())
+    for action in range(3):
+        gradients = torch.autograd.grad(log_probs[action], parameters, retain_graph=True)
+        for total, gradient in zip(expected_score, gradients):
+            total += log_probs[action].exp().detach() * gradient
+    for total in expected_score:
+        torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-6, rtol=0)
