@@ -41,6 +41,7 @@ def test_missing_optional_dependency_is_one_clear_error():
         pytest.skip("Box2D is installed here")
 
 
+@pytest.mark.filterwarnings("ignore:.*out of date:DeprecationWarning")
 def test_deprecated_versions_point_to_the_new_one():
     with pytest.raises(EnvError, match="v3"):
         make_vector_env("LunarLander-v2", 2)
