@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -25,13 +26,22 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from proximal.agent import clipped_surrogate_loss  # noqa: E402
-from proximal.config import preset_for  # noqa: E402
+from proximal.config import EnvConfig, PPOConfig, TrainConfig  # noqa: E402
 from proximal.metrics import read_metrics  # noqa: E402
 from proximal.train import train  # noqa: E402
 
 NOTES = Path(__file__).parent
 FIGURES = NOTES / "figures"
 CLIP = 0.2
+
+# The runs of the notes use this fixed CartPole configuration (RL Zoo-like: short horizon, many
+# epochs), pinned here so the figures reproduce whatever the presets become. Fixed 100k-step
+# budget, no early stop: the curves show all of training.
+NOTES_CARTPOLE = TrainConfig(
+    env=EnvConfig(env_id="CartPole-v1", num_envs=8),
+    ppo=PPOConfig(total_timesteps=100_000, num_steps=32, learning_rate=1e-3, gamma=0.98, gae_lambda=0.8,
+                  update_epochs=10, minibatch_size=256, ent_coef=0.0),
+)
 
 
 def objective_and_gradient(ratios: np.ndarray, advantage: float) -> tuple[np.ndarray, np.ndarray]:
@@ -87,12 +97,18 @@ CRITIC_VARIANTS = {
 
 def _train_variant(args: tuple[str, int]) -> tuple[str, int, str, float]:
     name, seed = args
-    overrides = {**CRITIC_VARIANTS[name], "seed": seed, "runs_dir": str(NOTES / "runs" / name.split(" (")[0])}
-    result = train(preset_for("CartPole-v1").with_overrides(overrides))
+    overrides = {**CRITIC_VARIANTS[name], "seed": seed, "runs_dir": str(NOTES / "runs" / "critic" / name.split(" (")[0])}
+    result = train(NOTES_CARTPOLE.with_overrides(overrides))
     return name, seed, str(result.run_dir), float(result.eval_returns.mean())
 
 
+def fresh_runs_dir(experiment: str) -> None:
+    """Each experiment starts from an empty notes/runs/<experiment>/: its figure shows only this run."""
+    shutil.rmtree(NOTES / "runs" / experiment, ignore_errors=True)
+
+
 def critic_figure(seeds: int) -> Path:
+    fresh_runs_dir("critic")
     jobs = [(name, seed) for name in CRITIC_VARIANTS for seed in range(seeds)]
     with ProcessPoolExecutor(2) as pool:
         results = list(pool.map(_train_variant, jobs))
@@ -163,8 +179,8 @@ def make_sparse_cartpole(**kwargs) -> gym.Env:
 
 SPARSE_ENV_ID = "notes/CartPoleSparse-v1"
 gym.register(SPARSE_ENV_ID, entry_point=make_sparse_cartpole)
-REWARD_VARIANTS = {  # name: (env id, overrides of the CartPole preset)
-    "dense, gamma 0.98 (the preset)": ("CartPole-v1", {}),
+REWARD_VARIANTS = {  # name: (env id, overrides of NOTES_CARTPOLE)
+    "dense, gamma 0.98": ("CartPole-v1", {}),
     "sparse, gamma 0.98": (SPARSE_ENV_ID, {}),
     "dense, gamma 1": ("CartPole-v1", {"gamma": 1.0}),
     "sparse, gamma 1": (SPARSE_ENV_ID, {"gamma": 1.0}),
@@ -175,13 +191,14 @@ def _train_reward_variant(args: tuple[str, int]) -> tuple[str, int, str, float]:
     name, seed = args
     env_id, overrides = REWARD_VARIANTS[name]
     run_name = name.replace(", ", "_").replace(" ", "-").split("_(")[0]
-    config = preset_for("CartPole-v1").with_overrides(
-        {**overrides, "env_id": env_id, "seed": seed, "runs_dir": str(NOTES / "runs" / run_name)})
+    config = NOTES_CARTPOLE.with_overrides(
+        {**overrides, "env_id": env_id, "seed": seed, "runs_dir": str(NOTES / "runs" / "sparse" / run_name)})
     result = train(config)
     return name, seed, str(result.run_dir), float(result.eval_returns.mean())
 
 
 def sparse_figure(seeds: int) -> Path:
+    fresh_runs_dir("sparse")
     jobs = [(name, seed) for name in REWARD_VARIANTS for seed in range(seeds)]
     with ProcessPoolExecutor(2) as pool:
         results = list(pool.map(_train_reward_variant, jobs))

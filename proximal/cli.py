@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gif", metavar="OUT.gif", default=None, help="also render one greedy episode to a GIF")
     evaluate.set_defaults(handler=_eval)
 
+    bench = commands.add_parser("bench", help="time to solve, over seeds (protocol: proximal/bench.py)")
+    bench.add_argument("env_id", nargs="?", default="CartPole-v1", metavar="ENV_ID",
+                       help="Gymnasium environment id (default: CartPole-v1)")
+    bench.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1, one after another (default: 10)")
+    bench.add_argument("--threshold", type=float, default=None,
+                       help="greedy mean return that counts as solved (default: the env's reward_threshold)")
+    bench.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations (default: 5)")
+    bench.add_argument("--out", default=None, metavar="DIR", help="write bench.json, bench.md, bench.png there")
+    bench.set_defaults(handler=_bench)
+
     plot = commands.add_parser("plot", help="learning curves of several runs in one PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", default="learning_curves.png", help="output PNG (default: learning_curves.png)")
@@ -112,8 +122,11 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(config, run_dir=run_dir, resume=resume, show_progress=sys.stderr.isatty())
     returns = result.eval_returns
-    print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.1f} s "
+    print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.2f} s "
           f"of training ({result.global_step / result.train_seconds:,.0f} steps/s)")
+    if result.reached_stop_return:
+        print(f"stopped early: the greedy mean reached --stop-return {config.run.stop_return:g} "
+              f"(budget was {config.ppo.total_timesteps:,} steps)")
     print(f"greedy evaluation, {len(returns)} episodes: mean {returns.mean():.1f} ± {returns.std():.1f}, "
           f"min {returns.min():.1f}")
     print(f"run directory: {result.run_dir}")
@@ -138,6 +151,39 @@ def _eval(args: argparse.Namespace) -> int:
     if args.gif:
         frames = render_gif(agent, env_id, Path(args.gif), seed)
         print(f"wrote {args.gif} ({frames} frames)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    for name in ("seeds", "eval_every"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    from proximal import bench
+    from proximal.envs import make_vector_env
+
+    make_vector_env(args.env_id, 1).close()  # an unknown or unsupported env fails here, before any work
+    threshold = bench.reward_threshold(args.env_id) if args.threshold is None else args.threshold
+    bench.bench_config(args.env_id, 0, threshold, args.eval_every, "runs")  # validates, writes nothing
+    out_dir = None if args.out is None else Path(args.out)
+    runs_dir, temporary = bench.bench_runs_dir(out_dir)
+    print(f"proximal bench {args.env_id}: seeds 0-{args.seeds - 1}, solved = greedy 100-episode mean >= {threshold:g}")
+
+    def report(result: bench.SeedResult) -> None:
+        print(f"seed {result.seed}: {'solved' if result.solved else 'NOT solved'} after {result.env_steps:,} env steps, "
+              f"{result.train_seconds:.2f} s training, {result.process_seconds:.2f} s whole process", flush=True)
+
+    try:
+        results = bench.run_bench(args.env_id, args.seeds, threshold, args.eval_every, runs_dir, report)
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+    totals = bench.summary(results)
+    print(f"solved {totals['solved']}/{totals['seeds']}; training seconds median {totals['median_train_seconds']:.2f}, "
+          f"max {totals['max_train_seconds']:.2f}; env steps median {totals['median_env_steps']:,.0f}, "
+          f"max {totals['max_env_steps']:,.0f}; whole process median {totals['median_process_seconds']:.2f} s")
+    if out_dir is not None:
+        bench.write_outputs(out_dir, args.env_id, threshold, results)
+        print(f"wrote {out_dir / 'bench.json'}, bench.md, bench.png")
     return 0
 
 

@@ -100,13 +100,17 @@ class RunConfig:
     seed: int = _param(0, "seeds torch, the environments and evaluation")
     torch_threads: int = _param(1, "torch.set_num_threads; small MLPs are fastest on 1")
     checkpoint_every: int = _param(10, "write the checkpoint every this many iterations (and at the end)")
-    eval_episodes: int = _param(100, "greedy episodes evaluated at the end of training")
+    eval_episodes: int = _param(100, "greedy episodes per evaluation (at the end, and for stop_return)")
+    stop_return: float | None = _param(None, "stop once the greedy mean return reaches this")
+    eval_every: int = _param(5, "iterations between greedy evaluations when stop_return is set")
     runs_dir: str = _param("runs", "where run directories are created")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
-        for name in ("torch_threads", "checkpoint_every", "eval_episodes"):
+        for name in ("torch_threads", "checkpoint_every", "eval_episodes", "eval_every"):
             _require_positive_int(name, getattr(self, name))
+        if self.stop_return is not None:
+            _require_finite("stop_return", self.stop_return)
 
 
 @dataclass(frozen=True)
@@ -175,23 +179,24 @@ SECTION_OF_FIELD: dict[str, str] = {
 }
 
 # Hyperparameters per environment, chosen by `proximal train ENV_ID`; flags override them.
-# CartPole-v1: small batches and many epochs with a short horizon (gamma 0.98, lambda 0.8), in
-# the spirit of RL Zoo's tuned CartPole PPO. Chosen over seeds 0-9 for a greedy 100-episode mean
-# of 500 after the full budget and a critic that keeps up (explained variance ~0.75); with
-# lr 2.5e-3 and gamma 0.99 the critic collapsed to a constant and 2 of 10 seeds failed.
+# CartPole-v1: tuned with `proximal bench` for wall-clock time to a greedy 100-episode mean of
+# 475 over seeds 0-9 (README): short rollouts (8 envs x 16 steps), one minibatch, 4 epochs at a
+# high learning rate. Training stops at the first greedy evaluation >= 475 (reward_threshold),
+# with 100k steps as the cap. Each stopped policy also averaged >= 482 on 1,000 fresh episodes.
 PRESETS: dict[str, TrainConfig] = {
     "CartPole-v1": TrainConfig(
         env=EnvConfig(env_id="CartPole-v1", num_envs=8),
         ppo=PPOConfig(
             total_timesteps=100_000,
-            num_steps=32,
-            learning_rate=1e-3,
-            gamma=0.98,
-            gae_lambda=0.8,
-            update_epochs=10,
-            minibatch_size=256,
+            num_steps=16,
+            learning_rate=3e-3,
+            gamma=0.99,
+            gae_lambda=0.95,
+            update_epochs=4,
+            minibatch_size=128,
             ent_coef=0.0,
         ),
+        run=RunConfig(stop_return=475.0, eval_every=5),
     ),
 }
 

@@ -13,7 +13,7 @@ METRICS_NAME = "metrics.csv"
 METRIC_COLUMNS = (
     "iteration", "env_steps", "wall_seconds", "episodic_return", "episodic_length",
     "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
-    "explained_variance", "epochs", "learning_rate", "steps_per_second",
+    "explained_variance", "epochs", "learning_rate", "steps_per_second", "eval_return",
 )
 
 

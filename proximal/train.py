@@ -149,6 +149,7 @@ class TrainResult:
     train_seconds: float
     eval_returns: np.ndarray  # [eval_episodes] greedy returns of the final policy
     last_metrics: dict[str, Any]
+    reached_stop_return: bool  # an evaluation reached run.stop_return (training stopped there)
 
 
 def train(
@@ -158,6 +159,10 @@ def train(
     show_progress: bool = False,
 ) -> TrainResult:
     """Train PPO as `config` says, writing everything into `run_dir` (a new one if None).
+
+    With `run.stop_return` set, the greedy policy is evaluated every `run.eval_every` iterations
+    and training stops once its mean return reaches that value. The training clock (the
+    `wall_seconds` column, `TrainResult.train_seconds`) leaves those evaluations out.
 
     `resume` is a loaded checkpoint of the same run: training continues from its iteration with
     its weights, optimiser state and torch RNG state. The environments restart fresh episodes,
@@ -190,7 +195,10 @@ def train(
         state = EnvState.after_reset(envs.reset(seed=run.seed + global_step)[0])
         logger = MetricsLogger(run_dir, ppo.total_timesteps, start_iteration, global_step, show_progress)
         metrics: dict[str, Any] = {}
+        eval_returns: np.ndarray | None = None
+        reached = False
         start_time = time.perf_counter()
+        eval_seconds = 0.0  # greedy evaluations are kept off the training clock
         train_seconds = elapsed_before
         try:
             for iteration in range(start_iteration + 1, config.num_iterations + 1):
@@ -207,7 +215,7 @@ def train(
                             else "no checkpoint had been written yet")
                     raise TrainingDiverged(f"{error} at iteration {iteration} (step {global_step}); {kept}") from None
                 now = time.perf_counter()
-                train_seconds = elapsed_before + now - start_time
+                train_seconds = elapsed_before + now - start_time - eval_seconds
                 metrics = {
                     "iteration": iteration,
                     "env_steps": global_step,
@@ -218,12 +226,22 @@ def train(
                     "learning_rate": agent.optimizer.param_groups[0]["lr"],
                     "steps_per_second": config.batch_size / (now - iteration_start),
                 }
+                last_iteration = iteration == config.num_iterations
+                eval_returns = None
+                if run.stop_return is not None and (iteration % run.eval_every == 0 or last_iteration):
+                    eval_returns = evaluate(agent, config.env.env_id, run.eval_episodes, seed=run.seed)
+                    eval_seconds += time.perf_counter() - now
+                    metrics["eval_return"] = float(eval_returns.mean())
                 logger.log(metrics)
-                if iteration % run.checkpoint_every == 0 or iteration == config.num_iterations:
+                reached = eval_returns is not None and eval_returns.mean() >= run.stop_return
+                if reached or last_iteration or iteration % run.checkpoint_every == 0:
                     write_checkpoint(iteration, train_seconds)
+                if reached:
+                    break
         finally:
             logger.close()
-        eval_returns = evaluate(agent, config.env.env_id, run.eval_episodes, seed=run.seed)
+        if eval_returns is None:  # the final policy was not just evaluated: do it now
+            eval_returns = evaluate(agent, config.env.env_id, run.eval_episodes, seed=run.seed)
     finally:
         envs.close()
 
@@ -234,4 +252,4 @@ def train(
     from proximal.plots import plot_learning_curve  # matplotlib is slow to import: only when used
 
     plot_learning_curve(run_dir)
-    return TrainResult(run_dir, global_step, train_seconds, eval_returns, metrics)
+    return TrainResult(run_dir, global_step, train_seconds, eval_returns, metrics, reached)

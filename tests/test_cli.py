@@ -1,5 +1,6 @@
 """The `proximal` command: bad input is one line and writes nothing; the main job end to end."""
 
+import json
 import os
 import re
 import subprocess
@@ -70,6 +71,10 @@ BAD_INPUTS = [
     (["train", "--resume", "{path}"], "missing", "no such run directory or checkpoint"),
     (["train", "--resume", "{path}"], "corrupt", "corrupt or not a proximal checkpoint"),
     (["plot", "{path}"], "empty_dir", "is not a proximal run directory"),
+    (["bench", "CartPol-v1"], None, "did you mean CartPole-v1"),
+    (["bench", "--seeds", "0"], None, "--seeds must be a positive integer"),
+    (["bench", "Pendulum-v1", "--threshold", "-200"], None, "unsupported action space"),
+    (["train", "--stop-return", "inf"], None, "stop_return must be a finite number"),
 ]
 
 
@@ -144,3 +149,16 @@ def test_default_train_solves_cartpole_then_eval_plot_and_gif(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert plot.returncode == 0, plot.stderr
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_smoke_two_seeds(tmp_path):
+    """Not a timed test: the bench runs its protocol and writes its report."""
+    result = subprocess.run([sys.executable, "-m", "proximal", "bench", "--seeds", "2", "--out", "bench"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "seed 0: solved" in result.stdout and "seed 1: solved" in result.stdout
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert [seed["seed"] for seed in report["seeds"]] == [0, 1]
+    assert all(seed["solved"] and seed["env_steps"] > 0 for seed in report["seeds"])
+    assert {"bench.md", "bench.png", "runs"} <= set(os.listdir(tmp_path / "bench"))

@@ -171,3 +171,27 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert checkpoint["iteration"] == 8
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values())
     assert [row["iteration"] for row in read_metrics(run_dir)] == list(range(1, 10))
+
+
+def test_stop_return_stops_at_the_first_evaluation_that_reaches_it(tmp_path):
+    # A low bar that a near-random CartPole policy clears (episodes last ~20 steps): the first
+    # evaluation, after iteration 2, must stop the run; its returns are the final evaluation.
+    config = cartpole_config(tmp_path, stop_return=5.0, eval_every=2, eval_episodes=20)
+    result = train(config)
+    rows = read_metrics(result.run_dir)
+    assert [row["iteration"] for row in rows] == [1, 2]
+    assert rows[0]["eval_return"] is None and rows[1]["eval_return"] >= 5.0
+    assert result.eval_returns.mean() == pytest.approx(rows[1]["eval_return"], rel=1e-5)
+    assert len(result.eval_returns) == 20
+    assert load_checkpoint(result.run_dir)["iteration"] == 2
+    assert result.global_step == 2 * config.batch_size and result.reached_stop_return
+
+
+def test_unreachable_stop_return_trains_the_whole_budget(tmp_path):
+    config = cartpole_config(tmp_path, stop_return=10_000.0, eval_every=3, eval_episodes=5)
+    result = train(config)
+    rows = read_metrics(result.run_dir)
+    assert len(rows) == config.num_iterations == 8
+    evaluated = [row["iteration"] for row in rows if row["eval_return"] is not None]
+    assert evaluated == [3, 6, 8]  # every eval_every iterations, and the last one
+    assert result.global_step == config.ppo.total_timesteps and not result.reached_stop_return
