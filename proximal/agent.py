@@ -9,7 +9,6 @@ We maximise Eq. 9 by minimising its negative.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 from proximal.checkpoint import load_checkpoint
 from proximal.config import TrainConfig
 from proximal.errors import CheckpointError, ConfigError, TrainingDiverged
+from proximal.optim import Adam
 from proximal.utils import explained_variance
 
 
@@ -80,6 +80,10 @@ class ActorCritic(nn.Module):
         critic_features = actor_features if self.critic_body is None else self.critic_body(observations)
         return self.actor_head(actor_features), self.critic_head(critic_features).squeeze(-1)
 
+    def policy_logits(self, observations: torch.Tensor) -> torch.Tensor:
+        """The actor head alone: acting needs no value."""
+        return self.actor_head(self.actor_body(observations))
+
     def value(self, observations: torch.Tensor) -> torch.Tensor:
         features = self.actor_body(observations) if self.critic_body is None else self.critic_body(observations)
         return self.critic_head(features).squeeze(-1)
@@ -110,8 +114,7 @@ class PPOAgent:
         self.num_actions = num_actions
         ppo = config.ppo
         self.network = ActorCritic(obs_dim, num_actions, ppo.hidden_sizes, ppo.shared_body)
-        # fused: one kernel for all parameters; at these sizes Adam's per-tensor overhead dominates
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=ppo.learning_rate, eps=1e-5, fused=True)
+        self.optimizer = Adam(self.network.parameters(), learning_rate=ppo.learning_rate, eps=1e-5)
 
     # -- acting ---------------------------------------------------------------------------------
 
@@ -148,7 +151,7 @@ class PPOAgent:
         if batch.ndim != 2 or batch.shape[1] != self.obs_dim:
             raise ValueError(f"act() takes observations of shape [N, {self.obs_dim}] or "
                              f"[{self.obs_dim}], got {observations.shape}")
-        logits, _ = self.network(torch.from_numpy(batch))
+        logits = self.network.policy_logits(torch.from_numpy(batch))
         if deterministic:
             actions = logits.argmax(-1)
         else:
@@ -159,8 +162,7 @@ class PPOAgent:
     # -- learning -------------------------------------------------------------------------------
 
     def set_learning_rate(self, learning_rate: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
+        self.optimizer.learning_rate = learning_rate
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """PPO's optimisation phase: `update_epochs` passes over shuffled minibatches.
@@ -189,7 +191,7 @@ class PPOAgent:
                 loss = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy_mean
                 if not torch.isfinite(loss):
                     raise TrainingDiverged("the PPO loss became NaN or infinite")
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.network.parameters(), ppo.max_grad_norm)
                 self.optimizer.step()
@@ -227,9 +229,7 @@ class PPOAgent:
             config = TrainConfig.from_dict(json.loads(payload["config"]))
             agent = cls(int(payload["obs_dim"]), int(payload["num_actions"]), config)
             agent.network.load_state_dict(payload["model"])
-            # Adam keeps the given moment tensors as they are: copy them, or training would
-            # silently mutate the caller's checkpoint dict.
-            agent.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+            agent.optimizer.load_state_dict(payload["optimizer"])
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:
             raise CheckpointError(f"checkpoint does not describe a proximal agent ({error})") from None
         return agent

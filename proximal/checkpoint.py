@@ -51,6 +51,15 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def _load_failure_reason(error: Exception) -> str:
+    """One short reason. torch's weights-only refusal suggests retrying with weights_only=False,
+    advice a user must not follow for a file that may run code, so it is not passed on."""
+    message = str(error).strip()
+    if message.startswith("Weights only load failed"):
+        return "not readable as tensors and plain data, and proximal never unpickles anything else"
+    return message.splitlines()[0][:160] if message else type(error).__name__
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file or a run directory's checkpoint; never executes pickled code."""
     checkpoint_path = resolve_checkpoint_path(path)
@@ -59,8 +68,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{checkpoint_path} is corrupt or not a proximal checkpoint ({first_line})") from None
+        raise CheckpointError(f"{checkpoint_path} is corrupt or not a proximal checkpoint "
+                              f"({_load_failure_reason(error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{checkpoint_path} is not a proximal checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return payload

@@ -223,7 +223,7 @@ def train(
                     "episodic_return": np.mean(rollout.episode_returns) if rollout.episode_returns else None,
                     "episodic_length": np.mean(rollout.episode_lengths) if rollout.episode_lengths else None,
                     **stats,
-                    "learning_rate": agent.optimizer.param_groups[0]["lr"],
+                    "learning_rate": agent.optimizer.learning_rate,
                     "steps_per_second": config.batch_size / (now - iteration_start),
                 }
                 last_iteration = iteration == config.num_iterations
@@ -233,7 +233,7 @@ def train(
                     eval_seconds += time.perf_counter() - now
                     metrics["eval_return"] = float(eval_returns.mean())
                 logger.log(metrics)
-                reached = eval_returns is not None and eval_returns.mean() >= run.stop_return
+                reached = eval_returns is not None and bool(eval_returns.mean() >= run.stop_return)
                 if reached or last_iteration or iteration % run.checkpoint_every == 0:
                     write_checkpoint(iteration, train_seconds)
                 if reached:

@@ -175,8 +175,11 @@ def test_saved_and_loaded_agent_acts_identically(tmp_path):
     observations = np.random.default_rng(1).normal(size=(100, 4))
     np.testing.assert_array_equal(agent.act(observations), loaded.act(observations))
     assert loaded.config == agent.config
-    for key, value in agent.optimizer.state_dict()["state"][0].items():
-        torch.testing.assert_close(loaded.optimizer.state_dict()["state"][0][key], value)
+    saved, restored = agent.optimizer.state_dict(), loaded.optimizer.state_dict()
+    assert restored["steps"] == saved["steps"] > 0
+    for name in ("exp_avg", "exp_avg_sq"):
+        for restored_moment, saved_moment in zip(restored[name], saved[name]):
+            torch.testing.assert_close(restored_moment, saved_moment)
 
 
 # -- Properties that notes/week1_answers.md relies on -------------------------------------------
