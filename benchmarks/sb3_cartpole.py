@@ -5,9 +5,11 @@
 
 SB3's PPO with RL Zoo's tuned CartPole-v1 hyperparameters (8 envs, n_steps 32, batch 256,
 20 epochs, gamma 0.98, lambda 0.8, lr and clip annealed linearly from 1e-3 and 0.2, 100k steps),
-one torch thread, each seed in a fresh process. Every 5 rollouts the greedy policy is evaluated
-on 100 episodes by proximal's own `evaluate` (same envs, same seeds, same code as `proximal
-bench`), off the training clock; a seed is solved at the first mean >= 475.
+one torch thread, each seed in a fresh process. Every 2 rollouts (512 env steps; `proximal
+bench` checks its preset every 5 iterations = 640 env steps, so SB3 is checked at least as often)
+the greedy policy is evaluated on 100 episodes by proximal's own `evaluate` (same envs, same
+seeds, same code as `proximal bench`), off the training clock; a seed is solved at the first
+mean >= 475.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 THRESHOLD = 475.0
-EVAL_EVERY_ROLLOUTS = 5
+EVAL_EVERY_ROLLOUTS = 2  # 512 env steps; proximal's preset checks every 640: SB3 gets the finer grain
 
 
 def train_one_seed(seed: int) -> dict:

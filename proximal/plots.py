@@ -25,6 +25,12 @@ def _return_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([row["env_steps"] for row in rows]), np.array([row["episodic_return"] for row in rows]))
 
 
+def _eval_points(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(env steps, greedy mean return) of the evaluations made during training, if any."""
+    rows = [row for row in read_metrics(run_dir) if row.get("eval_return") is not None]
+    return (np.array([row["env_steps"] for row in rows]), np.array([row["eval_return"] for row in rows]))
+
+
 def plot_learning_curve(run_dir: Path) -> Path:
     """Episodic return and explained variance against env steps, saved in the run directory."""
     run_dir = Path(run_dir)
@@ -32,7 +38,11 @@ def plot_learning_curve(run_dir: Path) -> Path:
     steps, returns = _return_curve(run_dir)
     figure, (return_axis, critic_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                                       gridspec_kw={"height_ratios": [2, 1]})
-    return_axis.plot(steps, returns, color="C0")
+    return_axis.plot(steps, returns, color="C0", label="training rollouts (sampled actions)")
+    eval_steps, eval_returns = _eval_points(run_dir)
+    if len(eval_steps):
+        return_axis.plot(eval_steps, eval_returns, "o", color="C1", markersize=4, label="greedy evaluation")
+    return_axis.legend(loc="lower right", fontsize=8)
     return_axis.set_ylabel("mean episodic return")
     return_axis.set_title(run_dir.name)
     return_axis.grid(alpha=0.3)
@@ -66,15 +76,25 @@ def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
         if not curves:
             axis.set_title(f"{env_id}: no finished episodes yet")
             continue
-        grid = np.linspace(0, min(steps[-1] for steps, _ in curves), 200)  # [G]
-        on_grid = np.stack([np.interp(grid, steps, returns) for steps, returns in curves])  # [runs, G]
-        axis.plot(grid, on_grid.mean(0), color="C0", label=f"mean of {len(curves)} run(s)")
-        axis.fill_between(grid, on_grid.min(0), on_grid.max(0), color="C0", alpha=0.25, label="min-max")
+        # Runs may stop at different steps (early stop at a target): mean and band are over the
+        # runs still training at each step, and each run is drawn to its own end.
+        grid = np.linspace(0, max(steps[-1] for steps, _ in curves), 300)  # [G]
+        on_grid = np.stack([np.where(grid <= steps[-1], np.interp(grid, steps, returns), np.nan)
+                            for steps, returns in curves])  # [runs, G], NaN after a run ended
+        for steps, returns in curves:
+            axis.plot(steps, returns, color="C0", alpha=0.25, linewidth=0.8)
+        axis.plot(grid, np.nanmean(on_grid, 0), color="C0", label=f"mean of {len(curves)} run(s) still training")
+        axis.fill_between(grid, np.nanmin(on_grid, 0), np.nanmax(on_grid, 0), color="C0", alpha=0.15,
+                          label="min-max; thin lines: each run")
+        evaluations = [_eval_points(run_dir) for run_dir in env_runs]
+        if any(len(steps) for steps, _ in evaluations):
+            axis.plot(np.concatenate([s for s, _ in evaluations]), np.concatenate([r for _, r in evaluations]),
+                      "o", color="C1", markersize=3, label="greedy evaluations")
         axis.set_title(env_id)
         axis.set_xlabel("environment steps")
         axis.set_ylabel("mean episodic return")
         axis.grid(alpha=0.3)
-        axis.legend(loc="lower right")
+        axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     out_path = Path(out_path)
     figure.savefig(out_path, dpi=110)
