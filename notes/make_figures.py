@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -89,70 +90,84 @@ def clip_figure() -> Path:
     return path
 
 
-CRITIC_VARIANTS = {
-    "with critic (GAE, lambda 0.8)": {},
-    "no critic (plain returns, lambda 1)": {"use_critic": False, "gae_lambda": 1.0, "vf_coef": 0.0},
+# An experiment is a few variants of NOTES_CARTPOLE, each trained on seeds 0..n-1:
+# {variant name: (env id, overrides)}.
+Variants = dict[str, tuple[str, dict]]
+GRID = np.linspace(0, NOTES_CARTPOLE.num_iterations * NOTES_CARTPOLE.batch_size, 120)  # env steps
+
+
+def _train_variant(job: tuple[str, str, str, dict, int]) -> tuple[str, str, float]:
+    experiment, name, env_id, overrides, seed = job
+    runs_dir = NOTES / "runs" / experiment / re.sub(r"[^\w.-]+", "-", name).strip("-")
+    result = train(NOTES_CARTPOLE.with_overrides(
+        {**overrides, "env_id": env_id, "seed": seed, "runs_dir": str(runs_dir)}))
+    return name, str(result.run_dir), float(result.eval_returns.mean())
+
+
+def train_variants(experiment: str, variants: Variants, seeds: int) -> dict[str, list[tuple[Path, float]]]:
+    """Train every variant on every seed, two at a time, into a fresh notes/runs/<experiment>/.
+
+    Returns {variant: [(run directory, final greedy mean return), ...]} in seed order."""
+    shutil.rmtree(NOTES / "runs" / experiment, ignore_errors=True)
+    jobs = [(experiment, name, env_id, overrides, seed)
+            for name, (env_id, overrides) in variants.items() for seed in range(seeds)]
+    with ProcessPoolExecutor(2) as pool:
+        results = list(pool.map(_train_variant, jobs))
+    return {name: [(Path(run_dir), final) for n, run_dir, final in results if n == name] for name in variants}
+
+
+def plot_return_curves(axis, runs_by_variant: dict[str, list[tuple[Path, float]]]) -> dict:
+    """Mean and min-max of the training-rollout return of each variant; returns the summary."""
+    summary = {}
+    for color, (name, runs) in zip(("C0", "C3", "C2", "C1"), runs_by_variant.items()):
+        curves = []
+        for run_dir, _ in runs:
+            rows = [row for row in read_metrics(run_dir) if row["episodic_return"] is not None]
+            curves.append(np.interp(GRID, [row["env_steps"] for row in rows], [row["episodic_return"] for row in rows]))
+        curves = np.stack(curves)  # [seeds, G]
+        axis.plot(GRID, curves.mean(0), color=color, label=f"{name}, mean of {len(runs)} seeds")
+        axis.fill_between(GRID, curves.min(0), curves.max(0), color=color, alpha=0.15)
+        summary[name] = {"final_greedy_means": [round(final, 1) for _, final in runs]}
+    axis.set(xlabel="environment steps", ylabel="mean episodic return (training rollouts)")
+    axis.legend(loc="lower right", fontsize=8)
+    axis.grid(alpha=0.3)
+    return summary
+
+
+def save(figure, name: str, summary: dict) -> Path:
+    figure.tight_layout()
+    path = FIGURES / f"{name}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    (FIGURES / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    return path
+
+
+CRITIC_VARIANTS: Variants = {
+    "with critic (GAE, lambda 0.8)": ("CartPole-v1", {}),
+    "no critic (plain returns, lambda 1)": ("CartPole-v1", {"use_critic": False, "gae_lambda": 1.0, "vf_coef": 0.0}),
 }
 
 
-def _train_variant(args: tuple[str, int]) -> tuple[str, int, str, float]:
-    name, seed = args
-    overrides = {**CRITIC_VARIANTS[name], "seed": seed, "runs_dir": str(NOTES / "runs" / "critic" / name.split(" (")[0])}
-    result = train(NOTES_CARTPOLE.with_overrides(overrides))
-    return name, seed, str(result.run_dir), float(result.eval_returns.mean())
-
-
-def fresh_runs_dir(experiment: str) -> None:
-    """Each experiment starts from an empty notes/runs/<experiment>/: its figure shows only this run."""
-    shutil.rmtree(NOTES / "runs" / experiment, ignore_errors=True)
-
-
 def critic_figure(seeds: int) -> Path:
-    fresh_runs_dir("critic")
-    jobs = [(name, seed) for name in CRITIC_VARIANTS for seed in range(seeds)]
-    with ProcessPoolExecutor(2) as pool:
-        results = list(pool.map(_train_variant, jobs))
+    runs_by_variant = train_variants("critic", CRITIC_VARIANTS, seeds)
     figure, (return_axis, critic_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    summary = {}
-    for color, name in zip(("C0", "C3"), CRITIC_VARIANTS):
-        runs = [(Path(run_dir), final) for n, _, run_dir, final in results if n == name]
-        grid = np.linspace(0, 99_840, 120)
-        curves, solved_at = [], []
-        for run_dir, _ in runs:
-            rows = [row for row in read_metrics(run_dir) if row["episodic_return"] is not None]
-            steps = np.array([row["env_steps"] for row in rows])
-            returns = np.array([row["episodic_return"] for row in rows])
-            curves.append(np.interp(grid, steps, returns))
-            solved_at.append(next((s for s, r in zip(steps, returns) if r >= 475), None))
-        curves = np.stack(curves)
-        return_axis.plot(grid, curves.mean(0), color=color, label=f"{name}, mean of {len(runs)} seeds")
-        return_axis.fill_between(grid, curves.min(0), curves.max(0), color=color, alpha=0.2)
-        summary[name] = {"final_greedy_means": [round(final, 1) for _, final in runs],
-                         "first_step_with_rollout_mean_475": solved_at}
-        if name.startswith("with"):
-            explained = []
-            for run_dir, _ in runs:
-                rows = read_metrics(run_dir)
-                steps = [row["env_steps"] for row in rows]
-                values = [row["explained_variance"] for row in rows]
-                critic_axis.plot(steps, values, color=color, alpha=0.15, linewidth=0.8)
-                explained.append(np.interp(grid, steps, values))
-            critic_axis.plot(grid, np.median(np.stack(explained), 0), color=color, linewidth=2,
-                             label=f"median of {len(runs)} seeds (faint: each seed)")
-    return_axis.set(xlabel="environment steps", ylabel="mean episodic return (training rollouts)",
-                    title="CartPole-v1: PPO with and without the critic")
-    return_axis.legend(loc="lower right", fontsize=8)
-    return_axis.grid(alpha=0.3)
+    summary = plot_return_curves(return_axis, runs_by_variant)
+    return_axis.set_title("CartPole-v1: PPO with and without the critic")
+    explained = []
+    for run_dir, _ in runs_by_variant["with critic (GAE, lambda 0.8)"]:
+        rows = read_metrics(run_dir)
+        steps = [row["env_steps"] for row in rows]
+        values = [row["explained_variance"] for row in rows]
+        critic_axis.plot(steps, values, color="C0", alpha=0.15, linewidth=0.8)
+        explained.append(np.interp(GRID, steps, values))
+    critic_axis.plot(GRID, np.median(np.stack(explained), 0), color="C0", linewidth=2,
+                     label=f"median of {len(explained)} seeds (faint: each seed)")
     critic_axis.set(xlabel="environment steps", ylabel="explained variance of V on the batch",
                     title="the critic learns: explained variance", ylim=(-1, 1.05))
     critic_axis.legend(loc="lower right", fontsize=8)
     critic_axis.grid(alpha=0.3)
-    figure.tight_layout()
-    path = FIGURES / "critic_ablation.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    (FIGURES / "critic_ablation.json").write_text(json.dumps(summary, indent=2))
-    return path
+    return save(figure, "critic_ablation", summary)
 
 
 class PayAtEpisodeEnd(gym.Wrapper):
@@ -179,7 +194,7 @@ def make_sparse_cartpole(**kwargs) -> gym.Env:
 
 SPARSE_ENV_ID = "notes/CartPoleSparse-v1"
 gym.register(SPARSE_ENV_ID, entry_point=make_sparse_cartpole)
-REWARD_VARIANTS = {  # name: (env id, overrides of NOTES_CARTPOLE)
+REWARD_VARIANTS: Variants = {
     "dense, gamma 0.98": ("CartPole-v1", {}),
     "sparse, gamma 0.98": (SPARSE_ENV_ID, {}),
     "dense, gamma 1": ("CartPole-v1", {"gamma": 1.0}),
@@ -187,44 +202,11 @@ REWARD_VARIANTS = {  # name: (env id, overrides of NOTES_CARTPOLE)
 }
 
 
-def _train_reward_variant(args: tuple[str, int]) -> tuple[str, int, str, float]:
-    name, seed = args
-    env_id, overrides = REWARD_VARIANTS[name]
-    run_name = name.replace(", ", "_").replace(" ", "-").split("_(")[0]
-    config = NOTES_CARTPOLE.with_overrides(
-        {**overrides, "env_id": env_id, "seed": seed, "runs_dir": str(NOTES / "runs" / "sparse" / run_name)})
-    result = train(config)
-    return name, seed, str(result.run_dir), float(result.eval_returns.mean())
-
-
 def sparse_figure(seeds: int) -> Path:
-    fresh_runs_dir("sparse")
-    jobs = [(name, seed) for name in REWARD_VARIANTS for seed in range(seeds)]
-    with ProcessPoolExecutor(2) as pool:
-        results = list(pool.map(_train_reward_variant, jobs))
     figure, axis = plt.subplots(figsize=(7.5, 4.5))
-    grid = np.linspace(0, 99_840, 120)
-    summary = {}
-    for color, name in zip(("C0", "C3", "C2", "C1"), REWARD_VARIANTS):
-        runs = [(Path(run_dir), final) for n, _, run_dir, final in results if n == name]
-        curves = []
-        for run_dir, _ in runs:
-            rows = [row for row in read_metrics(run_dir) if row["episodic_return"] is not None]
-            curves.append(np.interp(grid, [row["env_steps"] for row in rows], [row["episodic_return"] for row in rows]))
-        curves = np.stack(curves)
-        axis.plot(grid, curves.mean(0), color=color, label=f"{name}, mean of {len(runs)} seeds")
-        axis.fill_between(grid, curves.min(0), curves.max(0), color=color, alpha=0.15)
-        summary[name] = {"final_greedy_means": [round(final, 1) for _, final in runs]}
-    axis.set(xlabel="environment steps", ylabel="mean episodic return (training rollouts)",
-             title="CartPole-v1: the same return, paid every step (dense) or at the end (sparse)")
-    axis.legend(loc="lower right", fontsize=8)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    path = FIGURES / "sparse_reward.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    (FIGURES / "sparse_reward.json").write_text(json.dumps(summary, indent=2))
-    return path
+    summary = plot_return_curves(axis, train_variants("sparse", REWARD_VARIANTS, seeds))
+    axis.set_title("CartPole-v1: the same return, paid every step (dense) or at the end (sparse)")
+    return save(figure, "sparse_reward", summary)
 
 
 def main() -> None:

@@ -185,6 +185,8 @@ class PPOAgent:
                 if ppo.norm_adv:
                     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
                 policy_loss = clipped_surrogate_loss(logp_new, batch.logprobs[indices], advantages, ppo.clip_coef)
+                # L^VF of Eq. 9 with the customary 1/2, so its gradient is (V - V^targ): c1 = 1 here
+                # weighs the critic like c1 = 0.5 on the paper's (V - V^targ)^2.
                 value_loss = 0.5 * (new_values - batch.returns[indices]).pow(2).mean()
                 entropy_mean = entropy.mean()
                 # Eq. 9, negated: minimise -L^CLIP + c1 L^VF - c2 S.

@@ -22,6 +22,14 @@ def apply_gradients(parameters, gradients):
         parameter.grad = gradient.clone()
 
 
+def step_both(adam, ours, torch_adam, reference, gradients):
+    """One step of our Adam and of torch's, on twin parameters with the same gradients."""
+    apply_gradients(ours, gradients)
+    apply_gradients(reference, gradients)
+    adam.step()
+    torch_adam.step()
+
+
 @pytest.mark.parametrize("learning_rate,eps", [(1e-3, 1e-8), (3e-3, 1e-5), (0.1, 1e-5)])
 def test_takes_the_same_steps_as_torch_adam(learning_rate, eps):
     ours, reference = twin_parameters()
@@ -30,10 +38,7 @@ def test_takes_the_same_steps_as_torch_adam(learning_rate, eps):
     generator = torch.Generator().manual_seed(1)
     for step in range(50):
         gradients = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * (1 + step % 7) for p in ours]
-        apply_gradients(ours, gradients)
-        apply_gradients(reference, gradients)
-        adam.step()
-        torch_adam.step()
+        step_both(adam, ours, torch_adam, reference, gradients)
         for mine, theirs in zip(ours, reference):
             torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
 
@@ -44,11 +49,7 @@ def test_learning_rate_can_change_between_steps_like_torch_param_groups():
     torch_adam = torch.optim.Adam(reference, lr=1e-2)
     for step in range(10):
         adam.learning_rate = torch_adam.param_groups[0]["lr"] = 1e-2 * (1 - step / 10)
-        gradients = [torch.ones_like(p) * (step - 4) for p in ours]
-        apply_gradients(ours, gradients)
-        apply_gradients(reference, gradients)
-        adam.step()
-        torch_adam.step()
+        step_both(adam, ours, torch_adam, reference, [torch.ones_like(p) * (step - 4) for p in ours])
     for mine, theirs in zip(ours, reference):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
 
