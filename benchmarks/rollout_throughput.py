@@ -22,7 +22,7 @@ from proximal.train import EnvState, collect_rollout
 
 def steps_per_second(env_id: str, num_envs: int, num_steps: int, repeats: int) -> float:
     envs = make_vector_env(env_id, num_envs)
-    agent = PPOAgent(envs.single_observation_space.shape[0], int(envs.single_action_space.n), preset_for(env_id))
+    agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, preset_for(env_id))
     state = EnvState.after_reset(envs.reset(seed=0)[0])
     collect_rollout(agent, envs, state, num_steps)  # warm-up
     best = float("inf")

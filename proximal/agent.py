@@ -5,15 +5,20 @@ Schulman et al. 2017, "Proximal Policy Optimization Algorithms":
   L^CLIP     = E_t[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]                         (Eq. 7)
   L^{CLIP+VF+S} = E_t[ L^CLIP - c1 (V(s_t) - V_t^targ)^2 + c2 S[pi](s_t) ]                  (Eq. 9)
 We maximise Eq. 9 by minimising its negative.
+
+The policy is categorical for Discrete action spaces and a diagonal Gaussian with a learned,
+state-independent log-std for Box action spaces; both heads sit on the same actor body.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
@@ -61,27 +66,32 @@ def _mlp_body(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
 
 
 class ActorCritic(nn.Module):
-    """An MLP with two heads: the actor gives action logits [B, A], the critic a value [B].
+    """An MLP with two heads: the actor's output [B, A] (action logits, or the means of a
+    Gaussian over A action dimensions), and the critic's value [B].
 
     With `shared_body` both heads read one body's features; otherwise each head has its own
     body (the usual choice for control: the value loss cannot disturb the policy's features).
+    A continuous policy also has `actor_log_std` [A]: its log standard deviations, learned but
+    the same in every state.
     """
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: tuple[int, ...], shared_body: bool):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], shared_body: bool,
+                 continuous: bool = False):
         super().__init__()
         self.actor_body = _mlp_body(obs_dim, hidden_sizes)
         self.critic_body = None if shared_body else _mlp_body(obs_dim, hidden_sizes)
         # Small policy gain: near-uniform initial policy. Unit value gain: values start near 0.
-        self.actor_head = _orthogonal(nn.Linear(hidden_sizes[-1], num_actions), gain=0.01)
+        self.actor_head = _orthogonal(nn.Linear(hidden_sizes[-1], action_dim), gain=0.01)
         self.critic_head = _orthogonal(nn.Linear(hidden_sizes[-1], 1), gain=1.0)
+        self.actor_log_std = nn.Parameter(torch.zeros(action_dim)) if continuous else None  # std 1 at start
 
     def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         actor_features = self.actor_body(observations)
         critic_features = actor_features if self.critic_body is None else self.critic_body(observations)
         return self.actor_head(actor_features), self.critic_head(critic_features).squeeze(-1)
 
-    def policy_logits(self, observations: torch.Tensor) -> torch.Tensor:
-        """The actor head alone: acting needs no value."""
+    def actor(self, observations: torch.Tensor) -> torch.Tensor:
+        """The actor head alone (logits or Gaussian means): acting needs no value."""
         return self.actor_head(self.actor_body(observations))
 
     def value(self, observations: torch.Tensor) -> torch.Tensor:
@@ -89,12 +99,44 @@ class ActorCritic(nn.Module):
         return self.critic_head(features).squeeze(-1)
 
 
+LOG_2PI = math.log(2 * math.pi)
+
+
+def categorical_policy(
+    logits: torch.Tensor, actions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(actions [B], log pi(a|s) [B], entropy [B]) of the categorical softmax(logits [B, n]);
+    samples the actions when none are given."""
+    log_probs = torch.log_softmax(logits, dim=-1)  # [B, n]
+    probs = log_probs.exp()
+    if actions is None:
+        actions = torch.multinomial(probs, 1).squeeze(-1)
+    action_logp = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    entropy = -(probs * log_probs).sum(-1)
+    return actions, action_logp, entropy
+
+
+def gaussian_policy(
+    means: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(actions [B, A], log pi(a|s) [B], entropy [B]) of N(means [B, A], diag(exp(log_std [A]))^2);
+    samples the actions when none are given. Log-prob and entropy sum over the independent
+    dimensions; the sample is not clipped here (the env's bounds apply only when it is sent)."""
+    log_std = log_std.expand_as(means)
+    std = log_std.exp()
+    if actions is None:
+        actions = means + std * torch.randn_like(means)
+    action_logp = (-0.5 * ((actions - means) / std).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
+    entropy = (0.5 + 0.5 * LOG_2PI + log_std).sum(-1)
+    return actions, action_logp, entropy
+
+
 @dataclass
 class RolloutBatch:
     """The valid transitions of one rollout, flattened over [T, N] to [B]."""
 
     observations: torch.Tensor  # [B, obs_dim]
-    actions: torch.Tensor  # [B]
+    actions: torch.Tensor  # [B] discrete, [B, A] continuous
     logprobs: torch.Tensor  # [B]  log pi_old(a|s) at collection time
     values: torch.Tensor  # [B]  V_old(s) at collection time
     advantages: torch.Tensor  # [B]
@@ -108,31 +150,51 @@ class RolloutBatch:
 class PPOAgent:
     """Actor-critic PPO: sample actions during rollouts, update on a batch, act when trained."""
 
-    def __init__(self, obs_dim: int, num_actions: int, config: TrainConfig):
+    def __init__(self, obs_dim: int, action_dim: int, config: TrainConfig,
+                 action_bounds: tuple[np.ndarray, np.ndarray] | None = None):
+        """`action_dim` actions to choose from, or, with `action_bounds` (low [A], high [A]), a
+        continuous action of `action_dim` numbers clipped to those bounds when sent to the env."""
         self.config = config
         self.obs_dim = obs_dim
-        self.num_actions = num_actions
+        self.action_dim = action_dim
+        self.action_bounds = None if action_bounds is None else tuple(
+            np.asarray(bound, dtype=np.float32).reshape(action_dim) for bound in action_bounds)
         ppo = config.ppo
-        self.network = ActorCritic(obs_dim, num_actions, ppo.hidden_sizes, ppo.shared_body)
+        self.network = ActorCritic(obs_dim, action_dim, ppo.hidden_sizes, ppo.shared_body,
+                                   continuous=self.continuous)
         self.optimizer = Adam(self.network.parameters(), learning_rate=ppo.learning_rate, eps=1e-5)
+
+    @classmethod
+    def for_spaces(cls, observation_space: gym.spaces.Box, action_space: gym.Space, config: TrainConfig) -> PPOAgent:
+        """An agent for an env's single observation and action spaces (Discrete or 1-D Box actions)."""
+        if isinstance(action_space, gym.spaces.Discrete):
+            return cls(observation_space.shape[0], int(action_space.n), config)
+        return cls(observation_space.shape[0], action_space.shape[0], config, (action_space.low, action_space.high))
+
+    @property
+    def continuous(self) -> bool:
+        return self.action_bounds is not None
+
+    @property
+    def action_shape(self) -> tuple[int, ...]:
+        """Shape of one env's action: () for a discrete choice, (A,) for a continuous action."""
+        return (self.action_dim,) if self.continuous else ()
 
     # -- acting ---------------------------------------------------------------------------------
 
     def get_action(
         self, observations: torch.Tensor, actions: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(action, log pi(action|s), entropy of pi(.|s), V(s)), each [B].
+        """(action [B] or [B, A], log pi(action|s) [B], entropy of pi(.|s) [B], V(s) [B]).
 
-        Samples actions from the categorical policy when `actions` is None (rollouts); otherwise
-        scores the given actions under the current policy (updates).
+        Samples actions from the policy when `actions` is None (rollouts); otherwise scores the
+        given actions under the current policy (updates).
         """
-        logits, values = self.network(observations)  # [B, A], [B]
-        log_probs = torch.log_softmax(logits, dim=-1)  # [B, A]
-        probs = log_probs.exp()
-        if actions is None:
-            actions = torch.multinomial(probs, 1).squeeze(-1)
-        action_logp = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        entropy = -(probs * log_probs).sum(-1)
+        actor_output, values = self.network(observations)  # [B, A], [B]
+        if self.continuous:
+            actions, action_logp, entropy = gaussian_policy(actor_output, self.network.actor_log_std, actions)
+        else:
+            actions, action_logp, entropy = categorical_policy(actor_output, actions)
         return actions, action_logp, entropy, values
 
     def get_value(self, observations: torch.Tensor) -> torch.Tensor:
@@ -141,9 +203,10 @@ class PPOAgent:
 
     @torch.no_grad()
     def act(self, observations: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        """Actions for raw observations: [N, obs_dim] -> [N] (or one observation -> one action).
+        """Env actions for raw observations: [N, obs_dim] -> [N] or [N, A] (or one observation ->
+        one action), ready for `env.step`.
 
-        Deterministic means greedy: the most probable action.
+        Deterministic means greedy: the most probable action (the Gaussian's mean).
         """
         observations = np.asarray(observations, dtype=np.float32)
         single = observations.ndim == 1
@@ -151,13 +214,21 @@ class PPOAgent:
         if batch.ndim != 2 or batch.shape[1] != self.obs_dim:
             raise ValueError(f"act() takes observations of shape [N, {self.obs_dim}] or "
                              f"[{self.obs_dim}], got {observations.shape}")
-        logits = self.network.policy_logits(torch.from_numpy(batch))
+        actor_output = self.network.actor(torch.from_numpy(batch))
         if deterministic:
-            actions = logits.argmax(-1)
+            actions = actor_output if self.continuous else actor_output.argmax(-1)
+        elif self.continuous:
+            actions, _, _ = gaussian_policy(actor_output, self.network.actor_log_std)
         else:
-            actions = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
-        actions = actions.numpy()
+            actions, _, _ = categorical_policy(actor_output)
+        actions = self.to_env(actions)
         return actions[0] if single else actions
+
+    def to_env(self, actions: torch.Tensor) -> np.ndarray:
+        """The policy's actions as the env takes them: continuous ones clipped to the bounds."""
+        if self.continuous:
+            return np.clip(actions.numpy(), *self.action_bounds)
+        return actions.numpy()
 
     # -- learning -------------------------------------------------------------------------------
 
@@ -220,7 +291,8 @@ class PPOAgent:
         return {
             "config": self.config.to_json(),
             "obs_dim": self.obs_dim,
-            "num_actions": self.num_actions,
+            "action_dim": self.action_dim,
+            "action_bounds": None if self.action_bounds is None else [b.tolist() for b in self.action_bounds],
             "model": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
@@ -229,7 +301,7 @@ class PPOAgent:
     def from_state_dict(cls, payload: dict[str, Any]) -> PPOAgent:
         try:
             config = TrainConfig.from_dict(json.loads(payload["config"]))
-            agent = cls(int(payload["obs_dim"]), int(payload["num_actions"]), config)
+            agent = cls(int(payload["obs_dim"]), int(payload["action_dim"]), config, payload["action_bounds"])
             agent.network.load_state_dict(payload["model"])
             agent.optimizer.load_state_dict(payload["optimizer"])
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:

@@ -28,13 +28,14 @@ def _unknown_env_message(env_id: str) -> str:
 
 
 def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-    """Raise EnvError unless observations are flat Boxes and actions Discrete."""
+    """Raise EnvError unless observations are flat Boxes and actions Discrete or flat Boxes."""
     if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
         raise EnvError(f"{env_id}: unsupported observation space {observation_space}; "
                        "proximal needs a 1-D Box (flat vector) observation")
-    if not isinstance(action_space, gym.spaces.Discrete):
+    flat_box = isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1
+    if not (isinstance(action_space, gym.spaces.Discrete) or flat_box):
         raise EnvError(f"{env_id}: unsupported action space {action_space}; "
-                       "proximal needs a Discrete action space")
+                       "proximal needs a Discrete or a 1-D Box action space")
 
 
 def make_vector_env(env_id: str, num_envs: int) -> VectorEnv:

@@ -54,7 +54,7 @@ class Rollout:
     action there, so they carry no learning signal and never reach the loss."""
 
     observations: torch.Tensor  # [T, N, obs_dim]
-    actions: torch.Tensor  # [T, N]
+    actions: torch.Tensor  # [T, N] discrete, [T, N, A] continuous (as sampled, before clipping)
     logprobs: torch.Tensor  # [T, N]
     values: torch.Tensor  # [T, N]  V(s_t)
     next_values: torch.Tensor  # [T, N]  V(s_{t+1}); at an episode end, V(final observation)
@@ -76,7 +76,8 @@ def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps
     """
     num_envs, obs_dim = state.observations.shape
     observations = torch.zeros(num_steps, num_envs, obs_dim)  # [T, N, obs_dim]
-    actions = torch.zeros(num_steps, num_envs, dtype=torch.long)  # [T, N]
+    actions = torch.zeros((num_steps, num_envs, *agent.action_shape),
+                          dtype=torch.float32 if agent.continuous else torch.long)  # [T, N] or [T, N, A]
     logprobs = torch.zeros(num_steps, num_envs)  # [T, N]
     values = torch.zeros(num_steps, num_envs)  # [T, N]
     rewards = np.zeros((num_steps, num_envs), dtype=np.float32)  # [T, N]
@@ -89,7 +90,7 @@ def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps
     for t in range(num_steps):
         observations[t] = torch.from_numpy(state.observations)
         actions[t], logprobs[t], _, values[t] = agent.get_action(observations[t])
-        next_obs, reward, terminated[t], truncated[t], _ = envs.step(actions[t].numpy())
+        next_obs, reward, terminated[t], truncated[t], _ = envs.step(agent.to_env(actions[t]))
         valid[t] = ~state.just_ended
         rewards[t] = np.where(valid[t], reward, 0.0)
         state.episode_return += rewards[t]
@@ -175,7 +176,7 @@ def train(
     try:
         start_iteration, global_step, elapsed_before = 0, 0, 0.0
         if resume is None:
-            agent = PPOAgent(envs.single_observation_space.shape[0], int(envs.single_action_space.n), config)
+            agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
         else:
             agent = PPOAgent.from_state_dict(resume)
             start_iteration, global_step = int(resume["iteration"]), int(resume["global_step"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from proximal.agent import ActorCritic, PPOAgent, RolloutBatch, clipped_surrogate_loss
+from proximal.agent import ActorCritic, PPOAgent, RolloutBatch, clipped_surrogate_loss, gaussian_policy
 from proximal.config import EnvConfig, PPOConfig, TrainConfig
 from proximal.errors import TrainingDiverged
 
@@ -77,7 +77,7 @@ def random_batch(agent, size=256, seed=0):
 
 def test_get_action_log_prob_and_entropy_match_torch_categorical():
     torch.manual_seed(0)
-    agent = PPOAgent(obs_dim=4, num_actions=3, config=small_config())
+    agent = PPOAgent(obs_dim=4, action_dim=3, config=small_config())
     observations = torch.randn(64, 4)
     actions, logp, entropy, values = agent.get_action(observations)
     logits, reference_values = agent.network(observations)
@@ -94,7 +94,7 @@ def test_get_action_log_prob_and_entropy_match_torch_categorical():
 
 def test_sampling_frequencies_follow_the_policy():
     torch.manual_seed(0)
-    agent = PPOAgent(obs_dim=2, num_actions=3, config=small_config())
+    agent = PPOAgent(obs_dim=2, action_dim=3, config=small_config())
     with torch.no_grad():
         agent.network.actor_head.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
         agent.network.actor_head.weight.zero_()
@@ -107,7 +107,7 @@ def test_sampling_frequencies_follow_the_policy():
 
 def test_two_heads_and_orthogonal_init():
     torch.manual_seed(0)
-    network = ActorCritic(obs_dim=4, num_actions=2, hidden_sizes=(64, 64), shared_body=False)
+    network = ActorCritic(obs_dim=4, action_dim=2, hidden_sizes=(64, 64), shared_body=False)
     logits, values = network(torch.randn(5, 4))
     assert logits.shape == (5, 2) and values.shape == (5,)
     hidden = network.actor_body[2].weight  # 64 x 64, gain sqrt(2): W W^T = 2 I
@@ -115,14 +115,14 @@ def test_two_heads_and_orthogonal_init():
     head = network.actor_head.weight  # 2 x 64, gain 0.01: orthonormal rows scaled by 0.01
     torch.testing.assert_close(head @ head.T, 1e-4 * torch.eye(2), atol=1e-9, rtol=0)
     assert network.critic_head.bias.item() == 0.0
-    shared = ActorCritic(obs_dim=4, num_actions=2, hidden_sizes=(32,), shared_body=True)
+    shared = ActorCritic(obs_dim=4, action_dim=2, hidden_sizes=(32,), shared_body=True)
     assert shared.critic_body is None
     assert sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in network.parameters())
 
 
 def test_update_returns_statistics_and_changes_the_policy():
     torch.manual_seed(0)
-    agent = PPOAgent(obs_dim=4, num_actions=2, config=small_config())
+    agent = PPOAgent(obs_dim=4, action_dim=2, config=small_config())
     batch = random_batch(agent)
     before = [p.detach().clone() for p in agent.network.parameters()]
     stats = agent.update(batch)
@@ -135,14 +135,14 @@ def test_update_returns_statistics_and_changes_the_policy():
 
 def test_target_kl_stops_the_epochs_early():
     torch.manual_seed(0)
-    agent = PPOAgent(obs_dim=4, num_actions=2, config=small_config(target_kl=1e-9, update_epochs=10,
+    agent = PPOAgent(obs_dim=4, action_dim=2, config=small_config(target_kl=1e-9, update_epochs=10,
                                                                    learning_rate=1e-2))
     assert agent.update(random_batch(agent))["epochs"] == 1
 
 
 def test_nan_loss_raises_training_diverged_before_any_step():
     torch.manual_seed(0)
-    agent = PPOAgent(obs_dim=4, num_actions=2, config=small_config())
+    agent = PPOAgent(obs_dim=4, action_dim=2, config=small_config())
     batch = random_batch(agent)
     batch.returns[3] = float("nan")
     before = [p.detach().clone() for p in agent.network.parameters()]
@@ -153,7 +153,7 @@ def test_nan_loss_raises_training_diverged_before_any_step():
 
 def test_act_is_greedy_and_takes_raw_numpy(tmp_path):
     torch.manual_seed(0)
-    agent = PPOAgent(obs_dim=4, num_actions=3, config=small_config())
+    agent = PPOAgent(obs_dim=4, action_dim=3, config=small_config())
     observations = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float64)
     actions = agent.act(observations)
     logits, _ = agent.network(torch.as_tensor(observations, dtype=torch.float32))
@@ -168,7 +168,7 @@ def test_saved_and_loaded_agent_acts_identically(tmp_path):
     from proximal.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    agent = PPOAgent(obs_dim=4, num_actions=2, config=small_config())
+    agent = PPOAgent(obs_dim=4, action_dim=2, config=small_config())
     agent.update(random_batch(agent))
     save_checkpoint(tmp_path / "checkpoint.pt", agent.state_dict())
     loaded = PPOAgent.load(tmp_path)  # a directory holding checkpoint.pt
@@ -212,7 +212,7 @@ def test_score_function_has_zero_mean_so_any_state_baseline_is_unbiased():
     # sum_a pi(a|s) grad log pi(a|s) = grad sum_a pi(a|s) = grad 1 = 0: subtracting b(s) from the
     # return changes no expected gradient. Checked on the real actor head, every parameter.
     torch.manual_seed(0)
-    network = ActorCritic(obs_dim=4, num_actions=3, hidden_sizes=(16,), shared_body=False)
+    network = ActorCritic(obs_dim=4, action_dim=3, hidden_sizes=(16,), shared_body=False)
     observation = torch.randn(1, 4)
     logits, _ = network(observation)
     log_probs = torch.log_softmax(logits, -1)[0]
@@ -225,3 +225,71 @@ def test_score_function_has_zero_mean_so_any_state_baseline_is_unbiased():
             total += log_probs[action].exp().detach() * gradient
     for total in expected_score:
         torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-6, rtol=0)
+
+
+# -- Continuous actions: the diagonal Gaussian head ---------------------------------------------
+
+
+def continuous_agent(action_dim=2, seed=0):
+    torch.manual_seed(seed)
+    bounds = (np.full(action_dim, -2.0), np.full(action_dim, 2.0))
+    return PPOAgent(obs_dim=3, action_dim=action_dim, config=small_config(), action_bounds=bounds)
+
+
+def test_gaussian_log_prob_and_entropy_match_torch_normal():
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(64, 3, generator=generator, dtype=torch.float64)
+    log_std = torch.randn(3, generator=generator, dtype=torch.float64)
+    actions, logp, entropy = gaussian_policy(means, log_std)
+    reference = torch.distributions.Normal(means, log_std.exp())  # independent reference, tests only
+    torch.testing.assert_close(logp, reference.log_prob(actions).sum(-1))
+    torch.testing.assert_close(entropy, reference.entropy().sum(-1))
+    given = torch.randn(64, 3, generator=generator, dtype=torch.float64) * 5  # far outside: not clipped
+    _, given_logp, _ = gaussian_policy(means, log_std, given)
+    torch.testing.assert_close(given_logp, reference.log_prob(given).sum(-1))
+
+
+def test_gaussian_samples_have_the_policy_mean_and_std():
+    means = torch.tensor([[0.5, -1.0]]).expand(100_000, 2)
+    log_std = torch.log(torch.tensor([0.3, 2.0]))
+    torch.manual_seed(0)
+    actions, _, _ = gaussian_policy(means, log_std)
+    torch.testing.assert_close(actions.mean(0), torch.tensor([0.5, -1.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(actions.std(0), torch.tensor([0.3, 2.0]), atol=0.02, rtol=0)
+
+
+def test_continuous_agent_acts_with_the_clipped_mean_and_learns_its_log_std():
+    agent = continuous_agent()
+    assert agent.continuous and agent.action_shape == (2,)
+    observations = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    with torch.no_grad():
+        agent.network.actor_head.bias.copy_(torch.tensor([0.5, 9.0]))  # second mean beyond the bound 2
+        means = agent.network.actor(torch.from_numpy(observations)).numpy()
+    actions = agent.act(observations)
+    assert actions.shape == (8, 2) and actions.dtype == np.float32
+    np.testing.assert_allclose(actions, np.clip(means, -2.0, 2.0))
+    assert (actions[:, 1] == 2.0).all()
+    sampled = agent.act(observations, deterministic=False)
+    assert sampled.shape == (8, 2) and (np.abs(sampled) <= 2.0).all()
+    with torch.no_grad():
+        batch_obs = torch.randn(256, 3)
+        batch_actions, logprobs, _, values = agent.get_action(batch_obs)
+    assert batch_actions.shape == (256, 2)
+    advantages = torch.randn(256)
+    before = agent.network.actor_log_std.detach().clone()
+    agent.update(RolloutBatch(batch_obs, batch_actions, logprobs, values, advantages, advantages + values))
+    assert not torch.equal(before, agent.network.actor_log_std)
+
+
+def test_continuous_agent_saved_and_loaded_acts_identically(tmp_path):
+    from proximal.checkpoint import save_checkpoint
+
+    agent = continuous_agent(action_dim=3)
+    with torch.no_grad():
+        agent.network.actor_log_std.fill_(-0.7)
+    save_checkpoint(tmp_path / "checkpoint.pt", agent.state_dict())
+    loaded = PPOAgent.load(tmp_path / "checkpoint.pt")
+    observations = np.random.default_rng(2).normal(size=(50, 3))
+    np.testing.assert_array_equal(agent.act(observations), loaded.act(observations))
+    np.testing.assert_array_equal(loaded.action_bounds[1], np.full(3, 2.0, dtype=np.float32))
+    assert torch.equal(loaded.network.actor_log_std, agent.network.actor_log_std)

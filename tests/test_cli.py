@@ -53,7 +53,7 @@ BAD_INPUTS = [
     # (argv with {path} placeholder, what must be set up, a fragment of the one line printed)
     (["train", "CartPol-v1"], None, "did you mean CartPole-v1"),
     (["train", "Blackjack-v1"], None, "unsupported observation space"),
-    (["train", "Pendulum-v1"], None, "unsupported action space"),
+    (["train", "proximal-test/MultiBinaryAction-v0"], None, "unsupported action space MultiBinary"),
     (["train", "--clip-coef", "0"], None, "clip_coef must be > 0"),
     (["train", "--gamma", "1.5"], None, r"gamma must be in \[0, 1\]"),
     (["train", "--gae-lambda", "-0.5"], None, r"gae_lambda must be in \[0, 1\]"),
@@ -73,7 +73,7 @@ BAD_INPUTS = [
     (["plot", "{path}"], "empty_dir", "is not a proximal run directory"),
     (["bench", "CartPol-v1"], None, "did you mean CartPole-v1"),
     (["bench", "--seeds", "0"], None, "--seeds must be a positive integer"),
-    (["bench", "Pendulum-v1", "--threshold", "-200"], None, "unsupported action space"),
+    (["bench", "proximal-test/MultiBinaryAction-v0", "--threshold", "1"], None, "unsupported action space"),
     (["train", "--stop-return", "inf"], None, "stop_return must be a finite number"),
 ]
 

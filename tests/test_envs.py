@@ -27,8 +27,14 @@ def test_unsupported_spaces_are_named():
         make_vector_env("Blackjack-v1", 2)
     with pytest.raises(EnvError, match="unsupported observation space Discrete"):
         make_vector_env("FrozenLake-v1", 2)
-    with pytest.raises(EnvError, match="unsupported action space Box"):
-        make_vector_env("Pendulum-v1", 2)
+    with pytest.raises(EnvError, match="unsupported action space MultiBinary"):
+        make_vector_env("proximal-test/MultiBinaryAction-v0", 2)
+
+
+def test_continuous_box_actions_are_supported():
+    envs = make_vector_env("Pendulum-v1", 2)
+    assert envs.single_action_space.shape == (1,)
+    envs.close()
 
 
 def test_missing_optional_dependency_is_one_clear_error():

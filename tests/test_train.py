@@ -32,7 +32,7 @@ def toy_rollout(env_id, num_steps=8, num_envs=2, use_critic=True, gae_lambda=0.0
                                        minibatch_size=num_steps, gamma=0.9, gae_lambda=gae_lambda,
                                        use_critic=use_critic))
     envs = make_vector_env(env_id, num_envs)
-    agent = PPOAgent(obs_dim=1, num_actions=2, config=config)
+    agent = PPOAgent(obs_dim=1, action_dim=2, config=config)
     agent.network = ValueIsTenTimesK()
     state = EnvState.after_reset(envs.reset(seed=0)[0])
     rollout = collect_rollout(agent, envs, state, num_steps)
@@ -196,3 +196,18 @@ def test_unreachable_stop_return_trains_the_whole_budget(tmp_path):
     evaluated = [row["iteration"] for row in rows if row["eval_return"] is not None]
     assert evaluated == [3, 6, 8]  # every eval_every iterations, and the last one
     assert result.global_step == config.ppo.total_timesteps and not result.reached_stop_return
+
+
+def test_continuous_actions_train_end_to_end_on_pendulum(tmp_path):
+    """A smoke run of the Gaussian head through the whole loop (learning Pendulum is issue 5's
+    benchmark, not a CI test): actions are stored unclipped, the run saves, loads and evaluates."""
+    config = TrainConfig(env=EnvConfig(env_id="Pendulum-v1", num_envs=4),
+                         ppo=PPOConfig(total_timesteps=2048, num_steps=128, minibatch_size=128),
+                         run=RunConfig(eval_episodes=3, runs_dir=str(tmp_path / "runs")))
+    result = train(config)
+    rows = read_metrics(result.run_dir)
+    assert len(rows) == 4 and all(np.isfinite(row["policy_loss"]) for row in rows)
+    assert result.eval_returns.shape == (3,) and (result.eval_returns < 0).all()  # Pendulum's costs
+    agent = PPOAgent.load(result.run_dir)
+    assert agent.continuous and agent.action_shape == (1,)
+    assert agent.act(np.zeros((5, 3))).shape == (5, 1)

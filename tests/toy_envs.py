@@ -46,6 +46,14 @@ class TupleObservationEnv(CounterEnv):
         self.observation_space = gym.spaces.Tuple((gym.spaces.Discrete(3), gym.spaces.Discrete(2)))
 
 
+class MultiBinaryActionEnv(CounterEnv):
+    """Same dynamics, but an action space proximal does not support."""
+
+    def __init__(self):
+        super().__init__()
+        self.action_space = gym.spaces.MultiBinary(3)
+
+
 def register_toy_envs() -> None:
     if "proximal-test/Truncated-v0" in gym.registry:
         return
@@ -54,5 +62,6 @@ def register_toy_envs() -> None:
     # Terminates after 3 steps, well before its time limit.
     gym.register("proximal-test/Terminated-v0", entry_point=CounterEnv, max_episode_steps=100,
                  kwargs={"terminate_at": 3})
+    gym.register("proximal-test/MultiBinaryAction-v0", entry_point=MultiBinaryActionEnv, max_episode_steps=10)
     gym.register("proximal-test/NaNReward-v0", entry_point=CounterEnv, max_episode_steps=50,
                  kwargs={"nan_reward_after": 600})
