@@ -26,6 +26,7 @@ from torch import nn
 from proximal.checkpoint import load_checkpoint
 from proximal.config import TrainConfig
 from proximal.errors import CheckpointError, ConfigError, TrainingDiverged
+from proximal.normalize import RunningMeanStd
 from proximal.optim import Adam
 from proximal.utils import explained_variance
 
@@ -162,6 +163,7 @@ class PPOAgent:
         ppo = config.ppo
         self.network = ActorCritic(obs_dim, action_dim, ppo.hidden_sizes, ppo.shared_body,
                                    continuous=self.continuous)
+        self.observation_stats = RunningMeanStd((obs_dim,)) if ppo.normalize_observations else None
         self.optimizer = Adam(self.network.parameters(), learning_rate=ppo.learning_rate, eps=1e-5)
 
     @classmethod
@@ -197,6 +199,15 @@ class PPOAgent:
             actions, action_logp, entropy = categorical_policy(actor_output, actions)
         return actions, action_logp, entropy, values
 
+    def prepare_observations(self, observations: np.ndarray, update_stats: bool) -> torch.Tensor:
+        """Raw env observations [N, obs_dim] as the networks take them: standardised by the running
+        statistics when observation normalisation is on (updated only while training)."""
+        if self.observation_stats is None:
+            return torch.from_numpy(observations)
+        if update_stats:
+            self.observation_stats.update(observations)
+        return torch.from_numpy(self.observation_stats.normalize(observations))
+
     def get_value(self, observations: torch.Tensor) -> torch.Tensor:
         """V(s) [B], without computing the policy."""
         return self.network.value(observations)
@@ -214,7 +225,7 @@ class PPOAgent:
         if batch.ndim != 2 or batch.shape[1] != self.obs_dim:
             raise ValueError(f"act() takes observations of shape [N, {self.obs_dim}] or "
                              f"[{self.obs_dim}], got {observations.shape}")
-        actor_output = self.network.actor(torch.from_numpy(batch))
+        actor_output = self.network.actor(self.prepare_observations(batch, update_stats=False))
         if deterministic:
             actions = actor_output if self.continuous else actor_output.argmax(-1)
         elif self.continuous:
@@ -295,6 +306,7 @@ class PPOAgent:
             "action_bounds": None if self.action_bounds is None else [b.tolist() for b in self.action_bounds],
             "model": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "observation_stats": None if self.observation_stats is None else self.observation_stats.state_dict(),
         }
 
     @classmethod
@@ -304,6 +316,8 @@ class PPOAgent:
             agent = cls(int(payload["obs_dim"]), int(payload["action_dim"]), config, payload["action_bounds"])
             agent.network.load_state_dict(payload["model"])
             agent.optimizer.load_state_dict(payload["optimizer"])
+            if agent.observation_stats is not None:
+                agent.observation_stats.load_state_dict(payload["observation_stats"])
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:
             raise CheckpointError(f"checkpoint does not describe a proximal agent ({error})") from None
         return agent

@@ -69,6 +69,9 @@ class PPOConfig:
     target_kl: float | None = _param(None, "stop an update's epochs early once approx-KL exceeds this")
     hidden_sizes: tuple[int, ...] = _param((64, 64), "widths of the hidden layers of each body")
     shared_body: bool = _param(False, "one MLP body under both heads instead of one per head")
+    normalize_observations: bool = _param(False, "feed the networks observations standardised by running "
+                                                 "mean/std (frozen when acting after training)")
+    normalize_rewards: bool = _param(False, "divide rewards by the running std of the discounted return")
     use_critic: bool = _param(True, "use V(s) as GAE's baseline and bootstrap; off (an ablation): "
                                     "V = 0, so with gae_lambda 1 advantages are plain discounted returns")
 

@@ -27,6 +27,7 @@ from proximal.envs import as_float_observations, make_vector_env
 from proximal.errors import EnvError, TrainingDiverged
 from proximal.evaluate import evaluate
 from proximal.metrics import MetricsLogger
+from proximal.normalize import RewardScaler
 from proximal.utils import compute_gae
 
 EVAL_NAME = "eval.json"
@@ -67,8 +68,12 @@ class Rollout:
 
 
 @torch.no_grad()
-def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps: int) -> Rollout:
+def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps: int,
+                    reward_scaler: RewardScaler | None = None) -> Rollout:
     """Run the current policy for `num_steps` steps in every env (NEXT_STEP autoreset).
+
+    The rollout stores what the networks saw (normalised observations, scaled rewards, when
+    those are on); episode returns are always the env's own.
 
     In NEXT_STEP mode the observation returned by a step that ends an episode is that episode's
     final observation, so the value computed for the next row is V(final observation): exactly
@@ -88,14 +93,15 @@ def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps
     rollout_lengths: list[int] = []
 
     for t in range(num_steps):
-        observations[t] = torch.from_numpy(state.observations)
+        observations[t] = agent.prepare_observations(state.observations, update_stats=True)
         actions[t], logprobs[t], _, values[t] = agent.get_action(observations[t])
         next_obs, reward, terminated[t], truncated[t], _ = envs.step(agent.to_env(actions[t]))
         valid[t] = ~state.just_ended
-        rewards[t] = np.where(valid[t], reward, 0.0)
-        state.episode_return += rewards[t]
+        env_rewards = np.where(valid[t], reward, 0.0)
+        state.episode_return += env_rewards
         state.episode_length += valid[t]
         done = terminated[t] | truncated[t]
+        rewards[t] = env_rewards if reward_scaler is None else reward_scaler.scale(env_rewards, done)
         for env_index in np.flatnonzero(done):
             rollout_returns.append(float(state.episode_return[env_index]))
             rollout_lengths.append(int(state.episode_length[env_index]))
@@ -106,7 +112,7 @@ def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps
         if not np.isfinite(state.observations).all():
             raise EnvError("the environment returned a non-finite observation")
 
-    last_values = agent.get_value(torch.from_numpy(state.observations))  # [N]
+    last_values = agent.get_value(agent.prepare_observations(state.observations, update_stats=False))  # [N]
     next_values = torch.cat([values[1:], last_values.unsqueeze(0)])  # [T, N]
     return Rollout(observations, actions, logprobs, values, next_values, torch.from_numpy(rewards),
                    torch.from_numpy(terminated), torch.from_numpy(truncated), torch.from_numpy(valid),
@@ -175,6 +181,7 @@ def train(
     envs = make_vector_env(config.env.env_id, config.env.num_envs)
     try:
         start_iteration, global_step, elapsed_before = 0, 0, 0.0
+        reward_scaler = RewardScaler(config.env.num_envs, ppo.gamma) if ppo.normalize_rewards else None
         if resume is None:
             agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
         else:
@@ -182,6 +189,8 @@ def train(
             start_iteration, global_step = int(resume["iteration"]), int(resume["global_step"])
             elapsed_before = float(resume["train_seconds"])
             torch.set_rng_state(resume["torch_rng_state"])
+            if reward_scaler is not None:
+                reward_scaler.return_stats.load_state_dict(resume["reward_stats"])
         if run_dir is None:
             run_dir = new_run_dir(config)
         (run_dir / CONFIG_NAME).write_text(config.to_json())
@@ -191,6 +200,7 @@ def train(
             save_checkpoint(checkpoint_path, {
                 **agent.state_dict(), "iteration": iteration, "global_step": global_step,
                 "train_seconds": train_seconds, "torch_rng_state": torch.get_rng_state(),
+                "reward_stats": None if reward_scaler is None else reward_scaler.return_stats.state_dict(),
             })
 
         state = EnvState.after_reset(envs.reset(seed=run.seed + global_step)[0])
@@ -206,7 +216,7 @@ def train(
                 iteration_start = time.perf_counter()
                 if ppo.anneal_lr:  # linear decay to 0 over the whole run
                     agent.set_learning_rate(ppo.learning_rate * (1.0 - (iteration - 1) / config.num_iterations))
-                rollout = collect_rollout(agent, envs, state, ppo.num_steps)
+                rollout = collect_rollout(agent, envs, state, ppo.num_steps, reward_scaler)
                 global_step += config.batch_size
                 batch = rollout_to_batch(rollout, ppo)
                 try:

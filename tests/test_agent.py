@@ -293,3 +293,21 @@ def test_continuous_agent_saved_and_loaded_acts_identically(tmp_path):
     np.testing.assert_array_equal(agent.act(observations), loaded.act(observations))
     np.testing.assert_array_equal(loaded.action_bounds[1], np.full(3, 2.0, dtype=np.float32))
     assert torch.equal(loaded.network.actor_log_std, agent.network.actor_log_std)
+
+
+def test_observation_statistics_are_frozen_when_acting_and_restored_on_load(tmp_path):
+    from proximal.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    agent = PPOAgent(obs_dim=4, action_dim=2, config=small_config(normalize_observations=True))
+    rng = np.random.default_rng(0)
+    raw = rng.normal(loc=50.0, scale=10.0, size=(256, 4)).astype(np.float32)
+    training_view = agent.prepare_observations(raw, update_stats=True)  # what a rollout does
+    assert abs(training_view.mean().item()) < 1e-3 and abs(training_view.std().item() - 1) < 1e-2
+    count = agent.observation_stats.count
+    agent.act(rng.normal(size=(100, 4)))  # acting leaves the statistics alone
+    assert agent.observation_stats.count == count
+    save_checkpoint(tmp_path / "checkpoint.pt", agent.state_dict())
+    loaded = PPOAgent.load(tmp_path)
+    np.testing.assert_array_equal(loaded.observation_stats.mean, agent.observation_stats.mean)
+    np.testing.assert_array_equal(agent.act(raw), loaded.act(raw))

@@ -211,3 +211,18 @@ def test_continuous_actions_train_end_to_end_on_pendulum(tmp_path):
     agent = PPOAgent.load(result.run_dir)
     assert agent.continuous and agent.action_shape == (1,)
     assert agent.act(np.zeros((5, 3))).shape == (5, 1)
+
+
+def test_normalisation_switches_train_save_and_resume(tmp_path):
+    config = TrainConfig(env=EnvConfig(env_id="Pendulum-v1", num_envs=2),
+                         ppo=PPOConfig(total_timesteps=1024, num_steps=128, minibatch_size=128,
+                                       normalize_observations=True, normalize_rewards=True),
+                         run=RunConfig(eval_episodes=2, checkpoint_every=2, runs_dir=str(tmp_path / "runs")))
+    result = train(config)
+    checkpoint = load_checkpoint(result.run_dir)
+    # every observation the two envs produced during 4 rollouts of 128 steps was folded in
+    assert checkpoint["observation_stats"]["count"] == 4 * 128 * 2
+    assert checkpoint["reward_stats"]["count"] == 4 * 128 * 2
+    longer = train(config.with_overrides({"total_timesteps": 1536}), run_dir=result.run_dir, resume=checkpoint)
+    assert longer.global_step == 1536
+    assert load_checkpoint(result.run_dir)["observation_stats"]["count"] == 6 * 128 * 2
