@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations (default: 5)")
     bench.add_argument("--out", default=None, metavar="DIR", help="write bench.json, bench.md, bench.png there")
     bench.set_defaults(handler=_bench)
+
+    presets = commands.add_parser("presets", help="list the tuned hyperparameter presets")
+    presets.set_defaults(handler=_presets)
 
     plot = commands.add_parser("plot", help="learning curves of several runs in one PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -187,6 +191,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets(args: argparse.Namespace) -> int:
+    from proximal.config import PRESETS, describe_preset
+
+    for env_id, preset in PRESETS.items():
+        print(f"{env_id} (v{preset.version}): {describe_preset(preset.config)}")
+        print(f"    measured: {preset.measured}")
+    print("any other env id trains with the generic defaults: " + describe_preset(TrainConfig()))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from proximal.plots import plot_runs
 
@@ -204,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"proximal {args.command}: interrupted; the last checkpoint written is kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early, e.g. `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":

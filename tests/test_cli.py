@@ -162,3 +162,14 @@ def test_bench_smoke_two_seeds(tmp_path):
     assert [seed["seed"] for seed in report["seeds"]] == [0, 1]
     assert all(seed["solved"] and seed["env_steps"] > 0 for seed in report["seeds"])
     assert {"bench.md", "bench.png", "runs"} <= set(os.listdir(tmp_path / "bench"))
+
+
+def test_presets_lists_every_preset_and_the_generic_defaults(capsys):
+    from proximal.config import PRESETS
+
+    code, out, _ = run_main(["presets"], capsys)
+    assert code == 0
+    for env_id, preset in PRESETS.items():
+        assert f"{env_id} (v{preset.version}): " in out
+    assert "CartPole-v1 (v1): 8 envs x 16 steps, 4 epochs of minibatch 128, lr 0.003" in out
+    assert "any other env id trains with the generic defaults: 4 envs x 128 steps" in out

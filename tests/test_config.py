@@ -65,7 +65,7 @@ def test_overrides_go_to_the_section_that_owns_each_field():
 
 def test_presets_are_valid_and_unknown_envs_get_generic_defaults():
     for env_id, preset in PRESETS.items():
-        assert preset.env.env_id == env_id
+        assert preset.config.env.env_id == env_id and preset.version >= 1 and preset.measured
     generic = preset_for("Acrobot-v1")
     assert generic.env.env_id == "Acrobot-v1"
     assert dataclasses.replace(generic, env=EnvConfig()) == TrainConfig()
