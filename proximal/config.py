@@ -207,6 +207,17 @@ PRESETS: dict[str, Preset] = {
         version=1,
         measured="seeds 0-9 all solved (greedy mean >= 475): median 4,480 env steps, 0.38 s of training",
     ),
+    # Observation normalisation and 10 epochs per batch; 4 epochs reached a median of -89.5.
+    "Acrobot-v1": Preset(
+        TrainConfig(
+            env=EnvConfig(env_id="Acrobot-v1", num_envs=8),
+            ppo=PPOConfig(total_timesteps=200_000, num_steps=64, learning_rate=1e-3, gamma=0.99,
+                          gae_lambda=0.95, update_epochs=10, minibatch_size=128, ent_coef=0.0,
+                          normalize_observations=True),
+        ),
+        version=1,
+        measured="seeds 0-2 after 200k steps: greedy 100-episode means -79.3, -80.8, -78.7 (median -79.3), ~40 s each",
+    ),
     # Short horizon (gamma 0.9: the swing-up pays off within a few dozen steps), long rollouts,
     # 10 epochs, both normalisations; no reward_threshold in Gymnasium, target -200.
     "Pendulum-v1": Preset(
