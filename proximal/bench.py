@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from proximal.config import TrainConfig, preset_for
+from proximal.config import PRESETS, TrainConfig, preset_for
 from proximal.errors import ConfigError
 
 
@@ -42,12 +42,14 @@ class SeedResult:
 
 
 def reward_threshold(env_id: str) -> float:
-    """Gymnasium's reward_threshold for `env_id`: what 'solved' means for it."""
+    """What 'solved' means for `env_id`: Gymnasium's reward_threshold, else its preset's target."""
     import gymnasium as gym
 
     threshold = gym.spec(env_id).reward_threshold
+    if threshold is None and env_id in PRESETS:
+        threshold = PRESETS[env_id].target_return
     if threshold is None:
-        raise ConfigError(f"{env_id} defines no reward_threshold; give one with --threshold")
+        raise ConfigError(f"{env_id} defines no reward_threshold and has no preset target; give one with --threshold")
     return float(threshold)
 
 

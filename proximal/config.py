@@ -184,11 +184,13 @@ SECTION_OF_FIELD: dict[str, str] = {
 @dataclass(frozen=True)
 class Preset:
     """Hyperparameters for one environment. `version` goes up whenever a value changes, so a
-    result can name the preset it came from; `measured` says what it reached and how."""
+    result can name the preset it came from; `measured` says what it reached and how;
+    `target_return` is what counts as solved where Gymnasium defines no reward_threshold."""
 
     config: TrainConfig
     version: int
     measured: str
+    target_return: float | None = None
 
 
 # Chosen by `proximal train ENV_ID`; flags override them. `proximal presets` lists them.
@@ -229,6 +231,7 @@ PRESETS: dict[str, Preset] = {
         ),
         version=1,
         measured="seeds 0-2 after 200k steps: greedy 100-episode means -180.0, -173.6, -231.3 (median -180.0), ~25 s each",
+        target_return=-200.0,
     ),
 }
 

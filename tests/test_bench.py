@@ -29,8 +29,9 @@ def test_the_protocol_is_the_preset_with_one_thread_and_a_greedy_stop():
 def test_threshold_comes_from_gymnasium():
     assert reward_threshold("CartPole-v1") == 475.0
     assert reward_threshold("Acrobot-v1") == -100.0
-    with pytest.raises(ConfigError, match="Pendulum-v1 defines no reward_threshold"):
-        reward_threshold("Pendulum-v1")
+    assert reward_threshold("Pendulum-v1") == -200.0  # no reward_threshold: the preset's target
+    with pytest.raises(ConfigError, match="defines no reward_threshold and has no preset target"):
+        reward_threshold("proximal-test/Truncated-v0")
 
 
 def test_summary_counts_only_solved_seeds_for_time_and_steps():
