@@ -66,6 +66,6 @@ def test_overrides_go_to_the_section_that_owns_each_field():
 def test_presets_are_valid_and_unknown_envs_get_generic_defaults():
     for env_id, preset in PRESETS.items():
         assert preset.config.env.env_id == env_id and preset.version >= 1 and preset.measured
-    generic = preset_for("MountainCar-v0")
-    assert generic.env.env_id == "MountainCar-v0"
+    generic = preset_for("MountainCarContinuous-v0")
+    assert generic.env.env_id == "MountainCarContinuous-v0"
     assert dataclasses.replace(generic, env=EnvConfig()) == TrainConfig()
