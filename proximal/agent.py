@@ -193,11 +193,16 @@ class PPOAgent:
         given actions under the current policy (updates).
         """
         actor_output, values = self.network(observations)  # [B, A], [B]
-        if self.continuous:
-            actions, action_logp, entropy = gaussian_policy(actor_output, self.network.actor_log_std, actions)
-        else:
-            actions, action_logp, entropy = categorical_policy(actor_output, actions)
+        actions, action_logp, entropy = self._policy(actor_output, actions)
         return actions, action_logp, entropy, values
+
+    def _policy(
+        self, actor_output: torch.Tensor, actions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(actions, log-probs, entropies) of this agent's distribution over the actor's output."""
+        if self.continuous:
+            return gaussian_policy(actor_output, self.network.actor_log_std, actions)
+        return categorical_policy(actor_output, actions)
 
     def prepare_observations(self, observations: np.ndarray, update_stats: bool) -> torch.Tensor:
         """Raw env observations [N, obs_dim] as the networks take them: standardised by the running
@@ -228,10 +233,8 @@ class PPOAgent:
         actor_output = self.network.actor(self.prepare_observations(batch, update_stats=False))
         if deterministic:
             actions = actor_output if self.continuous else actor_output.argmax(-1)
-        elif self.continuous:
-            actions, _, _ = gaussian_policy(actor_output, self.network.actor_log_std)
         else:
-            actions, _, _ = categorical_policy(actor_output)
+            actions, _, _ = self._policy(actor_output)
         actions = self.to_env(actions)
         return actions[0] if single else actions
 

@@ -19,27 +19,22 @@ from proximal.metrics import METRICS_NAME, read_metrics  # noqa: E402
 LEARNING_CURVE_NAME = "learning_curve.png"
 
 
-def _return_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(env steps, mean episodic return) of the iterations in which episodes ended."""
-    rows = [row for row in read_metrics(run_dir) if row["episodic_return"] is not None]
-    return (np.array([row["env_steps"] for row in rows]), np.array([row["episodic_return"] for row in rows]))
-
-
-def _eval_points(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(env steps, greedy mean return) of the evaluations made during training, if any."""
-    rows = [row for row in read_metrics(run_dir) if row.get("eval_return") is not None]
-    return (np.array([row["env_steps"] for row in rows]), np.array([row["eval_return"] for row in rows]))
+def _column_against_steps(rows: list[dict], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(env steps, values) of the metrics rows where `column` has a value: episodic_return where
+    episodes ended, eval_return where a greedy evaluation ran."""
+    rows = [row for row in rows if row.get(column) is not None]
+    return np.array([row["env_steps"] for row in rows]), np.array([row[column] for row in rows])
 
 
 def plot_learning_curve(run_dir: Path) -> Path:
     """Episodic return and explained variance against env steps, saved in the run directory."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    steps, returns = _return_curve(run_dir)
+    steps, returns = _column_against_steps(rows, "episodic_return")
     figure, (return_axis, critic_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                                       gridspec_kw={"height_ratios": [2, 1]})
     return_axis.plot(steps, returns, color="C0", label="training rollouts (sampled actions)")
-    eval_steps, eval_returns = _eval_points(run_dir)
+    eval_steps, eval_returns = _column_against_steps(rows, "eval_return")
     if len(eval_steps):
         return_axis.plot(eval_steps, eval_returns, "o", color="C1", markersize=4, label="greedy evaluation")
     return_axis.legend(loc="lower right", fontsize=8)
@@ -72,7 +67,9 @@ def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
 
     figure, axes = plt.subplots(1, len(runs_by_env), figsize=(6 * len(runs_by_env), 4.2), squeeze=False)
     for axis, (env_id, env_runs) in zip(axes[0], sorted(runs_by_env.items())):
-        curves = [curve for curve in map(_return_curve, env_runs) if len(curve[0]) > 0]
+        rows_per_run = [read_metrics(run_dir) for run_dir in env_runs]
+        curves = [curve for curve in (_column_against_steps(rows, "episodic_return") for rows in rows_per_run)
+                  if len(curve[0]) > 0]
         if not curves:
             axis.set_title(f"{env_id}: no finished episodes yet")
             continue
@@ -86,7 +83,7 @@ def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
         axis.plot(grid, np.nanmean(on_grid, 0), color="C0", label=f"mean of {len(curves)} run(s) still training")
         axis.fill_between(grid, np.nanmin(on_grid, 0), np.nanmax(on_grid, 0), color="C0", alpha=0.15,
                           label="min-max; thin lines: each run")
-        evaluations = [_eval_points(run_dir) for run_dir in env_runs]
+        evaluations = [_column_against_steps(rows, "eval_return") for rows in rows_per_run]
         if any(len(steps) for steps, _ in evaluations):
             axis.plot(np.concatenate([s for s, _ in evaluations]), np.concatenate([r for _, r in evaluations]),
                       "o", color="C1", markersize=3, label="greedy evaluations")

@@ -155,7 +155,6 @@ class TrainResult:
     global_step: int
     train_seconds: float
     eval_returns: np.ndarray  # [eval_episodes] greedy returns of the final policy
-    last_metrics: dict[str, Any]
     reached_stop_return: bool  # an evaluation reached run.stop_return (training stopped there)
 
 
@@ -205,7 +204,6 @@ def train(
 
         state = EnvState.after_reset(envs.reset(seed=run.seed + global_step)[0])
         logger = MetricsLogger(run_dir, ppo.total_timesteps, start_iteration, global_step, show_progress)
-        metrics: dict[str, Any] = {}
         eval_returns: np.ndarray | None = None
         reached = False
         start_time = time.perf_counter()
@@ -263,4 +261,4 @@ def train(
     from proximal.plots import plot_learning_curve  # matplotlib is slow to import: only when used
 
     plot_learning_curve(run_dir)
-    return TrainResult(run_dir, global_step, train_seconds, eval_returns, metrics, reached)
+    return TrainResult(run_dir, global_step, train_seconds, eval_returns, reached)
