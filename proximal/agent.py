@@ -58,10 +58,13 @@ def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
     return layer
 
 
-def _mlp_body(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
+ACTIVATION_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def _mlp_body(in_dim: int, hidden_sizes: tuple[int, ...], activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden_sizes:
-        layers += [_orthogonal(nn.Linear(in_dim, width), gain=np.sqrt(2)), nn.Tanh()]
+        layers += [_orthogonal(nn.Linear(in_dim, width), gain=np.sqrt(2)), ACTIVATION_MODULES[activation]()]
         in_dim = width
     return nn.Sequential(*layers)
 
@@ -77,14 +80,14 @@ class ActorCritic(nn.Module):
     """
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], shared_body: bool,
-                 continuous: bool = False):
+                 continuous: bool = False, activation: str = "tanh", log_std_init: float = 0.0):
         super().__init__()
-        self.actor_body = _mlp_body(obs_dim, hidden_sizes)
-        self.critic_body = None if shared_body else _mlp_body(obs_dim, hidden_sizes)
+        self.actor_body = _mlp_body(obs_dim, hidden_sizes, activation)
+        self.critic_body = None if shared_body else _mlp_body(obs_dim, hidden_sizes, activation)
         # Small policy gain: near-uniform initial policy. Unit value gain: values start near 0.
         self.actor_head = _orthogonal(nn.Linear(hidden_sizes[-1], action_dim), gain=0.01)
         self.critic_head = _orthogonal(nn.Linear(hidden_sizes[-1], 1), gain=1.0)
-        self.actor_log_std = nn.Parameter(torch.zeros(action_dim)) if continuous else None  # std 1 at start
+        self.actor_log_std = nn.Parameter(torch.full((action_dim,), log_std_init)) if continuous else None
 
     def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         actor_features = self.actor_body(observations)
@@ -162,7 +165,8 @@ class PPOAgent:
             np.asarray(bound, dtype=np.float32).reshape(action_dim) for bound in action_bounds)
         ppo = config.ppo
         self.network = ActorCritic(obs_dim, action_dim, ppo.hidden_sizes, ppo.shared_body,
-                                   continuous=self.continuous)
+                                   continuous=self.continuous, activation=ppo.activation,
+                                   log_std_init=ppo.log_std_init)
         self.observation_stats = RunningMeanStd((obs_dim,)) if ppo.normalize_observations else None
         self.optimizer = Adam(self.network.parameters(), learning_rate=ppo.learning_rate, eps=1e-5)
 

@@ -36,6 +36,9 @@ def _require_finite(name: str, value: float) -> None:
     _require(isinstance(value, (int, float)) and math.isfinite(value), name, "a finite number", value)
 
 
+ACTIVATIONS = ("tanh", "relu")
+
+
 @dataclass(frozen=True)
 class EnvConfig:
     """Which environment, and how many copies step in parallel."""
@@ -68,6 +71,8 @@ class PPOConfig:
     max_grad_norm: float = _param(0.5, "clip the global gradient norm to this, > 0")
     target_kl: float | None = _param(None, "stop an update's epochs early once approx-KL exceeds this")
     hidden_sizes: tuple[int, ...] = _param((64, 64), "widths of the hidden layers of each body")
+    activation: str = _param("tanh", "the bodies' nonlinearity: tanh or relu")
+    log_std_init: float = _param(0.0, "initial log-std of a Gaussian (continuous) policy")
     shared_body: bool = _param(False, "one MLP body under both heads instead of one per head")
     normalize_observations: bool = _param(False, "feed the networks observations standardised by running "
                                                  "mean/std (frozen when acting after training)")
@@ -91,6 +96,8 @@ class PPOConfig:
         if self.target_kl is not None:
             _require_finite("target_kl", self.target_kl)
             _require(self.target_kl > 0, "target_kl", "> 0 (or None to disable)", self.target_kl)
+        _require(self.activation in ACTIVATIONS, "activation", " or ".join(ACTIVATIONS), self.activation)
+        _require_finite("log_std_init", self.log_std_init)
         _require(isinstance(self.hidden_sizes, tuple) and len(self.hidden_sizes) > 0
                  and all(isinstance(h, int) and h > 0 for h in self.hidden_sizes),
                  "hidden_sizes", "one or more positive integers", self.hidden_sizes)
