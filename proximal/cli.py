@@ -1,4 +1,4 @@
-"""The `proximal` command: train, eval, plot.
+"""The `proximal` command: train, eval, bench, prefs, presets, plot.
 
 Flags of `train` are generated from the fields of the config dataclasses (config.py), so the
 config stays the single source of truth: `--learning-rate` sets `PPOConfig.learning_rate`. The
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from proximal.config import SECTION_OF_FIELD, EnvConfig, PPOConfig, RunConfig, TrainConfig, preset_for
+from proximal.config import SECTION_OF_FIELD, EnvConfig, PPOConfig, PrefsConfig, RunConfig, TrainConfig, preset_for
 from proximal.errors import ConfigError, ProximalError
 
 
@@ -32,9 +32,9 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[type, ...] = (EnvConfig, PPOConfig, RunConfig)) -> None:
     """One flag per config field (except env_id, the positional), each defaulting to 'not given'."""
-    for section_cls in (EnvConfig, PPOConfig, RunConfig):
+    for section_cls in sections:
         for config_field in dataclasses.fields(section_cls):
             if config_field.name == "env_id":
                 continue
@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations (default: 5)")
     bench.add_argument("--out", default=None, metavar="DIR", help="write bench.json, bench.md, bench.png there")
     bench.set_defaults(handler=_bench)
+
+    prefs = commands.add_parser(
+        "prefs", help="PPO on a reward learned from pairwise preferences (Christiano et al. 2017)",
+        description="Learn the reward from a labeller's preferences between pairs of clips, and train PPO on it. "
+                    "ENV_ID picks the PPO preset; flags override it and set the preference learning.")
+    prefs.add_argument("env_id", nargs="?", default="Pendulum-v1", metavar="ENV_ID",
+                       help="Gymnasium environment id (default: Pendulum-v1)")
+    _add_config_flags(prefs, (EnvConfig, PPOConfig, RunConfig, PrefsConfig))
+    prefs.set_defaults(handler=_prefs)
 
     presets = commands.add_parser("presets", help="list the tuned hyperparameter presets")
     presets.set_defaults(handler=_presets)
@@ -133,6 +142,28 @@ def _train(args: argparse.Namespace) -> int:
               f"(budget was {config.ppo.total_timesteps:,} steps)")
     print(f"greedy evaluation, {len(returns)} episodes: mean {returns.mean():.1f} ± {returns.std():.1f}, "
           f"min {returns.min():.1f}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _prefs(args: argparse.Namespace) -> int:
+    prefs_fields = {f.name for f in dataclasses.fields(PrefsConfig)}
+    given = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
+    config = preset_for(args.env_id).with_overrides(
+        {name: value for name, value in given.items() if name in SECTION_OF_FIELD and name != "env_id"})
+    prefs = PrefsConfig(**{name: value for name, value in given.items() if name in prefs_fields})
+    prefs.check_against(config)  # validated: nothing is written if this fails
+    from proximal.preferences import train_from_preferences
+
+    result, fit = train_from_preferences(config, prefs, show_progress=sys.stderr.isatty())
+    returns = result.eval_returns
+    print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.2f} s of training, "
+          f"PPO on the learned reward, {fit['labels']} labels")
+    print(f"greedy evaluation on the true reward, {len(returns)} episodes: mean {returns.mean():.1f} ± "
+          f"{returns.std():.1f}, min {returns.min():.1f}")
+    if fit["pearson"] is not None:
+        print(f"learned vs true return on {fit['held_out_clips']} held-out clips: Pearson {fit['pearson']:.3f}, "
+              f"Spearman {fit['spearman']:.3f}")
     print(f"run directory: {result.run_dir}")
     return 0
 

@@ -182,6 +182,77 @@ class TrainConfig:
                               for section, values in changes.items()})
 
 
+QUERY_SELECTIONS = ("disagreement", "random")
+ORACLES = ("synthetic", "replay")
+ORACLE_NOISES = ("none", "uniform", "boltzmann")
+
+
+@dataclass(frozen=True)
+class PrefsConfig:
+    """Learning the reward from pairwise preferences instead of reading the env's (Christiano et
+    al. 2017, Section 2.2): what is asked, of whom, and how the reward model is fitted."""
+
+    labels: int = _param(1000, "comparisons the labeller answers over the whole run")
+    segment_length: int = _param(25, "steps per clip (k); clips never cross an episode's end")
+    query: str = _param("disagreement", "which pairs are asked: disagreement (largest variance of the "
+                                        "ensemble's predicted preference) or random")
+    candidates_per_query: int = _param(10, "candidate pairs sampled per pair asked (disagreement)")
+    ensemble_size: int = _param(3, "reward predictors, each fitted to its own bootstrap resample")
+    model_error_rate: float = _param(0.1, "the reward model's chance that the labeller answered uniformly "
+                                          "at random, in [0, 1); 0 is plain Bradley-Terry")
+    initial_label_fraction: float = _param(0.25, "share of the labels asked about the initial policy's "
+                                                 "first rollout, before any PPO update")
+    label_decay: float = _param(0.25, "labelling rate ~ tau / (tau + step), tau = this x total_timesteps")
+    reward_hidden_sizes: tuple[int, ...] = _param((64, 64), "hidden widths of each reward predictor")
+    reward_learning_rate: float = _param(1e-3, "Adam step size of the reward model")
+    reward_minibatch_size: int = _param(64, "comparisons per reward-model gradient step")
+    reward_steps: int = _param(100, "reward-model gradient steps after each round of new labels")
+    initial_reward_steps: int = _param(1000, "reward-model gradient steps after the first round")
+    validation_fraction: float = _param(round(1 / math.e, 4), "share of comparisons held out for validation")
+    learned_reward_std: float = _param(1.0, "standard deviation the learned reward is normalised to")
+    oracle: str = _param("synthetic", "who labels: synthetic (prefers the clip with the higher true "
+                                      "return) or replay (the answers recorded in --replay-from)")
+    oracle_noise: str = _param("none", "synthetic labeller's noise: none, uniform (answers at random "
+                                       "with probability --oracle-error-rate) or boltzmann")
+    oracle_error_rate: float = _param(0.1, "the uniform-noise labeller's chance of a random answer")
+    oracle_temperature: float = _param(1.0, "the Boltzmann labeller's temperature: "
+                                            "P[1 > 2] = sigmoid((R1 - R2) / temperature)")
+    replay_from: str = _param("", "a comparisons.jsonl whose answers the replay oracle gives, in order")
+
+    def __post_init__(self) -> None:
+        for name in ("labels", "segment_length", "candidates_per_query", "ensemble_size",
+                     "reward_minibatch_size", "reward_steps", "initial_reward_steps"):
+            _require_positive_int(name, getattr(self, name))
+        for name in ("model_error_rate", "initial_label_fraction", "label_decay", "reward_learning_rate",
+                     "validation_fraction", "learned_reward_std", "oracle_error_rate", "oracle_temperature"):
+            _require_finite(name, getattr(self, name))
+        _require(self.query in QUERY_SELECTIONS, "query", " or ".join(QUERY_SELECTIONS), self.query)
+        _require(self.oracle in ORACLES, "oracle", " or ".join(ORACLES), self.oracle)
+        _require(self.oracle_noise in ORACLE_NOISES, "oracle_noise", " or ".join(ORACLE_NOISES), self.oracle_noise)
+        _require(0.0 <= self.model_error_rate < 1.0, "model_error_rate", "in [0, 1)", self.model_error_rate)
+        _require(0.0 <= self.initial_label_fraction <= 1.0, "initial_label_fraction", "in [0, 1]",
+                 self.initial_label_fraction)
+        _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)
+        _require(0.0 <= self.oracle_error_rate <= 1.0, "oracle_error_rate", "in [0, 1]", self.oracle_error_rate)
+        for name in ("label_decay", "reward_learning_rate", "learned_reward_std", "oracle_temperature"):
+            _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        _require(isinstance(self.reward_hidden_sizes, tuple) and len(self.reward_hidden_sizes) > 0
+                 and all(isinstance(h, int) and h > 0 for h in self.reward_hidden_sizes),
+                 "reward_hidden_sizes", "one or more positive integers", self.reward_hidden_sizes)
+        _require(self.query == "random" or self.ensemble_size > 1, "query",
+                 "random with a single predictor (disagreement needs an ensemble)", self.query)
+        _require((self.oracle == "replay") == (self.replay_from != ""), "replay_from",
+                 "a comparisons.jsonl exactly when --oracle replay", self.replay_from)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def check_against(self, config: TrainConfig) -> None:
+        """Errors that need the PPO config too: a clip must fit in one rollout."""
+        _require(self.segment_length <= config.ppo.num_steps, "segment_length",
+                 f"<= num_steps = {config.ppo.num_steps} (a clip lies within one rollout)", self.segment_length)
+
+
 SECTION_OF_FIELD: dict[str, str] = {
     f.name: section
     for section, section_cls in (("env", EnvConfig), ("ppo", PPOConfig), ("run", RunConfig))

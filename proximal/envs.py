@@ -17,6 +17,9 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from proximal.errors import EnvError
+from proximal.fixed_horizon import register_fixed_horizon_envs
+
+register_fixed_horizon_envs()  # `proximal/FixedHorizonCartPole-v1` works wherever envs are made
 
 
 def _unknown_env_message(env_id: str) -> str:

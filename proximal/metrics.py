@@ -32,12 +32,13 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, total_steps: int, start_iteration: int, start_step: int,
-                 show_progress: bool):
+                 show_progress: bool, extra_columns: tuple[str, ...] = ()):
         path = Path(run_dir) / METRICS_NAME
         kept_rows = ([row for row in read_metrics(run_dir) if row["iteration"] <= start_iteration]
                      if path.exists() else [])
+        self._columns = METRIC_COLUMNS + tuple(extra_columns)
         self._file = open(path, "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=METRIC_COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=self._columns)
         self._writer.writeheader()
         for row in kept_rows:
             self._writer.writerow({key: _format(value) for key, value in row.items()})
@@ -48,10 +49,10 @@ class MetricsLogger:
         self._last_return: float | None = None
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self._writer.writerow({key: _format(metrics.get(key)) for key in METRIC_COLUMNS})
+        self._writer.writerow({key: _format(metrics.get(key)) for key in self._columns})
         self._file.flush()
         if self._tensorboard is not None:
-            for key in METRIC_COLUMNS[2:]:
+            for key in self._columns[2:]:
                 if metrics.get(key) is not None:
                     self._tensorboard.add_scalar(key, metrics[key], metrics["env_steps"])
         if metrics.get("episodic_return") is not None:

@@ -97,3 +97,53 @@ def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
     figure.savefig(out_path, dpi=110)
     plt.close(figure)
     return out_path
+
+
+PREFERENCE_CURVES_NAME = "preference_curves.png"
+
+
+def plot_preference_curves(run_dir: Path) -> Path:
+    """A preference run's true episodic return against env steps and against labels used, and
+    the per-step correlation of learned and true reward in each rollout."""
+    run_dir = Path(run_dir)
+    rows = [row for row in read_metrics(run_dir) if row.get("episodic_return") is not None]
+    steps = np.array([row["env_steps"] for row in rows])
+    returns = np.array([row["episodic_return"] for row in rows])
+    labels = np.array([row["labels"] for row in rows])
+    correlation = np.array([np.nan if row["learned_true_correlation"] is None else row["learned_true_correlation"]
+                            for row in rows])
+    figure, (steps_axis, labels_axis, correlation_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    steps_axis.plot(steps, returns, color="C0")
+    steps_axis.set_xlabel("environment steps")
+    labels_axis.plot(labels, returns, ".", color="C0", markersize=3)
+    labels_axis.set_xlabel("labels used")
+    for axis in (steps_axis, labels_axis):
+        axis.set_ylabel("true episodic return (training rollouts)")
+        axis.grid(alpha=0.3)
+    correlation_axis.plot(steps, correlation, color="C2")
+    correlation_axis.set_ylim(-1.05, 1.05)
+    correlation_axis.set_xlabel("environment steps")
+    correlation_axis.set_ylabel("corr(learned, true reward) per step")
+    correlation_axis.grid(alpha=0.3)
+    figure.suptitle(f"{run_dir.name}: PPO on a reward learned from preferences")
+    figure.tight_layout()
+    path = run_dir / PREFERENCE_CURVES_NAME
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_learned_vs_true(true_returns: np.ndarray, learned_returns: np.ndarray, fit: dict, path: Path) -> Path:
+    """Scatter of held-out clips: summed learned reward against true return."""
+    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    axis.plot(true_returns, learned_returns, ".", alpha=0.5, markersize=4)
+    if fit.get("pearson") is not None:
+        axis.set_title(f"{fit['held_out_clips']} held-out clips: Pearson {fit['pearson']:.3f}, "
+                       f"Spearman {fit['spearman']:.3f}", fontsize=10)
+    axis.set_xlabel("true return of the clip")
+    axis.set_ylabel("learned return of the clip (normalised r_hat, summed)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -54,12 +54,15 @@ class Rollout:
     """T steps of N envs. Rows where `valid` is False are autoreset steps: the env ignored the
     action there, so they carry no learning signal and never reach the loss."""
 
-    observations: torch.Tensor  # [T, N, obs_dim]
+    observations: torch.Tensor  # [T, N, obs_dim] as the networks saw them (normalised, if that is on)
     actions: torch.Tensor  # [T, N] discrete, [T, N, A] continuous (as sampled, before clipping)
     logprobs: torch.Tensor  # [T, N]
     values: torch.Tensor  # [T, N]  V(s_t)
     next_values: torch.Tensor  # [T, N]  V(s_{t+1}); at an episode end, V(final observation)
-    rewards: torch.Tensor  # [T, N]
+    rewards: torch.Tensor  # [T, N] the rewards PPO learns from: the env's, until replaced or scaled
+    env_observations: np.ndarray  # [T, N, obs_dim] the env's raw observations
+    env_actions: np.ndarray  # [T, N] or [T, N, A] the actions as the env received them (clipped)
+    env_rewards: np.ndarray  # [T, N] the env's own (true) rewards; 0 on autoreset rows
     terminated: torch.Tensor  # [T, N] bool
     truncated: torch.Tensor  # [T, N] bool
     valid: torch.Tensor  # [T, N] bool
@@ -68,12 +71,12 @@ class Rollout:
 
 
 @torch.no_grad()
-def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps: int,
-                    reward_scaler: RewardScaler | None = None) -> Rollout:
+def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps: int) -> Rollout:
     """Run the current policy for `num_steps` steps in every env (NEXT_STEP autoreset).
 
-    The rollout stores what the networks saw (normalised observations, scaled rewards, when
-    those are on); episode returns are always the env's own.
+    The rollout stores what the networks saw (normalised observations, when that is on) and
+    what the env saw (raw observations, clipped actions); its rewards are the env's own until
+    `scale_rewards` (or a learned reward) replaces them.
 
     In NEXT_STEP mode the observation returned by a step that ends an episode is that episode's
     final observation, so the value computed for the next row is V(final observation): exactly
@@ -85,6 +88,9 @@ def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps
                           dtype=torch.float32 if agent.continuous else torch.long)  # [T, N] or [T, N, A]
     logprobs = torch.zeros(num_steps, num_envs)  # [T, N]
     values = torch.zeros(num_steps, num_envs)  # [T, N]
+    env_observations = np.zeros((num_steps, num_envs, obs_dim), dtype=np.float32)  # [T, N, obs_dim]
+    env_actions = np.zeros((num_steps, num_envs, *agent.action_shape),
+                           dtype=np.float32 if agent.continuous else np.int64)  # [T, N] or [T, N, A]
     rewards = np.zeros((num_steps, num_envs), dtype=np.float32)  # [T, N]
     terminated = np.zeros((num_steps, num_envs), dtype=bool)  # [T, N]
     truncated = np.zeros((num_steps, num_envs), dtype=bool)  # [T, N]
@@ -93,15 +99,16 @@ def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps
     rollout_lengths: list[int] = []
 
     for t in range(num_steps):
+        env_observations[t] = state.observations
         observations[t] = agent.prepare_observations(state.observations, update_stats=True)
         actions[t], logprobs[t], _, values[t] = agent.get_action(observations[t])
-        next_obs, reward, terminated[t], truncated[t], _ = envs.step(agent.to_env(actions[t]))
+        env_actions[t] = agent.to_env(actions[t])
+        next_obs, reward, terminated[t], truncated[t], _ = envs.step(env_actions[t])
         valid[t] = ~state.just_ended
-        env_rewards = np.where(valid[t], reward, 0.0)
-        state.episode_return += env_rewards
+        rewards[t] = np.where(valid[t], reward, 0.0)
+        state.episode_return += rewards[t]
         state.episode_length += valid[t]
         done = terminated[t] | truncated[t]
-        rewards[t] = env_rewards if reward_scaler is None else reward_scaler.scale(env_rewards, done)
         for env_index in np.flatnonzero(done):
             rollout_returns.append(float(state.episode_return[env_index]))
             rollout_lengths.append(int(state.episode_length[env_index]))
@@ -114,9 +121,18 @@ def collect_rollout(agent: PPOAgent, envs: VectorEnv, state: EnvState, num_steps
 
     last_values = agent.get_value(agent.prepare_observations(state.observations, update_stats=False))  # [N]
     next_values = torch.cat([values[1:], last_values.unsqueeze(0)])  # [T, N]
-    return Rollout(observations, actions, logprobs, values, next_values, torch.from_numpy(rewards),
-                   torch.from_numpy(terminated), torch.from_numpy(truncated), torch.from_numpy(valid),
-                   rollout_returns, rollout_lengths)
+    return Rollout(observations, actions, logprobs, values, next_values, torch.from_numpy(rewards.copy()),
+                   env_observations, env_actions, rewards, torch.from_numpy(terminated),
+                   torch.from_numpy(truncated), torch.from_numpy(valid), rollout_returns, rollout_lengths)
+
+
+def scale_rewards(rollout: Rollout, reward_scaler: RewardScaler) -> None:
+    """Divide the rollout's rewards, step by step in order, by the running std of the discounted
+    return (`RewardScaler`), in place."""
+    done = (rollout.terminated | rollout.truncated).numpy()  # [T, N]
+    rewards = rollout.rewards.numpy()  # [T, N], shares memory with the tensor
+    for t in range(rewards.shape[0]):
+        rewards[t] = reward_scaler.scale(rewards[t], done[t])
 
 
 def rollout_to_batch(rollout: Rollout, ppo: PPOConfig) -> RolloutBatch:
@@ -149,6 +165,16 @@ def new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
+class RewardLearner(Protocol):
+    """What `train` needs of a learned reward (`proximal.preferences.PreferenceLearner`)."""
+
+    metric_columns: tuple[str, ...]  # extra metrics.csv columns its `relabel` reports
+
+    def relabel(self, rollout: Rollout, global_step: int) -> dict[str, float]:
+        """Learn from the rollout, then overwrite `rollout.rewards` with the learned reward."""
+        ...
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -163,6 +189,7 @@ def train(
     run_dir: Path | None = None,
     resume: dict[str, Any] | None = None,
     show_progress: bool = False,
+    reward_learner: RewardLearner | None = None,
 ) -> TrainResult:
     """Train PPO as `config` says, writing everything into `run_dir` (a new one if None).
 
@@ -173,6 +200,10 @@ def train(
     `resume` is a loaded checkpoint of the same run: training continues from its iteration with
     its weights, optimiser state and torch RNG state. The environments restart fresh episodes,
     seeded from the step counter, since a Gymnasium env's internal state cannot be saved.
+
+    With a `reward_learner`, PPO never sees the env's reward: each rollout's rewards are
+    replaced by the learner's before advantages are computed (learning from preferences,
+    `proximal.preferences`); the logged episode returns stay the env's own.
     """
     ppo, run = config.ppo, config.run
     torch.set_num_threads(run.torch_threads)
@@ -203,7 +234,9 @@ def train(
             })
 
         state = EnvState.after_reset(envs.reset(seed=run.seed + global_step)[0])
-        logger = MetricsLogger(run_dir, ppo.total_timesteps, start_iteration, global_step, show_progress)
+        extra_columns = () if reward_learner is None else reward_learner.metric_columns
+        logger = MetricsLogger(run_dir, ppo.total_timesteps, start_iteration, global_step, show_progress,
+                               extra_columns)
         eval_returns: np.ndarray | None = None
         reached = False
         start_time = time.perf_counter()
@@ -214,8 +247,11 @@ def train(
                 iteration_start = time.perf_counter()
                 if ppo.anneal_lr:  # linear decay to 0 over the whole run
                     agent.set_learning_rate(ppo.learning_rate * (1.0 - (iteration - 1) / config.num_iterations))
-                rollout = collect_rollout(agent, envs, state, ppo.num_steps, reward_scaler)
+                rollout = collect_rollout(agent, envs, state, ppo.num_steps)
                 global_step += config.batch_size
+                learner_metrics = {} if reward_learner is None else reward_learner.relabel(rollout, global_step)
+                if reward_scaler is not None:
+                    scale_rewards(rollout, reward_scaler)
                 batch = rollout_to_batch(rollout, ppo)
                 try:
                     stats = agent.update(batch)
@@ -234,6 +270,7 @@ def train(
                     **stats,
                     "learning_rate": agent.optimizer.learning_rate,
                     "steps_per_second": config.batch_size / (now - iteration_start),
+                    **learner_metrics,
                 }
                 last_iteration = iteration == config.num_iterations
                 eval_returns = None

@@ -75,6 +75,14 @@ BAD_INPUTS = [
     (["bench", "--seeds", "0"], None, "--seeds must be a positive integer"),
     (["bench", "proximal-test/MultiBinaryAction-v0", "--threshold", "1"], None, "unsupported action space"),
     (["train", "--stop-return", "inf"], None, "stop_return must be a finite number"),
+    (["prefs", "Pendulm-v1"], None, "did you mean Pendulum-v1"),
+    (["prefs", "--query", "loudest"], None, "query must be disagreement or random"),
+    (["prefs", "--ensemble-size", "1"], None, "query must be random with a single predictor"),
+    (["prefs", "--labels", "0"], None, "labels must be a positive integer"),
+    (["prefs", "--model-error-rate", "1"], None, r"model_error_rate must be in \[0, 1\)"),
+    (["prefs", "--segment-length", "300"], None, "segment_length must be <= num_steps = 256"),
+    (["prefs", "--oracle", "replay"], None, "replay_from must be a comparisons.jsonl exactly when --oracle replay"),
+    (["prefs", "--oracle", "replay", "--replay-from", "{path}"], "missing", "cannot read recorded comparisons"),
 ]
 
 

@@ -1,0 +1,318 @@
+"""Learning the reward from pairwise preferences: clips, the labeller, query selection, the
+label schedule, and the loop that interleaves them with PPO (Christiano et al. 2017, Section 2.2).
+
+Each PPO iteration (`PreferenceLearner.relabel`, called by `train` after every rollout):
+  1. cut clips of k steps out of the rollout (never across an episode's end);
+  2. if the label schedule says so, pick pairs of clips to ask about (the ones the ensemble
+     disagrees on most, or at random), ask the labeller, record question and answer;
+  3. refit the reward model on all comparisons so far;
+  4. replace the rollout's rewards by the learned reward r_hat(o, a), so PPO never sees the env's.
+The labeller judges clips by the env's *true* reward (never the learned one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from proximal.checkpoint import save_checkpoint
+from proximal.config import PrefsConfig, TrainConfig
+from proximal.errors import EnvError, ProximalError
+from proximal.reward_model import RewardModel, rank_correlation
+from proximal.envs import make_vector_env
+from proximal.train import Rollout, TrainResult, new_run_dir, train
+
+COMPARISONS_NAME = "comparisons.jsonl"
+PREFS_CONFIG_NAME = "prefs.json"
+REWARD_MODEL_NAME = "reward_model.pt"
+REWARD_FIT_NAME = "reward_fit.json"
+
+
+class ReplayError(ProximalError):
+    """The replayed labels do not match the queries of this run."""
+
+
+def step_features(env_observations: np.ndarray, env_actions: np.ndarray, action_space: gym.Space) -> np.ndarray:
+    """The reward model's input per step: the observation and the action (one-hot when
+    discrete), [T, N, obs_dim] and [T, N] or [T, N, A] -> [T, N, obs_dim + A]."""
+    if isinstance(action_space, gym.spaces.Discrete):
+        actions = np.eye(int(action_space.n), dtype=np.float32)[env_actions]  # [T, N, n]
+    else:
+        actions = env_actions.astype(np.float32)
+    return np.concatenate([env_observations, actions], axis=-1)
+
+
+def clip_starts(valid: np.ndarray, done: np.ndarray, length: int) -> np.ndarray:
+    """(t, n) pairs [C, 2] where a clip of `length` steps starts inside one episode: rows
+    t..t+length-1 of env n are all valid (no autoreset row) and no episode ends before the last."""
+    num_steps = valid.shape[0]
+    if length > num_steps:
+        return np.zeros((0, 2), dtype=np.int64)
+    invalid = np.concatenate([np.zeros((1, valid.shape[1])), np.cumsum(~valid, axis=0)])  # [T+1, N]
+    ended = np.concatenate([np.zeros((1, valid.shape[1])), np.cumsum(done, axis=0)])  # [T+1, N]
+    last_start = num_steps - length
+    starts = np.arange(last_start + 1)
+    fits = ((invalid[starts + length] - invalid[starts] == 0)
+            & (ended[starts + length - 1] - ended[starts] == 0))  # [S, N]
+    return np.argwhere(fits)
+
+
+class LabelSchedule:
+    """How many labels should have been asked by a given env step.
+
+    A share `initial_fraction` of the labels comes at the first rollout (the initial policy);
+    the rest at a rate proportional to tau / (tau + step) (the paper's 2e6 / (T + 2e6)), so the
+    cumulative count is L0 + (L - L0) log(1 + step / tau) / log(1 + total / tau), reaching L
+    exactly at the last step.
+    """
+
+    def __init__(self, total_labels: int, initial_fraction: float, total_steps: int, decay: float):
+        self.total_labels = total_labels
+        self.initial_labels = round(total_labels * initial_fraction)
+        self.total_steps = total_steps
+        self.tau = decay * total_steps
+
+    def due_by(self, step: int, first_rollout: bool) -> int:
+        if first_rollout:
+            return self.initial_labels
+        progress = math.log1p(step / self.tau) / math.log1p(self.total_steps / self.tau)
+        return min(self.total_labels, self.initial_labels + math.floor(
+            (self.total_labels - self.initial_labels) * progress + 1e-9))
+
+
+class SyntheticOracle:
+    """Prefers the clip with the higher true return; "equally good" (0.5) on a tie.
+
+    noise "uniform": with probability `error_rate` the answer is a coin flip instead;
+    noise "boltzmann": prefers clip 1 with probability sigmoid((R1 - R2) / temperature).
+    """
+
+    def __init__(self, noise: str, error_rate: float, temperature: float, rng: np.random.Generator):
+        self.noise, self.error_rate, self.temperature, self.rng = noise, error_rate, temperature, rng
+
+    def answer(self, true_return_1: float, true_return_2: float) -> float | None:
+        """mu(1): 1.0 (clip 1 better), 0.0 (clip 2 better), 0.5 (equally good); None would be
+        "can't tell" (the synthetic labeller always can)."""
+        if self.noise == "boltzmann":
+            preference = 1.0 / (1.0 + math.exp(-(true_return_1 - true_return_2) / self.temperature))
+            return 1.0 if self.rng.random() < preference else 0.0
+        if self.noise == "uniform" and self.rng.random() < self.error_rate:
+            return float(self.rng.integers(2))
+        if math.isclose(true_return_1, true_return_2, rel_tol=1e-9, abs_tol=1e-9):
+            return 0.5
+        return 1.0 if true_return_1 > true_return_2 else 0.0
+
+
+class ReplayOracle:
+    """Gives the answers recorded in a comparisons.jsonl, in order, checking that each query
+    is the recorded one (same true returns): a seeded run's labels can be reproduced exactly,
+    or answers recorded elsewhere (by a person) reused."""
+
+    def __init__(self, path: str | Path):
+        try:
+            lines = Path(path).read_text().splitlines()
+            self.records = [json.loads(line) for line in lines if line.strip()]
+        except (OSError, json.JSONDecodeError) as error:
+            raise ReplayError(f"cannot read recorded comparisons {path}: {error}") from None
+        self.position = 0
+
+    def answer(self, true_return_1: float, true_return_2: float) -> float | None:
+        if self.position >= len(self.records):
+            raise ReplayError(f"the replayed file has only {len(self.records)} answers; this run asks for more")
+        record = self.records[self.position]
+        if not np.allclose(record["true_returns"], [true_return_1, true_return_2], rtol=1e-4, atol=1e-4):
+            raise ReplayError(f"query {self.position} differs from the recorded one (true returns "
+                              f"{record['true_returns']} recorded, {[true_return_1, true_return_2]} now)")
+        self.position += 1
+        return record["label"]
+
+
+def make_oracle(prefs: PrefsConfig, seed: int) -> SyntheticOracle | ReplayOracle:
+    if prefs.oracle == "replay":
+        return ReplayOracle(prefs.replay_from)
+    return SyntheticOracle(prefs.oracle_noise, prefs.oracle_error_rate, prefs.oracle_temperature,
+                           np.random.default_rng(seed + 2))
+
+
+@dataclass
+class Comparisons:
+    """Every answered query so far ("can't tell" ones dropped)."""
+
+    clips_1: list[torch.Tensor]  # each [k, D]
+    clips_2: list[torch.Tensor]
+    labels: list[float]  # mu(1)
+    is_validation: list[bool]
+    true_returns: list[tuple[float, float]]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.stack(self.clips_1), torch.stack(self.clips_2),  # [M, k, D] each
+                torch.tensor(self.labels), torch.tensor(self.is_validation))  # [M], [M]
+
+
+class PreferenceLearner:
+    """The reward side of the loop; `train(..., reward_learner=...)` calls `relabel` once per
+    rollout. Writes comparisons.jsonl (one query and its answer per line) and reward_model.pt
+    into the run directory as it goes."""
+
+    metric_columns = ("labels", "reward_train_loss", "reward_val_loss", "reward_val_accuracy", "reward_l2",
+                      "learned_true_correlation")
+
+    def __init__(self, prefs: PrefsConfig, config: TrainConfig, observation_space: gym.spaces.Box,
+                 action_space: gym.Space, run_dir: Path, oracle: SyntheticOracle | ReplayOracle):
+        prefs.check_against(config)
+        self.prefs = prefs
+        self.action_space = action_space
+        action_features = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else action_space.shape[0]
+        self.obs_dim = observation_space.shape[0]
+        self.input_dim = self.obs_dim + action_features
+        self.run_dir = Path(run_dir)
+        seed = config.run.seed
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng():  # the reward model's init must not shift PPO's random stream
+            torch.manual_seed(seed + 1)
+            self.model = RewardModel(self.input_dim, prefs.ensemble_size, prefs.reward_hidden_sizes,
+                                     prefs.reward_learning_rate, prefs.model_error_rate, prefs.learned_reward_std)
+        self.schedule = LabelSchedule(prefs.labels, prefs.initial_label_fraction,
+                                      config.num_iterations * config.batch_size, prefs.label_decay)
+        self.oracle = oracle
+        self.comparisons = Comparisons([], [], [], [], [])
+        self.queries_asked = 0
+        self.rounds = 0
+        (self.run_dir / PREFS_CONFIG_NAME).write_text(prefs.to_json())
+        self.comparisons_file = open(self.run_dir / COMPARISONS_NAME, "w")
+
+    def relabel(self, rollout: Rollout, global_step: int) -> dict[str, float]:
+        features = step_features(rollout.env_observations, rollout.env_actions, self.action_space)  # [T, N, D]
+        due = self.schedule.due_by(global_step, first_rollout=self.rounds == 0) - self.queries_asked
+        stats: dict[str, float] = {}
+        if due > 0:
+            done = (rollout.terminated | rollout.truncated).numpy()
+            self._ask(features, rollout.env_rewards, rollout.valid.numpy(), done, due, global_step)
+            stats = self.model.fit(*self.comparisons.tensors(),
+                                   steps=self.prefs.initial_reward_steps if self.rounds == 0 else self.prefs.reward_steps,
+                                   minibatch_size=self.prefs.reward_minibatch_size, generator=self.generator)
+            self.rounds += 1
+            save_checkpoint(self.run_dir / REWARD_MODEL_NAME, {
+                "reward_model": self.model.state_dict(), "input_dim": self.input_dim,
+                "prefs": self.prefs.to_json(), "labels": len(self.comparisons.labels)})
+        valid = rollout.valid  # [T, N]
+        learned = self.model.reward(torch.from_numpy(features).flatten(0, 1)).reshape(valid.shape)  # [T, N]
+        rollout.rewards = torch.where(valid, learned, torch.zeros(()))
+        true_rewards = rollout.env_rewards[valid.numpy()]
+        stats["labels"] = float(len(self.comparisons.labels))
+        stats["learned_true_correlation"] = (float(np.corrcoef(learned[valid].numpy(), true_rewards)[0, 1])
+                                             if true_rewards.std() > 0 else math.nan)
+        return stats
+
+    def _ask(self, features: np.ndarray, true_rewards: np.ndarray, valid: np.ndarray, done: np.ndarray,
+             count: int, global_step: int) -> None:
+        """Choose `count` pairs of clips of this rollout, have them labelled, record them."""
+        length = self.prefs.segment_length
+        starts = clip_starts(valid, done, length)  # [S, 2] (t, n)
+        if len(starts) < 2:
+            raise EnvError(f"no two clips of {length} steps fit within episodes of this rollout; "
+                           "lower --segment-length")
+        num_candidates = count * (self.prefs.candidates_per_query if self.prefs.query == "disagreement" else 1)
+        first = self.rng.integers(len(starts), size=num_candidates)
+        second = (first + self.rng.integers(1, len(starts), size=num_candidates)) % len(starts)  # never itself
+        offsets = np.arange(length)
+
+        def clips_at(picks: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+            times, envs = starts[picks, 0, None] + offsets, starts[picks, 1, None]  # [C, k]
+            return torch.from_numpy(features[times, envs]), true_rewards[times, envs].sum(-1)  # [C, k, D], [C]
+
+        clips_1, returns_1 = clips_at(first)
+        clips_2, returns_2 = clips_at(second)
+        if self.prefs.query == "disagreement":  # the pairs whose predicted preference varies most
+            disagreement = self.model.member_preferences(clips_1, clips_2).var(0)  # [C]
+            chosen = torch.argsort(disagreement, descending=True, stable=True)[:count].numpy()
+        else:
+            chosen = np.arange(count)
+        for position, index in enumerate(chosen):
+            label = self.oracle.answer(float(returns_1[index]), float(returns_2[index]))
+            is_validation = bool(self.rng.random() < self.prefs.validation_fraction)
+            self._record(self.queries_asked + position, (clips_1[index], clips_2[index]),
+                         (returns_1[index], returns_2[index]), (starts[first[index]], starts[second[index]]),
+                         label, is_validation, global_step)
+            if label is not None:  # "can't tell": dropped from the data
+                self.comparisons.clips_1.append(clips_1[index])
+                self.comparisons.clips_2.append(clips_2[index])
+                self.comparisons.labels.append(label)
+                self.comparisons.is_validation.append(is_validation)
+                self.comparisons.true_returns.append((float(returns_1[index]), float(returns_2[index])))
+        self.queries_asked += count
+
+    def _record(self, query: int, clips: tuple[torch.Tensor, torch.Tensor], true_returns: tuple[float, float],
+                starts: tuple[np.ndarray, np.ndarray], label: float | None, is_validation: bool,
+                global_step: int) -> None:
+        """One line of comparisons.jsonl: the query's two clips (where in the rollout, what the
+        model sees: observations and actions), their true returns, the answer."""
+        record = {
+            "query": query,
+            "env_steps": global_step,
+            "true_returns": [round(float(value), 6) for value in true_returns],
+            "label": label,
+            "validation": is_validation,
+            "clips": [{"env": int(start[1]), "rollout_row": int(start[0]),
+                       "observations": np.round(clip[:, :self.obs_dim].double().numpy(), 5).tolist(),
+                       "actions": np.round(clip[:, self.obs_dim:].double().numpy(), 5).tolist()}
+                      for clip, start in zip(clips, starts)],
+        }
+        self.comparisons_file.write(json.dumps(record) + "\n")
+        self.comparisons_file.flush()
+
+    def held_out_returns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(true, learned) summed returns [2V] of the clips of the validation comparisons,
+        which the reward model never trained on."""
+        clips_1, clips_2, _, is_validation = self.comparisons.tensors()
+        clips = torch.cat([clips_1[is_validation], clips_2[is_validation]])  # [2V, k, D]
+        true_pairs = np.asarray(self.comparisons.true_returns)[is_validation.numpy()]  # [V, 2]
+        true = np.concatenate([true_pairs[:, 0], true_pairs[:, 1]])
+        learned = self.model.reward(clips.flatten(0, 1)).reshape(clips.shape[:2]).sum(-1).numpy()
+        return true, learned
+
+    def finish(self) -> dict[str, Any]:
+        """Write reward_fit.json, the held-out scatter plot and the preference curves."""
+        true, learned = self.held_out_returns()
+        varied = len(true) > 2 and true.std() > 0 and learned.std() > 0
+        fit = {
+            "labels": len(self.comparisons.labels),
+            "queries": self.queries_asked,
+            "held_out_clips": int(len(true)),
+            "pearson": float(np.corrcoef(true, learned)[0, 1]) if varied else None,
+            "spearman": rank_correlation(true, learned) if varied else None,
+        }
+        (self.run_dir / REWARD_FIT_NAME).write_text(json.dumps(fit, indent=2))
+        from proximal.plots import plot_learned_vs_true, plot_preference_curves
+
+        plot_learned_vs_true(true, learned, fit, self.run_dir / "learned_vs_true_reward.png")
+        plot_preference_curves(self.run_dir)
+        return fit
+
+
+def train_from_preferences(config: TrainConfig, prefs: PrefsConfig,
+                           show_progress: bool = False) -> tuple[TrainResult, dict[str, Any]]:
+    """PPO on a reward learned from preferences, in a new run directory: everything `proximal
+    train` writes (the checkpoint evaluates unchanged) plus prefs.json, comparisons.jsonl,
+    reward_model.pt, reward_fit.json and the preference plots. Returns the training result and
+    the reward model's fit on held-out clips."""
+    prefs.check_against(config)
+    probe = make_vector_env(config.env.env_id, 1)  # an unknown or unsupported env fails here
+    observation_space, action_space = probe.single_observation_space, probe.single_action_space
+    probe.close()
+    oracle = make_oracle(prefs, config.run.seed)  # an unreadable replay file fails here
+    run_dir = new_run_dir(config)
+    learner = PreferenceLearner(prefs, config, observation_space, action_space, run_dir, oracle)
+    try:
+        result = train(config, run_dir=run_dir, show_progress=show_progress, reward_learner=learner)
+    finally:
+        learner.comparisons_file.close()
+    return result, learner.finish()
