@@ -3,8 +3,8 @@
 When an episode can end early, its length leaks the task: with CartPole's constant +1 reward two
 clips differ only in whether the pole fell, and a reward learned from such labels learns little
 (Christiano et al. 2017 removed all variable-length episodes for this reason). Here the episode
-always runs to its time limit, and the true reward says whether the state is still inside the
-original task's bounds, so a labeller's preference is informative at every step.
+always runs to its time limit, and the true reward says whether each step stayed inside the
+original task's bounds, so a labeller's preference is informative.
 """
 
 from __future__ import annotations
@@ -19,16 +19,23 @@ FIXED_HORIZON_CARTPOLE_ID = "proximal/FixedHorizonCartPole-v1"
 
 
 class FixedHorizonCartPole(CartPoleEnv):
-    """CartPole-v1 that never terminates: each episode lasts the 500-step time limit, and the
-    reward is 1 while |x| <= 2.4 and |theta| <= 12 degrees (CartPole's own bounds), else 0.
-    The physics runs on unchanged after the pole falls (it may swing back up)."""
+    """CartPole-v1 that never terminates: each episode lasts the 500-step time limit. The reward
+    is 1 for a step that stays within CartPole's bounds (|x| <= 2.4, |theta| <= 12 degrees) and 0
+    for one that leaves them; leaving them puts the cart back at a fresh start state (as a reset
+    would) and the episode goes on. So the return counts the steps spent balanced, and a clip's
+    true return says how often the pole fell in it.
+
+    (Letting the physics run on after a fall instead leaves a poor policy's rollouts almost all
+    "fallen" steps, and nearly every labelled pair a tie: measured, that learned nothing.)
+    """
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        observation, _, _, truncated, info = super().step(action)
+        observation, _, fell, truncated, info = super().step(action)
         self.steps_beyond_terminated = None  # the parent's "stepped after termination" bookkeeping
-        x, _, theta, _ = self.state
-        inside = abs(x) <= self.x_threshold and abs(theta) <= self.theta_threshold_radians
-        return observation, 1.0 if inside else 0.0, False, truncated, info
+        if fell:
+            self.state = self.np_random.uniform(low=-0.05, high=0.05, size=(4,))  # CartPole's reset
+            observation = np.array(self.state, dtype=np.float32)
+        return observation, 0.0 if fell else 1.0, False, truncated, info
 
 
 def register_fixed_horizon_envs() -> None:

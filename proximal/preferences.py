@@ -65,26 +65,37 @@ def clip_starts(valid: np.ndarray, done: np.ndarray, length: int) -> np.ndarray:
 
 
 class LabelSchedule:
-    """How many labels should have been asked by a given env step.
+    """When labels are asked, and how many.
 
-    A share `initial_fraction` of the labels comes at the first rollout (the initial policy);
-    the rest at a rate proportional to tau / (tau + step) (the paper's 2e6 / (T + 2e6)), so the
-    cumulative count is L0 + (L - L0) log(1 + step / tau) / log(1 + total / tau), reaching L
-    exactly at the last step.
+    Labels are asked in `rounds` rounds spread evenly over the training iterations, the first at
+    the first rollout (the initial policy). By env step s, L0 + (L - L0) log(1 + s / tau) /
+    log(1 + S / tau) labels are due: a share L0 = `initial_fraction` x L at the start, then a rate
+    proportional to tau / (tau + s) (the paper's 2e6 / (T + 2e6)), reaching L at the last step S.
+    Each round asks, up front, for the labels due by the next round.
     """
 
-    def __init__(self, total_labels: int, initial_fraction: float, total_steps: int, decay: float):
+    def __init__(self, total_labels: int, initial_fraction: float, iterations: int, batch_size: int,
+                 rounds: int, decay: float):
         self.total_labels = total_labels
         self.initial_labels = round(total_labels * initial_fraction)
-        self.total_steps = total_steps
-        self.tau = decay * total_steps
+        self.total_steps = iterations * batch_size
+        self.tau = decay * self.total_steps
+        rounds = min(rounds, iterations)
+        self.round_steps = [(iterations * j // rounds) * batch_size for j in range(rounds)] + [self.total_steps]
 
-    def due_by(self, step: int, first_rollout: bool) -> int:
-        if first_rollout:
-            return self.initial_labels
+    def due_by(self, step: int) -> int:
         progress = math.log1p(step / self.tau) / math.log1p(self.total_steps / self.tau)
         return min(self.total_labels, self.initial_labels + math.floor(
             (self.total_labels - self.initial_labels) * progress + 1e-9))
+
+    def labels_to_ask(self, steps_before: int, asked: int) -> int:
+        """Labels to ask after the rollout that began at `steps_before`: none unless a round starts
+        there; then the first round's share, or what is due by the next round."""
+        if steps_before not in self.round_steps[:-1]:
+            return 0
+        if steps_before == 0:
+            return self.initial_labels
+        return self.due_by(self.round_steps[self.round_steps.index(steps_before) + 1]) - asked
 
 
 class SyntheticOracle:
@@ -180,8 +191,9 @@ class PreferenceLearner:
             torch.manual_seed(seed + 1)
             self.model = RewardModel(self.input_dim, prefs.ensemble_size, prefs.reward_hidden_sizes,
                                      prefs.reward_learning_rate, prefs.model_error_rate, prefs.learned_reward_std)
-        self.schedule = LabelSchedule(prefs.labels, prefs.initial_label_fraction,
-                                      config.num_iterations * config.batch_size, prefs.label_decay)
+        self.batch_size = config.batch_size
+        self.schedule = LabelSchedule(prefs.labels, prefs.initial_label_fraction, config.num_iterations,
+                                      config.batch_size, prefs.label_rounds, prefs.label_decay)
         self.oracle = oracle
         self.comparisons = Comparisons([], [], [], [], [])
         self.queries_asked = 0
@@ -191,7 +203,7 @@ class PreferenceLearner:
 
     def relabel(self, rollout: Rollout, global_step: int) -> dict[str, float]:
         features = step_features(rollout.env_observations, rollout.env_actions, self.action_space)  # [T, N, D]
-        due = self.schedule.due_by(global_step, first_rollout=self.rounds == 0) - self.queries_asked
+        due = self.schedule.labels_to_ask(global_step - self.batch_size, self.queries_asked)
         stats: dict[str, float] = {}
         if due > 0:
             done = (rollout.terminated | rollout.truncated).numpy()
