@@ -36,14 +36,20 @@ class Adam:
         self.steps += 1
         first_correction = 1.0 - beta1 ** self.steps  # bias corrections of the zero-initialised moments
         second_correction = 1.0 - beta2 ** self.steps
-        for parameter, exp_avg, exp_avg_sq in zip(self.parameters, self.exp_avg, self.exp_avg_sq):
-            if parameter.grad is None:
-                continue
-            gradient = parameter.grad
-            exp_avg.lerp_(gradient, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
-            exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)  # v = beta2 v + (1 - beta2) g^2
-            denominator = (exp_avg_sq / second_correction).sqrt_().add_(self.eps)  # sqrt(v_hat) + eps
-            parameter.addcdiv_(exp_avg, denominator, value=-self.learning_rate / first_correction)  # -= lr m_hat / ...
+        # One fused (`_foreach`) kernel per line over all parameters: the per-tensor loop cost
+        # a third of a HalfCheetah update (13 tensors x 5 ops x 160 minibatches).
+        indices = [i for i, parameter in enumerate(self.parameters) if parameter.grad is not None]
+        parameters = [self.parameters[i] for i in indices]
+        gradients = [parameter.grad for parameter in parameters]
+        exp_avg = [self.exp_avg[i] for i in indices]
+        exp_avg_sq = [self.exp_avg_sq[i] for i in indices]
+        torch._foreach_lerp_(exp_avg, gradients, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, gradients, gradients, value=1.0 - beta2)  # v = beta2 v + (1 - beta2) g^2
+        denominators = torch._foreach_div(exp_avg_sq, second_correction)
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, self.eps)  # sqrt(v_hat) + eps
+        torch._foreach_addcdiv_(parameters, exp_avg, denominators, value=-self.learning_rate / first_correction)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "learning_rate": self.learning_rate, "betas": list(self.betas),
