@@ -11,7 +11,7 @@ import torch
 
 from proximal.cli import main
 from proximal.config import PrefsConfig, preset_for
-from proximal.fixed_horizon import FIXED_HORIZON_CARTPOLE_ID
+from proximal.fixed_horizon import FIXED_HORIZON_CARTPOLE_ID, FixedHorizonCartPole
 from proximal.preferences import (COMPARISONS_NAME, LabelSchedule, PreferenceLearner, SyntheticOracle, clip_starts,
                                   make_oracle, step_features, train_from_preferences)
 from proximal.train import EnvState, collect_rollout
@@ -119,21 +119,27 @@ def test_fixed_horizon_cartpole_runs_to_the_limit_and_pays_only_inside_the_bound
     observation_ref, _ = reference.reset(seed=3)
     observation, _ = fixed.reset(seed=3)
     assert np.array_equal(observation, observation_ref)
-    falls, episode_return = 0, 0.0
+    falls, fall_step, episode_return = 0, None, 0.0
     for step, action in enumerate(actions):
         observation, reward, terminated, truncated, _ = fixed.step(int(action))
         assert not terminated and truncated == (step == 499)
-        observation_ref, reward_ref, fell, _, _ = reference.step(int(action))
-        if fell:  # CartPole-v1 ends here; the fixed-horizon one pays 0 and starts the cart afresh
-            assert reward == 0.0 and np.all(np.abs(observation) <= 0.05)
-            falls += 1
-            observation_ref, _ = reference.reset(seed=100 + step)
-            reference.unwrapped.state = fixed.unwrapped.state.copy()  # follow the same fresh start
-            observation_ref = np.array(reference.unwrapped.state, dtype=np.float32)
-        else:  # same physics as CartPole-v1 between falls
-            assert reward == 1.0 and np.array_equal(observation, observation_ref)
         episode_return += reward
-    assert falls > 5 and episode_return == 500 - falls  # the return counts balanced steps
+        if fall_step is None:  # balancing: same physics as CartPole-v1 until that one would end
+            observation_ref, _, fell, _, _ = reference.step(int(action))
+            assert np.array_equal(observation, observation_ref)
+            assert reward == (0.0 if fell else 1.0)
+            if fell:
+                falls, fall_step = falls + 1, step
+        else:  # falling: 25 more steps pay 0, then the cart starts afresh
+            assert reward == 0.0
+            if step == fall_step + FixedHorizonCartPole.FALL_STEPS:
+                assert np.all(np.abs(observation) <= 0.05)
+                reference.reset()
+                reference.unwrapped.state = fixed.unwrapped.state.copy()  # follow the fresh start
+                fall_step = None
+    assert falls >= 5
+    assert episode_return == 500 - falls * (1 + FixedHorizonCartPole.FALL_STEPS) - (
+        0 if fall_step is None else 499 - fall_step - FixedHorizonCartPole.FALL_STEPS)
 
 
 def small_run(tmp_path, **prefs_overrides):
