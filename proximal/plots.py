@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from proximal.checkpoint import CONFIG_NAME  # noqa: E402
@@ -17,6 +18,15 @@ from proximal.errors import CheckpointError  # noqa: E402
 from proximal.metrics import METRICS_NAME, read_metrics  # noqa: E402
 
 LEARNING_CURVE_NAME = "learning_curve.png"
+
+
+def _format_steps(axis) -> None:
+    """Env-step ticks as 50k, 1.5M: long plain numbers run into each other."""
+    def label(steps: float, _position: int) -> str:
+        if abs(steps) >= 1e6:
+            return f"{steps / 1e6:g}M"
+        return f"{steps / 1e3:g}k" if abs(steps) >= 1e3 else f"{steps:g}"
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(label))
 
 
 def _column_against_steps(rows: list[dict], column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +57,7 @@ def plot_learning_curve(run_dir: Path) -> Path:
         critic_axis.plot(*zip(*explained), color="C1")
     critic_axis.set_ylabel("explained variance")
     critic_axis.set_xlabel("environment steps")
+    _format_steps(critic_axis)
     critic_axis.grid(alpha=0.3)
     figure.tight_layout()
     path = run_dir / LEARNING_CURVE_NAME
@@ -89,6 +100,7 @@ def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
                       "o", color="C1", markersize=3, label="greedy evaluations")
         axis.set_title(env_id)
         axis.set_xlabel("environment steps")
+        _format_steps(axis)
         axis.set_ylabel("mean episodic return")
         axis.grid(alpha=0.3)
         axis.legend(loc="upper left", fontsize=8)
@@ -115,6 +127,7 @@ def plot_preference_curves(run_dir: Path) -> Path:
     figure, (steps_axis, labels_axis, correlation_axis) = plt.subplots(1, 3, figsize=(15, 4))
     steps_axis.plot(steps, returns, color="C0")
     steps_axis.set_xlabel("environment steps")
+    _format_steps(steps_axis)
     labels_axis.plot(labels, returns, ".", color="C0", markersize=3)
     labels_axis.set_xlabel("labels used")
     for axis in (steps_axis, labels_axis):
@@ -123,6 +136,7 @@ def plot_preference_curves(run_dir: Path) -> Path:
     correlation_axis.plot(steps, correlation, color="C2")
     correlation_axis.set_ylim(-1.05, 1.05)
     correlation_axis.set_xlabel("environment steps")
+    _format_steps(correlation_axis)
     correlation_axis.set_ylabel("corr(learned, true reward) per step")
     correlation_axis.grid(alpha=0.3)
     figure.suptitle(f"{run_dir.name}: PPO on a reward learned from preferences")
