@@ -337,7 +337,7 @@ PRESETS: dict[str, Preset] = {
                           normalize_observations=True, normalize_rewards=True),
         ),
         version=1,
-        measured="seeds 0-2 after 200k steps: greedy 100-episode means -180.0, -173.6, -231.3 (median -180.0), ~25 s each",
+        measured="seeds 0-2 after 200k steps: greedy 100-episode means -168.3, -178.8, -187.7 (median -178.8), ~25 s each",
         target_return=-200.0,
     ),
     # RL Zoo's tuned recipe (Raffin et al.): one env, 512-step rollouts, 20 epochs of minibatch
