@@ -355,7 +355,7 @@ PRESETS: dict[str, Preset] = {
             run=RunConfig(eval_episodes=10),
         ),
         version=1,
-        measured="pending",
+        measured="seeds 0-2 after 1M steps: greedy 10-episode means 5482.2, 5600.1, 5315.8 (median 5482.2)",
     ),
     # The PPO paper's MuJoCo settings (one env, 2048-step rollouts, 10 epochs of minibatch 64,
     # tanh 64x64, lr 3e-4, gamma 0.99, lambda 0.95) plus both normalisations. RL Zoo's Hopper
@@ -370,7 +370,8 @@ PRESETS: dict[str, Preset] = {
             run=RunConfig(eval_episodes=10),
         ),
         version=1,
-        measured="pending",
+        measured="seeds 0-2 after 1M steps: greedy 10-episode means 3533.3, 2069.6, 2435.6 (median 2435.6; "
+                 "target 2,600 not reached)",
     ),
     # CartPole without termination (proximal/fixed_horizon.py), the task for learning CartPole
     # from preferences: CartPole-v1's preset with 64-step rollouts (clips of 25 steps must fit)
