@@ -212,6 +212,8 @@ class PrefsConfig:
     initial_reward_steps: int = _param(500, "reward-model gradient steps after the first round")
     validation_fraction: float = _param(round(1 / math.e, 4), "share of comparisons held out for validation")
     learned_reward_std: float = _param(1.0, "standard deviation the learned reward is normalised to")
+    reward_input_clip: float | None = _param(10.0, "clip the reward model's standardised inputs to +- this many "
+                                                   "standard deviations of the first labelled data (none: no clip)")
     oracle: str = _param("synthetic", "who labels: synthetic (prefers the clip with the higher true "
                                       "return) or replay (the answers recorded in --replay-from)")
     oracle_noise: str = _param("none", "synthetic labeller's noise: none, uniform (answers at random "
@@ -238,6 +240,9 @@ class PrefsConfig:
         _require(0.0 <= self.oracle_error_rate <= 1.0, "oracle_error_rate", "in [0, 1]", self.oracle_error_rate)
         for name in ("label_decay", "reward_learning_rate", "learned_reward_std", "oracle_temperature"):
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        if self.reward_input_clip is not None:
+            _require_finite("reward_input_clip", self.reward_input_clip)
+            _require(self.reward_input_clip > 0, "reward_input_clip", "> 0 (or none)", self.reward_input_clip)
         _require(isinstance(self.reward_hidden_sizes, tuple) and len(self.reward_hidden_sizes) > 0
                  and all(isinstance(h, int) and h > 0 for h in self.reward_hidden_sizes),
                  "reward_hidden_sizes", "one or more positive integers", self.reward_hidden_sizes)

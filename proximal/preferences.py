@@ -190,7 +190,8 @@ class PreferenceLearner:
         with torch.random.fork_rng():  # the reward model's init must not shift PPO's random stream
             torch.manual_seed(seed + 1)
             self.model = RewardModel(self.input_dim, prefs.ensemble_size, prefs.reward_hidden_sizes,
-                                     prefs.reward_learning_rate, prefs.model_error_rate, prefs.learned_reward_std)
+                                     prefs.reward_learning_rate, prefs.model_error_rate, prefs.learned_reward_std,
+                                     input_clip=prefs.reward_input_clip)
         self.batch_size = config.batch_size
         self.schedule = LabelSchedule(prefs.labels, prefs.initial_label_fraction, config.num_iterations,
                                       config.batch_size, prefs.label_rounds, prefs.label_decay)

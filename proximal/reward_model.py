@@ -53,11 +53,17 @@ class RewardEnsemble(nn.Module):
 
     Member e's layer l computes x @ weights[l][e] + biases[l][e]; each member is initialised
     like a stack of `nn.Linear` layers. Inputs are standardised first by `input_mean` and
-    `input_std` (buffers, set once from the first labelled data, so they travel in the state dict).
+    `input_std` (buffers, set once from the first labelled data, so they travel in the state dict)
+    and clipped to +-`input_clip` standard deviations (None: not clipped). The first data come
+    from the initial policy, so a later policy's states can lie far outside them: HalfCheetah's
+    forward velocity passes 10 of the random policy's standard deviations at 1.8 m/s, and clipped
+    there the learned reward cannot see speed.
     """
 
-    def __init__(self, input_dim: int, num_members: int, hidden_sizes: tuple[int, ...]):
+    def __init__(self, input_dim: int, num_members: int, hidden_sizes: tuple[int, ...],
+                 input_clip: float | None = 10.0):
         super().__init__()
+        self.input_clip = input_clip
         sizes = (input_dim, *hidden_sizes, 1)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -73,7 +79,9 @@ class RewardEnsemble(nn.Module):
         return self.weights[0].shape[0]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        hidden = ((inputs - self.input_mean) / self.input_std).clamp(-10.0, 10.0)  # [E, B, D]
+        hidden = (inputs - self.input_mean) / self.input_std  # [E, B, D]
+        if self.input_clip is not None:
+            hidden = hidden.clamp(-self.input_clip, self.input_clip)
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             hidden = torch.baddbmm(bias, hidden, weight)  # [E, B, out]
             if layer < len(self.weights) - 1:
@@ -96,8 +104,8 @@ class RewardModel:
     L2_FACTOR = 1.5  # how much one fit moves the L2 coefficient when outside [1.1, 1.5]
 
     def __init__(self, input_dim: int, num_members: int, hidden_sizes: tuple[int, ...], learning_rate: float,
-                 error_rate: float, reward_std: float, initial_l2: float = 1e-3):
-        self.network = RewardEnsemble(input_dim, num_members, hidden_sizes)
+                 error_rate: float, reward_std: float, initial_l2: float = 1e-3, input_clip: float | None = 10.0):
+        self.network = RewardEnsemble(input_dim, num_members, hidden_sizes, input_clip)
         self.optimizer = Adam(self.network.parameters(), learning_rate=learning_rate)
         self.error_rate = error_rate
         self.reward_std = reward_std

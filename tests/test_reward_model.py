@@ -123,3 +123,21 @@ def test_l2_keeps_validation_loss_between_1_1_and_1_5_times_training_loss():
     factor = RewardModel.L2_FACTOR
     # ratio 2.0: overfitting, more L2; 1.2: inside the band, unchanged; 1.05: less L2
     assert torch.allclose(model.l2, before * torch.tensor([factor, 1.0, 1 / factor]))
+
+
+@pytest.mark.parametrize("input_clip", [None, 10.0])
+def test_inputs_far_outside_the_first_data_are_clipped_only_when_asked(input_clip):
+    """The standardisation comes from the initial policy's data; a later, faster policy's states
+    can lie many of its standard deviations away (HalfCheetah's forward velocity passed 10 of
+    them at 1.8 m/s). Without a clip they still move the reward; with one they saturate."""
+    ensemble = RewardEnsemble(input_dim=1, num_members=1, hidden_sizes=(4,), input_clip=input_clip)
+    with torch.no_grad():  # all-positive weights: the output grows linearly with a positive input
+        for weight, bias in zip(ensemble.weights, ensemble.biases):
+            weight.fill_(0.5)
+            bias.zero_()
+        ensemble.input_std.fill_(0.2)
+        low, middle, high = ensemble(torch.tensor([[[2.0], [4.0], [6.0]]]))[0].tolist()  # 10, 20, 30 stds
+    if input_clip is None:
+        assert middle > low and high - middle == pytest.approx(middle - low)
+    else:
+        assert low == middle == high
