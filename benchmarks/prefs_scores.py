@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from proximal.cli import optional_float
+
 VARIANTS = {
     "full": {},
     "random": {"query": "random"},
@@ -59,10 +61,10 @@ def random_return(env_id: str, seed: int, episodes: int) -> float:
     return float(evaluate(RandomActions(action_space, seed), env_id, episodes, seed=seed).mean())
 
 
-def run_seed(env_id: str, seed: int, labels: int, variants: list[str], runs_dir: str) -> dict:
+def run_seed(env_id: str, seed: int, prefs_overrides: dict, variants: list[str], runs_dir: str) -> dict:
     import torch
 
-    from proximal.config import PrefsConfig, preset_for
+    from proximal.config import prefs_preset_for, preset_for
     from proximal.preferences import train_from_preferences
     from proximal.train import train
 
@@ -74,7 +76,7 @@ def run_seed(env_id: str, seed: int, labels: int, variants: list[str], runs_dir:
            "ppo_true": float(true_result.eval_returns.mean()), "ppo_true_seconds": true_result.train_seconds,
            "variants": {}}
     for name in variants:
-        prefs = dataclasses.replace(PrefsConfig(labels=labels), **VARIANTS[name])
+        prefs = dataclasses.replace(prefs_preset_for(env_id), **prefs_overrides, **VARIANTS[name])
         result, fit = train_from_preferences(config, prefs)
         value = float(result.eval_returns.mean())
         row["variants"][name] = {
@@ -87,8 +89,9 @@ def run_seed(env_id: str, seed: int, labels: int, variants: list[str], runs_dir:
     return row
 
 
-def markdown(env_id: str, labels: int, rows: list[dict], variants: list[str]) -> str:
-    lines = [f"{env_id}, {labels} labels; greedy 100-episode means on the true reward",
+def markdown(env_id: str, prefs_overrides: dict, rows: list[dict], variants: list[str]) -> str:
+    settings = "".join(f", {name} {value}" for name, value in prefs_overrides.items())
+    lines = [f"{env_id}, the preset's preference settings{settings}; greedy 100-episode means on the true reward",
              "", "| variant | score per seed | median score | return per seed | labels | held-out Pearson | "
              "training s per run |", "|---|---|---|---|---|---|---|"]
     for name in variants:
@@ -109,20 +112,25 @@ def markdown(env_id: str, labels: int, rows: list[dict], variants: list[str]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("env_id")
-    parser.add_argument("--labels", type=int, default=1000)
+    parser.add_argument("--labels", type=int, default=argparse.SUPPRESS, help="default: the preset's")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--reward-input-clip", type=optional_float, default=argparse.SUPPRESS,
+                        metavar="FLOAT|none", help="as `proximal prefs --reward-input-clip`; default: the preset's")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--ablations", action="store_true", help="also the random, single-model, no-noise variants")
     parser.add_argument("--out", default=None, help="write prefs_scores.json and .md there, and keep the runs")
     args = parser.parse_args()
     variants = list(VARIANTS) if args.ablations else ["full"]
+    prefs_overrides = {name: getattr(args, name) for name in ("labels", "reward_input_clip") if hasattr(args, name)}
     out_dir = Path(args.out) if args.out else None
     with tempfile.TemporaryDirectory() as scratch:
         runs_dir = str(out_dir / "runs") if out_dir else scratch
         with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(run_seed, [args.env_id] * args.seeds, range(args.seeds), [args.labels] * args.seeds,
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            rows = list(pool.map(run_seed, [args.env_id] * args.seeds, seeds, [prefs_overrides] * args.seeds,
                                  [variants] * args.seeds, [runs_dir] * args.seeds))
-    table = markdown(args.env_id, args.labels, rows, variants)
+    table = markdown(args.env_id, prefs_overrides, rows, variants)
     print(table)
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from proximal.config import SECTION_OF_FIELD, EnvConfig, PPOConfig, PrefsConfig, RunConfig, TrainConfig, preset_for
+from proximal.config import (SECTION_OF_FIELD, EnvConfig, PPOConfig, PrefsConfig, RunConfig, TrainConfig, preset_for,
+                             prefs_preset_for)
 from proximal.errors import ConfigError, ProximalError
 
 
@@ -28,7 +29,8 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _optional_float(text: str) -> float | None:
+def optional_float(text: str) -> float | None:
+    """A flag value that may be switched off: "none" or "off" -> None, else a float."""
     return None if text.lower() in ("none", "off") else float(text)
 
 
@@ -47,7 +49,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[type, ...
             elif config_field.type == "tuple[int, ...]":
                 parser.add_argument(flag, type=int, nargs="+", metavar="WIDTH", **kwargs)
             elif config_field.type == "float | None":
-                parser.add_argument(flag, type=_optional_float, metavar="FLOAT|none", **kwargs)
+                parser.add_argument(flag, type=optional_float, metavar="FLOAT|none", **kwargs)
             else:
                 parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type], **kwargs)
 
@@ -151,7 +153,8 @@ def _prefs(args: argparse.Namespace) -> int:
     given = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
     config = preset_for(args.env_id).with_overrides(
         {name: value for name, value in given.items() if name in SECTION_OF_FIELD and name != "env_id"})
-    prefs = PrefsConfig(**{name: value for name, value in given.items() if name in prefs_fields})
+    prefs = dataclasses.replace(prefs_preset_for(args.env_id),
+                                **{name: value for name, value in given.items() if name in prefs_fields})
     prefs.check_against(config)  # validated: nothing is written if this fails
     from proximal.preferences import train_from_preferences
 
@@ -228,6 +231,11 @@ def _presets(args: argparse.Namespace) -> int:
     for env_id, preset in PRESETS.items():
         print(f"{env_id} (v{preset.version}): {describe_preset(preset.config)}")
         print(f"    measured: {preset.measured}")
+        prefs_changes = {f.name: getattr(preset.prefs, f.name) for f in dataclasses.fields(PrefsConfig)
+                         if getattr(preset.prefs, f.name) != f.default}
+        if prefs_changes:
+            print("    proximal prefs starts from: " + " ".join(
+                f"--{name.replace('_', '-')} {'none' if value is None else value}" for name, value in prefs_changes.items()))
     print("any other env id trains with the generic defaults: " + describe_preset(TrainConfig()))
     return 0
 

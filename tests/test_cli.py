@@ -181,3 +181,30 @@ def test_presets_lists_every_preset_and_the_generic_defaults(capsys):
         assert f"{env_id} (v{preset.version}): " in out
     assert "CartPole-v1 (v1): 8 envs x 16 steps, 4 epochs of minibatch 128, lr 0.003" in out
     assert "any other env id trains with the generic defaults: 4 envs x 128 steps" in out
+
+
+@pytest.mark.parametrize("argv, labels, input_clip", [
+    (["prefs", "HalfCheetah-v5"], 1400, None),  # the preset's preference settings
+    (["prefs", "HalfCheetah-v5", "--labels", "700", "--reward-input-clip", "10"], 700, 10.0),  # flags win
+    (["prefs", "Pendulum-v1"], 1000, 10.0),  # no preference settings in the preset: PrefsConfig's defaults
+])
+def test_prefs_starts_from_the_presets_preference_settings(argv, labels, input_clip, monkeypatch, capsys):
+    import proximal.preferences
+
+    class Started(Exception):
+        pass
+
+    def record(config, prefs, show_progress):
+        raise Started(prefs)
+
+    monkeypatch.setattr(proximal.preferences, "train_from_preferences", record)
+    with pytest.raises(Started) as started:
+        main(argv)
+    prefs = started.value.args[0]
+    assert (prefs.labels, prefs.reward_input_clip) == (labels, input_clip)
+
+
+def test_presets_shows_preference_settings_that_differ_from_the_defaults(capsys):
+    code, out, _ = run_main(["presets"], capsys)
+    assert code == 0 and "proximal prefs starts from: --labels 1400 --reward-input-clip none" in out
+    assert out.count("proximal prefs starts from") == 1
