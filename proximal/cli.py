@@ -29,6 +29,11 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _flag(name: str) -> str:
+    """The command-line flag of a config field: reward_input_clip -> --reward-input-clip."""
+    return "--" + name.replace("_", "-")
+
+
 def optional_float(text: str) -> float | None:
     """A flag value that may be switched off: "none" or "off" -> None, else a float."""
     return None if text.lower() in ("none", "off") else float(text)
@@ -40,7 +45,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[type, ...
         for config_field in dataclasses.fields(section_cls):
             if config_field.name == "env_id":
                 continue
-            flag = "--" + config_field.name.replace("_", "-")
+            flag = _flag(config_field.name)
             default = config_field.default
             help_text = f"{config_field.metadata['help']} (generic default: {default})"
             kwargs: dict[str, Any] = {"dest": config_field.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -231,11 +236,11 @@ def _presets(args: argparse.Namespace) -> int:
     for env_id, preset in PRESETS.items():
         print(f"{env_id} (v{preset.version}): {describe_preset(preset.config)}")
         print(f"    measured: {preset.measured}")
-        prefs_changes = {f.name: getattr(preset.prefs, f.name) for f in dataclasses.fields(PrefsConfig)
-                         if getattr(preset.prefs, f.name) != f.default}
-        if prefs_changes:
-            print("    proximal prefs starts from: " + " ".join(
-                f"--{name.replace('_', '-')} {'none' if value is None else value}" for name, value in prefs_changes.items()))
+        prefs_flags = [f"{_flag(f.name)} {'none' if value is None else value}"
+                       for f in dataclasses.fields(PrefsConfig)
+                       if (value := getattr(preset.prefs, f.name)) != f.default]
+        if prefs_flags:
+            print("    proximal prefs starts from: " + " ".join(prefs_flags))
     print("any other env id trains with the generic defaults: " + describe_preset(TrainConfig()))
     return 0
 

@@ -60,8 +60,7 @@ class RewardEnsemble(nn.Module):
     there the learned reward cannot see speed.
     """
 
-    def __init__(self, input_dim: int, num_members: int, hidden_sizes: tuple[int, ...],
-                 input_clip: float | None = 10.0):
+    def __init__(self, input_dim: int, num_members: int, hidden_sizes: tuple[int, ...], input_clip: float | None):
         super().__init__()
         self.input_clip = input_clip
         sizes = (input_dim, *hidden_sizes, 1)
@@ -104,7 +103,7 @@ class RewardModel:
     L2_FACTOR = 1.5  # how much one fit moves the L2 coefficient when outside [1.1, 1.5]
 
     def __init__(self, input_dim: int, num_members: int, hidden_sizes: tuple[int, ...], learning_rate: float,
-                 error_rate: float, reward_std: float, initial_l2: float = 1e-3, input_clip: float | None = 10.0):
+                 error_rate: float, reward_std: float, input_clip: float | None, initial_l2: float = 1e-3):
         self.network = RewardEnsemble(input_dim, num_members, hidden_sizes, input_clip)
         self.optimizer = Adam(self.network.parameters(), learning_rate=learning_rate)
         self.error_rate = error_rate

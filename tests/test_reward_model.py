@@ -51,7 +51,7 @@ def test_noise_model_bounds_the_probabilities_and_is_symmetric():
 
 def test_ensemble_members_are_independent_mlps():
     torch.manual_seed(0)
-    ensemble = RewardEnsemble(input_dim=5, num_members=3, hidden_sizes=(8, 8))
+    ensemble = RewardEnsemble(input_dim=5, num_members=3, hidden_sizes=(8, 8), input_clip=10.0)
     inputs = torch.randn(3, 10, 5)
     out = ensemble(inputs)  # [E, B]
     for member in range(3):  # reference: the same weights as ordinary nn.Linear layers
@@ -90,7 +90,7 @@ def test_a_model_fitted_to_preferences_of_a_known_linear_reward_recovers_its_ord
     is_validation = torch.from_numpy(rng.random(pairs) < 0.3)
     torch.manual_seed(0)
     model = RewardModel(dim, num_members=3, hidden_sizes=(64, 64), learning_rate=1e-3, error_rate=0.1,
-                        reward_std=1.0)
+                        reward_std=1.0, input_clip=10.0)
     stats = model.fit(clips_1, clips_2, labels, is_validation, steps=600, minibatch_size=64,
                       generator=torch.Generator().manual_seed(0))
     assert stats["reward_val_accuracy"] > 0.85
@@ -107,7 +107,8 @@ class ScriptedLosses(RewardModel):
     """A reward model whose training and validation losses are given, to test the L2 rule alone."""
 
     def __init__(self, train_losses, val_losses):
-        super().__init__(2, num_members=3, hidden_sizes=(4,), learning_rate=1e-3, error_rate=0.1, reward_std=1.0)
+        super().__init__(2, num_members=3, hidden_sizes=(4,), learning_rate=1e-3, error_rate=0.1, reward_std=1.0,
+                         input_clip=10.0)
         self.scripted = [torch.tensor(train_losses), torch.tensor(val_losses)]
 
     def _losses(self, clips_1, clips_2, labels):
