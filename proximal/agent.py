@@ -28,7 +28,7 @@ from proximal.config import TrainConfig
 from proximal.errors import CheckpointError, ConfigError, TrainingDiverged
 from proximal.normalize import RunningMeanStd
 from proximal.optim import Adam
-from proximal.utils import explained_variance
+from proximal.utils import explained_variance, masked_mean
 
 
 def clipped_surrogate_loss(
@@ -36,8 +36,10 @@ def clipped_surrogate_loss(
     logp_old: torch.Tensor,
     advantages: torch.Tensor,
     clip_coef: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The clipped surrogate objective of Eq. 7, negated: the scalar to minimise.
+    """The clipped surrogate objective of Eq. 7, negated: the scalar to minimise. The mean runs
+    over every entry, or over those where `mask` is True (a language model's response tokens).
 
     The min makes it a pessimistic bound: once r A has improved past the clip edge
     (A > 0 and r > 1 + eps, or A < 0 and r < 1 - eps) the clipped term is the smaller one and
@@ -48,7 +50,8 @@ def clipped_surrogate_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * advantages
     # Eq. 7 (Schulman et al. 2017): L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]; we minimise its negative.
-    return -torch.min(unclipped, clipped).mean()
+    surrogate = torch.min(unclipped, clipped)
+    return -(surrogate.mean() if mask is None else masked_mean(surrogate, mask))
 
 
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:

@@ -1,4 +1,4 @@
-"""The `proximal` command: train, eval, bench, prefs, presets, plot.
+"""The `proximal` command: train, eval, bench, prefs, presets, plot, rlhf, generate.
 
 Flags of `train` are generated from the fields of the config dataclasses (config.py), so the
 config stays the single source of truth: `--learning-rate` sets `PPOConfig.learning_rate`. The
@@ -59,6 +59,24 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[type, ...
                 parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type], **kwargs)
 
 
+def _add_rlhf_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of the LM pipeline's config, named --SECTION.FIELD (run settings
+    without a prefix: --seed, --device); each defaults to 'not given'."""
+    from proximal.lm.config import SECTIONS
+
+    for section, section_cls in SECTIONS.items():
+        for config_field in dataclasses.fields(section_cls):
+            if (section, config_field.name) == ("task", "name"):
+                continue  # the positional TASK
+            flag = _flag(config_field.name) if section == "run" else f"--{section}.{_flag(config_field.name)[2:]}"
+            kwargs: dict[str, Any] = {"dest": f"{section}.{config_field.name}", "default": argparse.SUPPRESS,
+                                      "help": f"{config_field.metadata['help']} (default: {config_field.default})".replace("%", "%%")}
+            if config_field.type == "bool":
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            else:
+                parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="proximal", description="PPO from scratch in PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
@@ -100,6 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = commands.add_parser("presets", help="list the tuned hyperparameter presets")
     presets.set_defaults(handler=_presets)
+
+    rlhf = commands.add_parser(
+        "rlhf", help="SFT -> reward model -> PPO with a KL penalty, on a tiny language model",
+        description="The InstructGPT pipeline on a task with a gold reward: SFT on noisy demonstrations, a reward "
+                    "model from a labeller's pairwise preferences, PPO against it with a per-token KL penalty to "
+                    "the SFT model. Stage flags are named after their stage: --sft.steps, --ppo.kl-coef.")
+    rlhf.add_argument("task", nargs="?", default="addition", metavar="TASK", help="the task (default: addition)")
+    rlhf.add_argument("--stage", choices=("all", "sft", "reward", "ppo"), default="all",
+                      help="run one stage alone, from the previous stage's output in --run-dir (default: all)")
+    rlhf.add_argument("--run-dir", default=None, metavar="RUN_DIR",
+                      help="run (or continue) in RUN_DIR: finished stages are skipped, a killed stage resumes")
+    _add_rlhf_flags(rlhf)
+    rlhf.set_defaults(handler=_rlhf)
+
+    generate = commands.add_parser("generate", help="print a trained stage's completions for given prompts")
+    generate.add_argument("model_dir", metavar="MODEL_DIR",
+                          help="a stage folder of an rlhf run (RUN_DIR/sft, RUN_DIR/ppo) or any local HF model directory")
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT")
+    generate.add_argument("--samples", type=int, default=1, help="samples per prompt (default: 1; ignored with --greedy)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    generate.add_argument("--greedy", action="store_true", help="the most probable token at each step")
+    generate.add_argument("--max-new-tokens", type=int, default=5, help="length limit of a response (default: 5)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate.set_defaults(handler=_generate)
 
     plot = commands.add_parser("plot", help="learning curves of several runs in one PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -242,6 +284,62 @@ def _presets(args: argparse.Namespace) -> int:
         if prefs_flags:
             print("    proximal prefs starts from: " + " ".join(prefs_flags))
     print("any other env id trains with the generic defaults: " + describe_preset(TrainConfig()))
+    return 0
+
+
+def _rlhf(args: argparse.Namespace) -> int:
+    from proximal.lm.config import RLHFConfig, SECTIONS
+
+    overrides: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    overrides["task"]["name"] = args.task
+    for dest, value in vars(args).items():
+        section, _, name = dest.partition(".")
+        if section in SECTIONS and name:
+            overrides[section][name] = value
+    config = RLHFConfig().with_overrides(overrides)  # validated: nothing is written if this fails
+    from proximal.lm.pipeline import STAGES, run_pipeline
+
+    def report(stage: str, summary: dict[str, Any], skipped: bool) -> None:
+        done = " (finished before; skipped)" if skipped else ""
+        if stage == "reward":
+            validation = summary["validation"] or {}
+            print(f"reward: {summary['labels']:,} labelled pairs ({summary['strict_labels']:,} strict), held-out "
+                  f"accuracy {validation.get('accuracy', float('nan')):.3f}, {summary['seconds']:.1f} s{done}",
+                  flush=True)
+            return
+        gold = summary["eval"]
+        extra = (f", KL {summary['last_iteration']['kl_k1']:.2f} nats, beta {summary['final_kl_coef']:.3f}, "
+                 f"{summary['labels']:,} labels in all" if stage == "ppo" else "")
+        print(f"{stage}: {summary['seconds']:.1f} s; held-out gold greedy {gold['gold_greedy']:.3f} "
+              f"(carry {gold['gold_hard_greedy']:.3f}), sampled {gold['gold_sampled']:.3f}{extra}{done}", flush=True)
+
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), stages,
+                           show_progress=sys.stderr.isatty(), report=report)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.samples <= 0 or args.max_new_tokens <= 0:
+        raise ConfigError("--samples and --max-new-tokens must be positive integers")
+    if not (args.temperature > 0 and args.temperature < float("inf")):
+        raise ConfigError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    import torch
+
+    from proximal.lm.model import load_pretrained, sample_completions
+
+    model_dir = Path(args.model_dir)
+    if (model_dir / "model" / "config.json").is_file():  # a stage folder: its model/ inside
+        model_dir = model_dir / "model"
+    torch.set_num_threads(1)
+    model, tokenizer = load_pretrained(model_dir)
+    samples = 1 if args.greedy else args.samples
+    prompts = [prompt for prompt in args.prompts for _ in range(samples)]
+    completions = sample_completions(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                                     torch.Generator().manual_seed(args.seed), "cpu", greedy=args.greedy)
+    for prompt, text, ended in zip(prompts, completions.texts(tokenizer), completions.ended.tolist()):
+        print(f"{prompt}{text}" + ("" if ended else "  [no EOS within --max-new-tokens]"))
     return 0
 
 

@@ -45,3 +45,21 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
     if target_variance == 0:
         return float("nan")
     return float(1.0 - (targets - predictions).var(unbiased=False) / target_variance)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is True (over `dim`, or everything). Selects with `where`
+    rather than multiplying, so a NaN or inf in a masked-out entry (padding) cannot leak in."""
+    selected = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if dim is None:
+        return selected.sum() / mask.sum().clamp_min(1)
+    return selected.sum(dim) / mask.sum(dim).clamp_min(1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`values` shifted and scaled to zero mean and unit variance over the entries where `mask`
+    is True; entries outside the mask are returned as 0."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean).pow(2), mask)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    return torch.where(mask, whitened, torch.zeros((), dtype=values.dtype, device=values.device))

@@ -1,0 +1,217 @@
+"""The LM pipeline's hyperparameters: one frozen dataclass per stage, nested in `RLHFConfig`.
+
+`RLHFConfig` is the single source of truth of a `proximal rlhf` run: saved as config.json in the
+run directory, and turned into command-line flags named after their section (`--sft.steps`,
+`--ppo.kl-coef`; the run section's flags have no prefix: `--seed`, `--device`). Every field is
+validated in `__post_init__`, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from proximal.config import _param, _require, _require_finite, _require_positive_int
+from proximal.errors import ConfigError
+from proximal.lm.tasks import TASKS
+
+
+def _require_probability(name: str, value: float) -> None:
+    _require_finite(name, value)
+    _require(0.0 <= value <= 1.0, name, "in [0, 1]", value)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the model learns and how the data is drawn."""
+
+    name: str = _param("addition", f"the task: {', '.join(TASKS)}")
+    carry_noise: float = _param(0.6, "share of the carry prompts' demonstrations that drop the carry, in [0, 1]")
+    demonstrations: int = _param(20_000, "noisy demonstrations SFT imitates")
+    eval_prompts: int = _param(500, "held-out prompts every stage is evaluated on (gold reward)")
+
+    def __post_init__(self) -> None:
+        _require(self.name in TASKS, "task", " or ".join(TASKS), self.name)
+        _require_probability("carry_noise", self.carry_noise)
+        for name in ("demonstrations", "eval_prompts"):
+            _require_positive_int(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy's network: a local Hugging Face directory, or a tiny GPT-2 trained from scratch."""
+
+    path: str = _param("", "a local directory with a Hugging Face causal LM and tokenizer to start SFT from "
+                           "(empty: a tiny GPT-2 from a local config)")
+    width: int = _param(64, "tiny GPT-2: embedding width")
+    layers: int = _param(2, "tiny GPT-2: transformer blocks")
+    heads: int = _param(4, "tiny GPT-2: attention heads (must divide width)")
+    context: int = _param(16, "tiny GPT-2: longest sequence, prompt + response, in tokens")
+
+    def __post_init__(self) -> None:
+        for name in ("width", "layers", "heads", "context"):
+            _require_positive_int(name, getattr(self, name))
+        _require(self.width % self.heads == 0, "heads", f"a divisor of width {self.width}", self.heads)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on the demonstrations."""
+
+    steps: int = _param(1600, "AdamW steps")
+    batch_size: int = _param(128, "demonstrations per step")
+    learning_rate: float = _param(3e-3, "peak AdamW step size (linear warm-up over 100 steps, linear decay to 0)")
+    weight_decay: float = _param(0.0, "AdamW weight decay")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            _require_positive_int(name, getattr(self, name))
+        _require_finite("learning_rate", self.learning_rate)
+        _require(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
+        _require_finite("weight_decay", self.weight_decay)
+        _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+
+
+LABELLER_NOISES = ("none", "boltzmann")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The labelled pairs and the reward model fitted to them."""
+
+    labels: int = _param(3000, "pairs of SFT samples the labeller compares (one prompt per pair)")
+    sample_temperature: float = _param(1.5, "temperature the SFT samples of a pair are drawn at: above 1 "
+                                            "makes varied wrong answers, which refute a shortcut")
+    samples_per_prompt: int = _param(4, "SFT samples drawn per prompt; the pair is the first and the first "
+                                        "that differs from it (when any does)")
+    labeller_noise: str = _param("none", "none (exact: the higher gold wins, a tie is 'equally good') or "
+                                         "boltzmann (P[1 > 2] = sigmoid((gold1 - gold2) / labeller temperature))")
+    labeller_temperature: float = _param(0.25, "temperature of the boltzmann labeller, > 0")
+    validation_fraction: float = _param(0.2, "share of the pairs held out to measure accuracy")
+    epochs: int = _param(2, "passes over the training pairs")
+    batch_size: int = _param(64, "pairs per step")
+    learning_rate: float = _param(3e-4, "AdamW step size")
+
+    def __post_init__(self) -> None:
+        for name in ("labels", "epochs", "batch_size"):
+            _require_positive_int(name, getattr(self, name))
+        _require(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 2, "samples_per_prompt",
+                 "an integer >= 2", self.samples_per_prompt)
+        for name in ("sample_temperature", "labeller_temperature", "learning_rate"):
+            _require_finite(name, getattr(self, name))
+            _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES),
+                 self.labeller_noise)
+        _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO on the reward model's score with a per-token KL penalty to the SFT model."""
+
+    iterations: int = _param(120, "rollout + update cycles")
+    prompts_per_iteration: int = _param(256, "responses sampled per iteration, one per prompt (B)")
+    max_new_tokens: int = _param(5, "length limit of a response, EOS included")
+    temperature: float = _param(1.0, "sampling temperature; the same one divides the logits of the policy and "
+                                     "the reference whenever log-probs are computed")
+    epochs: int = _param(2, "passes over each rollout")
+    minibatch_size: int = _param(128, "responses per gradient step")
+    learning_rate: float = _param(5e-4, "AdamW step size")
+    clip_coef: float = _param(0.2, "clip range epsilon of Eq. 7")
+    vf_coef: float = _param(0.5, "weight of the value head's loss")
+    gae_lambda: float = _param(0.95, "GAE lambda over the response tokens (gamma is 1)")
+    kl_coef: float = _param(0.1, "beta: weight of the per-token KL penalty to the SFT model (initial value "
+                                 "when --ppo.adaptive-kl), >= 0")
+    adaptive_kl: bool = _param(True, "adapt beta towards --ppo.kl-target (Ziegler et al. 2019)")
+    kl_target: float = _param(0.5, "adaptive KL: the KL per response (nats) beta steers towards")
+    kl_horizon: int = _param(10_000, "adaptive KL: responses over which beta moves by up to 20%")
+    missing_eos_score: float = _param(-3.0, "the score of a response cut at the length limit without EOS "
+                                            "(reward-model scores are standardised on SFT samples)")
+    max_grad_norm: float = _param(1.0, "clip the global gradient norm to this")
+    relabel_every: int = _param(10, "every this many iterations, the labeller compares policy samples with SFT "
+                                    "samples; the reward model's agreement with those fresh answers is logged, "
+                                    "then it is refitted on every label so far (0: never)")
+    relabel_pairs: int = _param(256, "pairs labelled per relabelling round (capped at prompts_per_iteration)")
+    refit_steps: int = _param(50, "reward-model AdamW steps after each relabelling round")
+    eval_every: int = _param(10, "iterations between evaluations of the policy on held-out prompts")
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size",
+                     "kl_horizon", "eval_every", "relabel_pairs", "refit_steps"):
+            _require_positive_int(name, getattr(self, name))
+        _require(isinstance(self.relabel_every, int) and self.relabel_every >= 0, "relabel_every",
+                 "an integer >= 0", self.relabel_every)
+        for name in ("temperature", "learning_rate", "clip_coef", "vf_coef", "gae_lambda", "kl_coef", "kl_target",
+                     "missing_eos_score", "max_grad_norm"):
+            _require_finite(name, getattr(self, name))
+        for name in ("temperature", "learning_rate", "clip_coef", "kl_target", "max_grad_norm"):
+            _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        _require(self.vf_coef >= 0, "vf_coef", ">= 0", self.vf_coef)
+        _require(self.kl_coef >= 0, "kl_coef", ">= 0", self.kl_coef)
+        _require(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "in [0, 1]", self.gae_lambda)
+        _require(self.minibatch_size <= self.prompts_per_iteration, "minibatch_size",
+                 f"<= prompts_per_iteration ({self.prompts_per_iteration})", self.minibatch_size)
+
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Seeding, device, threads and where the run goes."""
+
+    seed: int = _param(0, "seeds the data, every model's initialisation and every sample")
+    device: str = _param("cpu", "cpu or cuda")
+    threads: int = _param(2, "torch.set_num_threads on the CPU")
+    runs_dir: str = _param("runs", "where run directories are created")
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _require(self.device in DEVICES, "device", " or ".join(DEVICES), self.device)
+        _require_positive_int("threads", self.threads)
+
+
+SECTIONS: dict[str, type] = {"task": TaskConfig, "model": ModelConfig, "sft": SFTConfig, "reward": RewardConfig,
+                             "ppo": PPOConfig, "run": RunConfig}
+
+
+@dataclass(frozen=True)
+class RLHFConfig:
+    """A whole `proximal rlhf` run, one section per stage."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RLHFConfig:
+        if not isinstance(data, dict) or set(data) != set(SECTIONS):
+            raise ConfigError(f"an RLHF config needs exactly the sections {sorted(SECTIONS)}")
+        parts = {}
+        for name, section_cls in SECTIONS.items():
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(data[name]) - known
+            if unknown:
+                raise ConfigError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
+            parts[name] = section_cls(**data[name])
+        return cls(**parts)
+
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> RLHFConfig:
+        """A copy with `{section: {field: value}}` applied."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)
+                                            for section, values in overrides.items() if values})
+
+
+def prompt_budget(config: RLHFConfig) -> int:
+    """Prompts the RL stage draws from (enough that a prompt rarely repeats within an iteration)."""
+    return max(4 * config.ppo.prompts_per_iteration, 2000)
+
+

@@ -1,0 +1,35 @@
+"""How good a policy is, by the gold reward, on the held-out prompts: greedy and sampled, over
+all prompts and over the task's hard slice (the prompts the demonstrations' noise hits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from proximal.lm.model import sample_completions
+from proximal.lm.tasks import AdditionTask
+
+
+def gold_scores(task: AdditionTask, prompts: list[str], texts: list[str], ended: torch.Tensor) -> np.ndarray:
+    return np.array([task.gold(prompt, text, bool(end)) for prompt, text, end in zip(prompts, texts, ended.tolist())])
+
+
+@torch.no_grad()
+def evaluate_policy(model: nn.Module, tokenizer, task: AdditionTask, prompts: list[str], max_new_tokens: int,
+                    temperature: float, seed: int, device: str) -> dict[str, float]:
+    """Gold reward of greedy and sampled (one sample per prompt at `temperature`) responses,
+    overall and on the hard slice; the sampled responses' length (EOS included) and EOS rate."""
+    hard = np.array([task.is_hard(prompt) for prompt in prompts])
+    stats: dict[str, float] = {}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for mode in ("greedy", "sampled"):
+        completions = sample_completions(model, tokenizer, prompts, max_new_tokens, temperature, generator, device,
+                                         greedy=mode == "greedy")
+        gold = gold_scores(task, prompts, completions.texts(tokenizer), completions.ended)
+        stats[f"gold_{mode}"] = float(gold.mean())
+        stats[f"gold_hard_{mode}"] = float(gold[hard].mean()) if hard.any() else float("nan")
+        if mode == "sampled":
+            stats["response_length"] = float(completions.response_mask.sum(-1).float().mean())
+            stats["eos_rate"] = float(completions.ended.float().mean())
+    return stats

@@ -1,0 +1,101 @@
+"""Pairs of completions and the labeller's answers, kept as plain JSON lines.
+
+For each prompt two responses are sampled from a model; the labeller compares them. The
+synthetic labeller is the control side's `SyntheticOracle` fed the two responses' gold scores:
+exact (the higher gold wins, a tie is "equally good") or Boltzmann-noisy. The answer vocabulary
+is `proximal prefs`'s: label = mu(1) = 1.0 (first better), 0.0 (second better), 0.5 (equally
+good), null (can't tell: recorded, never trained on). One query per line of comparisons.jsonl:
+
+  {"query": 0, "prompt": "47+38=", "responses": ["85", "75"], "ended": [true, true],
+   "label": 1.0, "labeller": "synthetic", "true_returns": [1.0, 0.0], "validation": false}
+
+`true_returns` holds the gold scores (the name `ReplayOracle` checks a replayed query against);
+a person labelling through a page writes the same lines with "labeller": "human".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from proximal.errors import CheckpointError
+from proximal.lm.model import Completions, encode_prompts, encode_responses
+from proximal.preferences import SyntheticOracle
+
+COMPARISONS_NAME = "comparisons.jsonl"
+
+
+def make_labeller(noise: str, temperature: float, seed: int) -> SyntheticOracle:
+    """`noise` none or boltzmann, as RewardConfig.labeller_noise says."""
+    return SyntheticOracle(noise, error_rate=0.0, temperature=temperature, rng=np.random.default_rng(seed))
+
+
+def label_records(prompts: list[str], first: list[str], second: list[str], ended_first: list[bool],
+                  ended_second: list[bool], gold_first: list[float], gold_second: list[float],
+                  labeller: SyntheticOracle, validation_fraction: float, rng: np.random.Generator) -> list[dict]:
+    """One answered query per prompt, as the dicts written to comparisons.jsonl."""
+    records = []
+    for query, prompt in enumerate(prompts):
+        records.append({
+            "query": query, "prompt": prompt, "responses": [first[query], second[query]],
+            "ended": [bool(ended_first[query]), bool(ended_second[query])],
+            "label": labeller.answer(gold_first[query], gold_second[query]), "labeller": "synthetic",
+            "true_returns": [gold_first[query], gold_second[query]],
+            "validation": bool(rng.random() < validation_fraction),
+        })
+    return records
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """The whole file at once: a temp file renamed into place, so a kill leaves none or all."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
+        file.flush()
+    temp.replace(path)
+
+
+def read_records(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read the comparisons in {path}: {error}") from None
+
+
+@dataclass
+class PairBatch:
+    """Labelled pairs as tensors: side 1 of pair i is row i of `first`, side 2 row i of `second`."""
+
+    first: Completions
+    second: Completions
+    labels: torch.Tensor  # [M] mu(1)
+    gold: torch.Tensor  # [M, 2]
+    is_validation: torch.Tensor  # [M] bool
+
+    def select(self, index: torch.Tensor) -> PairBatch:
+        return PairBatch(self.first.select(index), self.second.select(index), self.labels[index], self.gold[index],
+                         self.is_validation[index])
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+
+def pairs_from_records(records: list[dict], tokenizer, device: str) -> PairBatch:
+    """The answered queries ("can't tell" dropped) as one padded batch per side."""
+    answered = [record for record in records if record["label"] is not None]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [record["prompt"] for record in answered], device)
+
+    def side(index: int) -> Completions:
+        ids, mask = encode_responses(tokenizer, [record["responses"][index] for record in answered],
+                                     [record["ended"][index] for record in answered], device)
+        ended = torch.tensor([record["ended"][index] for record in answered], device=device)
+        return Completions(prompt_ids, prompt_mask, ids, mask, ended)
+
+    return PairBatch(side(0), side(1), torch.tensor([float(r["label"]) for r in answered], device=device),
+                     torch.tensor([r["true_returns"] for r in answered], device=device),
+                     torch.tensor([bool(r["validation"]) for r in answered], device=device))

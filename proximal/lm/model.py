@@ -1,0 +1,246 @@
+"""The language model side: tokenizer, the tiny transformer, log-probs, and sampling with a KV cache.
+
+Any Hugging Face causal LM with its tokenizer, saved in a local directory, is a policy here
+(`load_pretrained(PATH)`); the default is a GPT-2 of a few layers built from a local config with
+a character tokenizer, trained from scratch. Nothing is downloaded.
+
+Layout of a batch (one convention everywhere):
+  prompt_ids    [B, P]  left-padded, so every response starts at column P
+  response_ids  [B, R]  right-padded after EOS
+  response_mask [B, R]  True on response tokens up to and including EOS
+Positions are counted from each row's first real token (position_ids = cumsum(mask) - 1), so a
+sequence gets the same log-probs alone and inside a padded batch.
+
+`token_logprobs` is the one function that turns logits into the log-probs of chosen tokens, the
+sampling temperature applied inside: sampling, the reference model and the PPO update all call
+it, so the ratio and the KL compare like with like.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from proximal.errors import CheckpointError
+from proximal.lm.tasks import ALPHABET
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+
+
+def build_char_tokenizer():
+    """A character tokenizer over ALPHABET plus <pad>, <bos>, <eos>, as a Hugging Face fast
+    tokenizer (so it saves and loads with save_pretrained / from_pretrained like any other)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS.values(), *ALPHABET])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    tokenizer.decoder = decoders.Fuse()  # and joined back without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def build_tiny_gpt2(tokenizer, width: int, layers: int, heads: int, context: int) -> nn.Module:
+    """A GPT-2 from a local config, randomly initialised, dropout off (RL needs the same
+    log-probs on every call)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=width, n_layer=layers, n_head=heads,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config)
+
+
+def load_pretrained(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a local directory holding a Hugging Face causal LM and its tokenizer.
+    Never reaches a hub: a missing or foreign directory is a CheckpointError."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} holds no Hugging Face model (no config.json in it)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} holds no loadable causal LM and tokenizer ({reason})") from None
+    if tokenizer.eos_token_id is None:
+        raise CheckpointError(f"the tokenizer in {path} has no EOS token; a response could never end")
+    if tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def save_pretrained(model: nn.Module, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: no fixed limit)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+# -- one forward pass over a padded batch ------------------------------------------------------------
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token; left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, L]
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """Transformers 5 calls the KV cache `cache`; 4.x called it `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def lm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits [B, L, V], last layer's hidden states [B, L, H] or None) of a padded batch."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   output_hidden_states=with_hidden, use_cache=False)
+    return output.logits, (output.hidden_states[-1] if with_hidden else None)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) [B, T] under softmax(logits [B, T, V] / temperature): the one place a
+    temperature meets the logits."""
+    all_logprobs = torch.log_softmax(logits / temperature, dim=-1)  # [B, T, V]
+    return all_logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy [B, T] of softmax(logits [B, T, V] / temperature)."""
+    all_logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return -(all_logprobs.exp() * all_logprobs).sum(-1)
+
+
+class ScalarHeadLM(nn.Module):
+    """A causal LM with a scalar head on its last hidden state: per-token values for the policy
+    (a value head), or a score read at the EOS token (the reward model)."""
+
+    def __init__(self, lm: nn.Module, head_bias: float = 0.0):
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, head_bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, L, V], scalars [B, L])."""
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, with_hidden=True)
+        return logits, self.head(hidden).squeeze(-1)
+
+
+# -- batches of prompts and responses ------------------------------------------------------------------
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_ids [B, P], prompt_mask [B, P]): BOS (if the tokenizer has one) + prompt, left-padded."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    rows = [bos + encode(tokenizer, prompt) for prompt in prompts]
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):] = torch.tensor(row)
+        mask[index, width - len(row):] = True
+    return ids.to(device), mask.to(device)
+
+
+def encode_responses(tokenizer, responses: list[str], ended: list[bool], device: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(response_ids [B, R], response_mask [B, R]): each response + EOS where it `ended`, right-padded."""
+    rows = [encode(tokenizer, text) + ([tokenizer.eos_token_id] if end else []) for text, end in zip(responses, ended)]
+    width = max(1, max(len(row) for row in rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[index, :len(row)] = True
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class Completions:
+    """Prompts and the responses sampled for them, in the batch layout above."""
+
+    prompt_ids: torch.Tensor  # [B, P]
+    prompt_mask: torch.Tensor  # [B, P] bool
+    response_ids: torch.Tensor  # [B, R]
+    response_mask: torch.Tensor  # [B, R] bool, True up to and including EOS
+    ended: torch.Tensor  # [B] bool: the response emitted EOS (else it was cut at the length limit)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # [B, P + R]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)  # [B, P + R]
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """Index [B] of each response's last token: its EOS, or the last one before the cut."""
+        return self.response_mask.sum(-1) - 1
+
+    def texts(self, tokenizer) -> list[str]:
+        """The responses as text, without EOS or padding."""
+        return [tokenizer.decode(row[mask & (row != tokenizer.eos_token_id)].tolist())
+                for row, mask in zip(self.response_ids, self.response_mask)]
+
+    def select(self, index: torch.Tensor) -> Completions:
+        return Completions(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
+                           self.response_mask[index], self.ended[index])
+
+
+def response_logits(logits: torch.Tensor, prompt_length: int, response_length: int) -> torch.Tensor:
+    """The logits that predicted each response token [B, R, V], from a forward pass over prompt +
+    response [B, P + R, V]: position P - 1 + t predicts response token t."""
+    return logits[:, prompt_length - 1: prompt_length - 1 + response_length]
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
+                       generator: torch.Generator | None, device: str, greedy: bool = False) -> Completions:
+    """Sample responses token by token with a KV cache (each step feeds one new token).
+
+    Once a row has emitted EOS it is fed padding, masked out; the loop stops when every row has
+    ended or after `max_new_tokens`. `greedy` takes the most probable token instead of sampling.
+    """
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    cache_keyword = _cache_keyword(model)
+    attention_mask = prompt_mask.long()  # [B, L], grows by one column per step
+    positions = position_ids(attention_mask)
+    output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # [B]
+    tokens, masks = [], []
+    for _ in range(max_new_tokens):
+        logits = output.logits[:, -1] / temperature  # [B, V]
+        if greedy:
+            next_tokens = logits.argmax(-1)
+        else:
+            next_tokens = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)  # [B]
+        is_real = ~ended
+        next_tokens = torch.where(is_real, next_tokens, torch.full_like(next_tokens, tokenizer.pad_token_id))
+        tokens.append(next_tokens)
+        masks.append(is_real)
+        ended = ended | (is_real & (next_tokens == tokenizer.eos_token_id))
+        if bool(ended.all()):
+            break
+        attention_mask = torch.cat([attention_mask, is_real.long()[:, None]], dim=1)
+        positions = positions[:, -1:] + 1
+        output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
+                       use_cache=True, **{cache_keyword: getattr(output, cache_keyword)})
+    return Completions(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1), ended)

@@ -1,0 +1,89 @@
+"""One PNG per LM stage, drawn from its metrics.csv, and samples.md (completions before and after)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from proximal.lm.model import sample_completions  # noqa: E402
+from proximal.run import read_csv_rows  # noqa: E402
+
+
+def _series(rows: list[dict], x: str, y: str) -> tuple[list[float], list[float]]:
+    rows = [row for row in rows if row.get(y) is not None]
+    return [row[x] for row in rows], [row[y] for row in rows]
+
+
+def _grid(stage_dir: Path, x: str, panels: list[tuple[str, list[tuple[str, str]]]], out_name: str) -> Path:
+    """One panel per (title, [(column, label), ...]), all against column `x`."""
+    rows = read_csv_rows(stage_dir / "metrics.csv")
+    columns = min(3, len(panels))
+    figure_rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(figure_rows, columns, figsize=(4.2 * columns, 3.0 * figure_rows), squeeze=False)
+    for axis, (title, series) in zip(axes.flat, panels):
+        for column, label in series:
+            xs, ys = _series(rows, x, column)
+            axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel(x)
+        axis.grid(alpha=0.3)
+        if len(series) > 1:
+            axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.tight_layout()
+    out = stage_dir / out_name
+    temp = out.with_name(f".{out.name}.tmp.png")
+    figure.savefig(temp, dpi=110)
+    plt.close(figure)
+    temp.replace(out)
+    return out
+
+
+def plot_sft(stage_dir: Path) -> Path:
+    return _grid(stage_dir, "step", [("SFT loss (response tokens)", [("loss", "loss")]),
+                                     ("learning rate", [("learning_rate", "lr")])], "sft.png")
+
+
+def plot_reward(stage_dir: Path) -> Path:
+    return _grid(stage_dir, "step", [
+        ("Bradley-Terry loss", [("train_loss", "train (minibatch)"), ("val_loss", "validation")]),
+        ("held-out accuracy (strict pairs)", [("val_accuracy", "vs labeller"), ("val_gold_accuracy", "vs gold")]),
+    ], "reward.png")
+
+
+def plot_ppo(stage_dir: Path) -> Path:
+    return _grid(stage_dir, "iteration", [
+        ("reward-model score (sampled)", [("score", "score")]),
+        ("gold reward", [("gold", "rollout (sampled)"), ("eval_gold_sampled", "held-out sampled"),
+                         ("eval_gold_greedy", "held-out greedy"), ("eval_gold_hard_greedy", "held-out greedy, carry")]),
+        ("KL(pi || SFT) per response", [("kl_k1", "k1"), ("kl_k3", "k3")]),
+        ("beta (KL coefficient)", [("kl_coef", "beta")]),
+        ("entropy per token", [("entropy", "entropy")]),
+        ("response length (tokens, EOS incl.)", [("response_length", "length")]),
+        ("clip fraction / approx KL", [("clip_fraction", "clip fraction"), ("approx_kl", "approx KL (new vs old)")]),
+        ("explained variance (value head)", [("explained_variance", "EV")]),
+        ("EOS rate", [("eos_rate", "EOS rate")]),
+    ], "ppo.png")
+
+
+@torch.no_grad()
+def write_samples(path: Path, prompts: list[str], before: torch.nn.Module, after: torch.nn.Module, tokenizer, task,
+                  max_new_tokens: int, device: str) -> None:
+    """A markdown table: each prompt's greedy completion by the SFT model and by the PPO policy."""
+    answers = [sample_completions(model, tokenizer, prompts, max_new_tokens, 1.0, None, device, greedy=True)
+               for model in (before, after)]
+    lines = ["| prompt | carry | SFT (greedy) | PPO (greedy) |", "|---|---|---|---|"]
+    for index, prompt in enumerate(prompts):
+        cells = []
+        for completions in answers:
+            text, ended = completions.texts(tokenizer)[index], bool(completions.ended[index])
+            mark = "right" if task.gold(prompt, text, ended) else "wrong"
+            cells.append(f"`{text}`{'' if ended else ' (no EOS)'} {mark}")
+        lines.append(f"| `{prompt}` | {'yes' if task.is_hard(prompt) else 'no'} | {cells[0]} | {cells[1]} |")
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,136 @@
+"""PPO for a language model, with a per-token KL penalty to the SFT model (Ziegler et al. 2019,
+Ouyang et al. 2022), one iteration read top to bottom in `ppo_iteration`:
+
+  sample B responses from the policy (KV cache)                  model.sample_completions
+  old log-probs, values, reference log-probs, scores             collect_rollout
+  per-token rewards: -beta * k1 everywhere, the score at EOS     rollout.token_rewards
+  GAE over the response tokens, gamma = 1                        rollout.token_advantages -> compute_gae
+  K epochs of minibatches: Eq. 7 + value loss                    ppo_update -> clipped_surrogate_loss
+  adapt beta to the measured KL                                  rollout.AdaptiveKLController
+
+The value function is a linear head on the policy's last hidden state (one forward pass gives
+logits and values: half the FLOPs of a separate critic, which matters on a CPU). The first
+epoch's minibatches are drawn before the rollout's own forward passes, which run on exactly
+those minibatches: the same rows, shapes and weights give the same floats, so the first
+minibatch's ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from proximal.agent import clipped_surrogate_loss
+from proximal.lm.config import PPOConfig
+from proximal.lm.model import (Completions, ScalarHeadLM, lm_forward, response_logits, sample_completions,
+                               token_entropy, token_logprobs)
+from proximal.lm.reward import reward_scores
+from proximal.lm.rollout import LMRollout, sequence_kls, token_advantages, token_rewards
+from proximal.utils import explained_variance, masked_mean, masked_whiten
+
+
+def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs [B, R], values [B, R], response logits [B, R, V]) of the responses: the value of
+    s_t (prompt + tokens before t) is read where token t is predicted."""
+    logits, scalars = policy(completions.input_ids, completions.attention_mask)
+    prompt_length, response_length = completions.prompt_ids.shape[1], completions.response_ids.shape[1]
+    logits = response_logits(logits, prompt_length, response_length)
+    values = scalars[:, prompt_length - 1: prompt_length - 1 + response_length]
+    return token_logprobs(logits, completions.response_ids, temperature), values, logits
+
+
+def reference_logprobs(reference: nn.Module, completions: Completions, temperature: float) -> torch.Tensor:
+    logits, _ = lm_forward(reference, completions.input_ids, completions.attention_mask)
+    return token_logprobs(response_logits(logits, completions.prompt_ids.shape[1], completions.response_ids.shape[1]),
+                          completions.response_ids, temperature)
+
+
+@torch.no_grad()
+def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, reward_model: ScalarHeadLM,
+                    completions: Completions, minibatches: list[torch.Tensor], config: PPOConfig,
+                    kl_coef: float) -> LMRollout:
+    """Score sampled `completions` and build their per-token rewards and advantages. The forward
+    passes run on `minibatches` (index tensors covering the batch): the first epoch's."""
+    batch, length = completions.response_ids.shape
+    logprobs = torch.zeros(batch, length, device=completions.response_ids.device)
+    ref_logprobs, values = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+    scores = torch.zeros(batch, device=logprobs.device)
+    for index in minibatches:
+        part = completions.select(index)
+        logprobs[index], values[index], _ = policy_outputs(policy, part, config.temperature)
+        ref_logprobs[index] = reference_logprobs(reference, part, config.temperature)
+        scores[index] = reward_scores(reward_model, part)
+    scores = torch.where(completions.ended, scores, torch.full_like(scores, config.missing_eos_score))
+    mask, last_index = completions.response_mask, completions.last_index
+    kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, kl_coef)
+    advantages, returns = token_advantages(rewards, values, mask, last_index, config.gae_lambda)
+    return LMRollout(completions, logprobs, ref_logprobs, torch.where(mask, values, torch.zeros(())), scores,
+                     kl_penalty, rewards, advantages, returns)
+
+
+def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: LMRollout,
+               first_minibatches: list[torch.Tensor], config: PPOConfig, generator: torch.Generator
+               ) -> dict[str, float]:
+    """`config.epochs` passes over the rollout; returns the statistics averaged over minibatches,
+    plus `first_ratio_error` (max |ratio - 1| on the very first minibatch: 0 when the old
+    log-probs are computed as the update computes them)."""
+    mask = rollout.mask
+    advantages = masked_whiten(rollout.advantages, mask)  # over the whole batch, once
+    history, first_ratio_error = [], None
+    for epoch in range(config.epochs):
+        minibatches = first_minibatches if epoch == 0 else torch.randperm(
+            len(mask), generator=generator, device=generator.device).split(config.minibatch_size)
+        for index in minibatches:
+            batch_mask = mask[index]
+            logprobs, values, logits = policy_outputs(policy, rollout.completions.select(index), config.temperature)
+            old_logprobs = rollout.logprobs[index]
+            policy_loss = clipped_surrogate_loss(logprobs, old_logprobs, advantages[index], config.clip_coef,
+                                                 batch_mask)
+            value_loss = 0.5 * masked_mean((values - rollout.returns[index]).pow(2), batch_mask)
+            loss = policy_loss + config.vf_coef * value_loss
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                log_ratio = logprobs - old_logprobs
+                ratio = log_ratio.exp()
+                if first_ratio_error is None:
+                    first_ratio_error = float(torch.where(batch_mask, (ratio - 1).abs(), torch.zeros(())).max())
+                history.append(torch.stack([
+                    policy_loss.detach(), value_loss.detach(),
+                    masked_mean(token_entropy(logits, config.temperature), batch_mask),
+                    masked_mean((ratio - 1.0) - log_ratio, batch_mask),  # approx_kl: k3 of new vs old
+                    masked_mean(((ratio - 1.0).abs() > config.clip_coef).float(), batch_mask),
+                ]))
+    means = torch.stack(history).mean(0).tolist()
+    stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
+    stats["first_ratio_error"] = first_ratio_error
+    stats["explained_variance"] = explained_variance(rollout.values[mask], rollout.returns[mask])
+    return stats
+
+
+@dataclass
+class IterationResult:
+    rollout: LMRollout
+    stats: dict[str, float]
+
+
+def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, reward_model: ScalarHeadLM, tokenizer,
+                  optimizer: torch.optim.Optimizer, prompts: list[str], config: PPOConfig, kl_coef: float,
+                  generator: torch.Generator, device: str) -> IterationResult:
+    """Sample, score, update: one PPO iteration on `prompts` (one response each)."""
+    completions = sample_completions(policy.lm, tokenizer, prompts, config.max_new_tokens, config.temperature,
+                                     generator, device)
+    first_minibatches = torch.randperm(len(prompts), generator=generator,
+                                       device=generator.device).to(device).split(config.minibatch_size)
+    rollout = collect_rollout(policy, reference, reward_model, completions, first_minibatches, config, kl_coef)
+    stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator)
+    k1, k3 = sequence_kls(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
+    stats.update(score=float(rollout.scores.mean()), kl_k1=float(k1.mean()), kl_k3=float(k3.mean()),
+                 kl_coef=kl_coef, response_length=float(rollout.mask.sum(-1).float().mean()),
+                 eos_rate=float(completions.ended.float().mean()))
+    return IterationResult(rollout, stats)

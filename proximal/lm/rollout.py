@@ -1,0 +1,94 @@
+"""One PPO rollout of a language model, and the per-token rewards and advantages built from it.
+
+The language model as an agent (the course's section 1): the state is the prompt plus the
+tokens so far, the action is the next token, and the episode ends at EOS (or at the length
+limit). The reward is the reward model's score for the whole response, given at its last token,
+and at every token a KL penalty that leashes the policy to the SFT (reference) model:
+
+  kl_penalty_t = beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))       (k1, inside the reward)
+  r_t          = -kl_penalty_t + [t = last token] * score
+
+Advantages: GAE over the response tokens with gamma = 1 (`proximal.utils.compute_gae`, the same
+function the control tasks use), the last token terminal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from proximal.lm.model import Completions
+from proximal.utils import compute_gae
+
+
+@dataclass
+class LMRollout:
+    """B responses, their old log-probs and values, and what the reward is made of."""
+
+    completions: Completions
+    logprobs: torch.Tensor  # [B, R] log pi_old(a_t|s_t) at the sampling temperature
+    ref_logprobs: torch.Tensor  # [B, R] log pi_ref(a_t|s_t), same temperature
+    values: torch.Tensor  # [B, R] V_old(s_t), 0 outside the response
+    scores: torch.Tensor  # [B] reward-model score, or the missing-EOS score for a response cut short
+    kl_penalty: torch.Tensor  # [B, R] beta * (logprobs - ref_logprobs), 0 outside the response
+    rewards: torch.Tensor  # [B, R] -kl_penalty, plus the score at the last token
+    advantages: torch.Tensor  # [B, R]
+    returns: torch.Tensor  # [B, R] advantages + values: the value head's target
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.completions.response_mask
+
+
+def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                  response_mask: torch.Tensor, last_index: torch.Tensor, kl_coef: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl_penalty [B, R], rewards [B, R]): the k1 penalty on every response token and the score
+    added at each response's last token (`last_index` [B]); 0 on padding."""
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    kl_penalty = torch.where(response_mask, kl_coef * (logprobs - ref_logprobs), zero)  # [B, R]
+    rewards = -kl_penalty
+    rewards = rewards.scatter_add(1, last_index[:, None], scores[:, None].to(rewards.dtype))
+    return kl_penalty, rewards
+
+
+def token_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
+                     last_index: torch.Tensor, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [B, R], returns [B, R]) by GAE with gamma = 1 over each response; the episode
+    terminates at its last token (no bootstrap past EOS or the cut)."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(response_mask, values, zero)
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # V(s_{t+1}) [B, R]
+    positions = torch.arange(rewards.shape[1], device=rewards.device)
+    terminated = positions[None, :] >= last_index[:, None]  # [B, R]: the last token and the padding after it
+    advantages, returns = compute_gae(rewards.T, values.T, next_values.T, terminated.T, torch.zeros_like(terminated.T),
+                                      gamma=1.0, lam=gae_lambda)  # compute_gae works on [T, N]
+    return torch.where(response_mask, advantages.T, zero), torch.where(response_mask, returns.T, zero)
+
+
+def sequence_kls(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response KL(pi || pi_ref) estimates [B], summed over the response's tokens:
+    k1 = sum(log pi - log pi_ref) (unbiased, any sign per sample) and
+    k3 = sum((ratio - 1) - log ratio) with ratio = pi_ref / pi (unbiased and >= 0 per token)."""
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = ref_logprobs - logprobs  # [B, R]
+    k1 = torch.where(response_mask, -log_ratio, zero).sum(-1)
+    k3 = torch.where(response_mask, log_ratio.exp() - 1.0 - log_ratio, zero).sum(-1)
+    return k1, k3
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, Section 2.2: beta moves towards the KL target,
+    e_t = clip(KL_t / KL_target - 1, -0.2, 0.2),  beta_{t+1} = beta_t (1 + K_beta e_t),
+    with K_beta = (responses in this batch) / horizon."""
+
+    def __init__(self, initial: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = initial, target, horizon
+
+    def update(self, current_kl: float, batch_size: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * batch_size / self.horizon
+
+

@@ -1,0 +1,104 @@
+"""The LM layer: padding invariance, sampling with a KV cache, the temperature, loading from a directory."""
+
+import pytest
+import torch
+
+from lm_helpers import completions_for, tiny_model
+from proximal.errors import CheckpointError
+from proximal.lm.model import (ScalarHeadLM, load_pretrained, sample_completions, save_pretrained, token_entropy,
+                               token_logprobs)
+from proximal.lm.ppo import policy_outputs
+
+
+def unpadded_logprobs(model, tokenizer, prompt, response_ids, temperature):
+    """Brute force: the sequence alone, no padding, no mask; log softmax(logits / T) by hand."""
+    ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"] + response_ids
+    logits = model(torch.tensor([ids])).logits[0]  # [L, V]
+    start = len(ids) - len(response_ids)
+    out = []
+    for t, token in enumerate(response_ids):
+        row = logits[start - 1 + t] / temperature
+        out.append(float(row[token] - torch.logsumexp(row, 0)))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_sequence_has_the_same_logprobs_alone_and_inside_a_padded_batch(temperature):
+    model, tokenizer = tiny_model()
+    policy = ScalarHeadLM(model)
+    prompts, responses, ended = ["7+5=", "47+38=", "1+99="], ["12", "85", "1001"], [True, True, False]
+    batch = completions_for(tokenizer, prompts, responses, ended)
+    with torch.no_grad():
+        logprobs, _, _ = policy_outputs(policy, batch, temperature)
+    for row, (prompt, response, end) in enumerate(zip(prompts, responses, ended)):
+        ids = tokenizer(response, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if end else [])
+        with torch.no_grad():
+            alone = unpadded_logprobs(model, tokenizer, prompt, ids, temperature)
+        assert batch.response_mask[row].sum() == len(ids)
+        assert torch.allclose(logprobs[row, :len(ids)], torch.tensor(alone), atol=1e-5)
+
+
+def test_token_logprobs_and_entropy_apply_the_temperature():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    for temperature in (1.0, 0.5, 2.0):
+        probs = torch.softmax(logits / temperature, -1)
+        assert torch.allclose(token_logprobs(logits, torch.tensor([[0]]), temperature), probs[..., 0].log())
+        assert torch.allclose(token_entropy(logits, temperature), -(probs * probs.log()).sum(-1))
+
+
+def test_kv_cache_sampling_gives_what_a_full_recomputation_gives():
+    """Greedy decoding with the cache against a loop that recomputes the whole sequence each step."""
+    model, tokenizer = tiny_model(seed=3)
+    prompts = ["3+4=", "58+67=", "9+90="]
+    cached = sample_completions(model, tokenizer, prompts, 5, 1.0, None, "cpu", greedy=True)
+    for row, prompt in enumerate(prompts):
+        ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        generated = []
+        for _ in range(5):
+            with torch.no_grad():
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            generated.append(token)
+            ids.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+        length = int(cached.response_mask[row].sum())
+        assert cached.response_ids[row, :length].tolist() == generated
+        assert bool(cached.ended[row]) == (generated[-1] == tokenizer.eos_token_id)
+
+
+def test_sampling_stops_each_row_at_eos_and_masks_what_follows():
+    model, tokenizer = tiny_model(seed=1)
+    completions = sample_completions(model, tokenizer, ["1+1="] * 64, 5, 3.0, torch.Generator().manual_seed(0), "cpu")
+    for ids, mask, ended in zip(completions.response_ids, completions.response_mask, completions.ended):
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # one contiguous run from the start
+        eos_positions = (ids[:length] == tokenizer.eos_token_id).nonzero().flatten().tolist()
+        assert eos_positions == ([length - 1] if ended else [])
+        assert (ids[length:] == tokenizer.pad_token_id).all()
+
+
+def test_sampling_is_repeatable_with_a_seeded_generator():
+    model, tokenizer = tiny_model()
+    draw = lambda: sample_completions(model, tokenizer, ["12+34="] * 8, 5, 1.0,  # noqa: E731
+                                      torch.Generator().manual_seed(7), "cpu").response_ids
+    assert torch.equal(draw(), draw())
+
+
+def test_a_saved_model_loads_back_from_its_directory(tmp_path):
+    model, tokenizer = tiny_model()
+    save_pretrained(model, tokenizer, tmp_path / "model")
+    loaded, loaded_tokenizer = load_pretrained(tmp_path / "model")
+    ids = torch.tensor([[1, 5, 6, 13, 7, 14]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert loaded_tokenizer("47+38=", add_special_tokens=False)["input_ids"] == \
+        tokenizer("47+38=", add_special_tokens=False)["input_ids"]
+    assert loaded_tokenizer.decode([10, 11, loaded_tokenizer.eos_token_id], skip_special_tokens=True) == "78"
+
+
+def test_a_directory_without_a_causal_lm_is_one_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no Hugging Face model"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(CheckpointError, match="no loadable causal LM"):
+        load_pretrained(tmp_path)

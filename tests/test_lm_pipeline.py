@@ -1,0 +1,231 @@
+"""The task, labels, SFT loss, and `proximal rlhf` end to end: files, resume, bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lm_helpers import completions_for, tiny_model
+from proximal.cli import main
+from proximal.lm.labels import label_records, make_labeller, pairs_from_records
+from proximal.lm.sft import encode_demonstrations, sft_loss
+from proximal.lm.tasks import AdditionTask
+from proximal.preferences import ReplayOracle
+from proximal.reward_model import bradley_terry_loss
+
+TINY = ["--task.demonstrations", "500", "--task.eval-prompts", "40", "--model.width", "32", "--model.heads", "2",
+        "--sft.steps", "30", "--sft.batch-size", "32", "--reward.labels", "120", "--reward.epochs", "1",
+        "--ppo.iterations", "4", "--ppo.prompts-per-iteration", "32", "--ppo.minibatch-size", "16",
+        "--ppo.eval-every", "2", "--ppo.relabel-every", "2", "--ppo.relabel-pairs", "16", "--ppo.refit-steps", "2",
+        "--threads", "1"]
+
+
+def test_gold_reward_by_hand():
+    task = AdditionTask()
+    assert task.gold("47+38=", "85", ended=True) == 1.0
+    assert task.gold("47+38=", "85", ended=False) == 0.0  # never stopped
+    assert task.gold("47+38=", "75", ended=True) == 0.0
+    assert task.gold("0+0=", "0", ended=True) == 1.0
+    assert [task.is_hard(p) for p in ("47+38=", "41+38=", "5+5=", "99+0=")] == [True, False, True, False]
+
+
+def test_demonstrations_drop_the_carry_at_the_set_rate_and_only_on_carry_prompts():
+    task, rng = AdditionTask(carry_noise=0.6), np.random.default_rng(0)
+    carry = [task.demonstration("47+38=", rng) for _ in range(4000)]
+    assert set(carry) == {"85", "75"}
+    assert abs(carry.count("75") / 4000 - 0.6) < 0.03
+    assert {task.demonstration("41+38=", rng) for _ in range(200)} == {"79"}
+
+
+def test_evaluation_prompts_are_held_out_and_splits_repeat_by_seed():
+    task = AdditionTask()
+    splits = task.splits(3, 2000, 300, 300, 500)
+    assert not set(splits.evaluation) & set(splits.sft + splits.preference + splits.rl)
+    assert len(set(splits.evaluation)) == 500
+    assert task.splits(3, 2000, 300, 300, 500) == splits
+
+
+def test_sft_loss_counts_response_tokens_only():
+    """Against a brute-force loop over each demonstration alone, positions after the prompt."""
+    model, tokenizer = tiny_model()
+    prompts, responses = ["7+5=", "47+38=", "1+99="], ["12", "75", "100"]
+    data = encode_demonstrations(tokenizer, prompts, responses, "cpu")
+    with torch.no_grad():
+        loss = sft_loss(model, *data)
+    total, count = 0.0, 0
+    for prompt, response in zip(prompts, responses):
+        prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        targets = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([prompt_ids + targets])).logits[0], -1)
+        for t, token in enumerate(targets):
+            total -= float(logprobs[len(prompt_ids) - 1 + t, token])
+            count += 1
+    assert math.isclose(float(loss), total / count, rel_tol=1e-5)
+
+
+def test_bradley_terry_loss_on_a_hand_computed_pair():
+    s1, s2 = torch.tensor([2.0]), torch.tensor([0.5])
+    assert math.isclose(float(bradley_terry_loss(s1, s2, torch.tensor([1.0]), 0.0)), math.log(1 + math.exp(-1.5)),
+                        rel_tol=1e-6)
+    equal = 0.5 * math.log(1 + math.exp(-1.5)) + 0.5 * math.log(1 + math.exp(1.5))
+    assert math.isclose(float(bradley_terry_loss(s1, s2, torch.tensor([0.5]), 0.0)), equal, rel_tol=1e-6)
+
+
+def test_label_records_use_the_prefs_vocabulary_and_replay_exactly():
+    task = AdditionTask()
+    prompts, first, second = ["47+38=", "1+2=", "5+5="], ["85", "3", "11"], ["75", "3", "10"]
+    ended = [True, True, True]
+    gold_1 = [task.gold(p, r, True) for p, r in zip(prompts, first)]
+    gold_2 = [task.gold(p, r, True) for p, r in zip(prompts, second)]
+    records = label_records(prompts, first, second, ended, ended, gold_1, gold_2, make_labeller("none", 1.0, 0),
+                            0.0, np.random.default_rng(0))
+    assert [r["label"] for r in records] == [1.0, 0.5, 0.0]
+    assert records[0] == {"query": 0, "prompt": "47+38=", "responses": ["85", "75"], "ended": [True, True],
+                          "label": 1.0, "labeller": "synthetic", "true_returns": [1.0, 0.0], "validation": False}
+    replay = ReplayOracle.__new__(ReplayOracle)
+    replay.records, replay.position = json.loads(json.dumps(records)), 0
+    assert [replay.answer(*r["true_returns"]) for r in records] == [1.0, 0.5, 0.0]
+    _, tokenizer = tiny_model()
+    pairs = pairs_from_records(records, tokenizer, "cpu")
+    assert pairs.labels.tolist() == [1.0, 0.5, 0.0]
+    assert pairs.first.texts(tokenizer) == first and pairs.second.texts(tokenizer) == second
+
+
+def test_reward_scores_read_the_eos_token():
+    from proximal.lm.model import ScalarHeadLM
+    from proximal.lm.reward import reward_scores
+
+    model, tokenizer = tiny_model()
+    reward_model = ScalarHeadLM(model)
+    torch.nn.init.normal_(reward_model.head.weight)
+    batch = completions_for(tokenizer, ["47+38=", "1+2="], ["85", "3"], [True, True])
+    with torch.no_grad():
+        scores = reward_scores(reward_model, batch)
+        for row, (prompt, response) in enumerate([("47+38=", "85"), ("1+2=", "3")]):
+            ids = ([tokenizer.bos_token_id] + tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+                   + [tokenizer.eos_token_id])
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+            assert math.isclose(float(scores[row]), float(reward_model.head(hidden)), abs_tol=1e-5)
+
+
+def run_cli(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_and_each_stage_writes_its_files(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *TINY], capsys)
+    assert code == 0, err
+    assert [line.split(":")[0] for line in out.splitlines()] == ["sft", "reward", "ppo", "run directory"]
+    for stage, files in {"sft": ["sft.png", "metrics.csv", "summary.json", "model/config.json"],
+                         "reward": ["reward.png", "comparisons.jsonl", "head.pt", "summary.json", "model/config.json"],
+                         "ppo": ["ppo.png", "metrics.csv", "summary.json", "samples.md", "comparisons.jsonl",
+                                 "model/config.json"]}.items():
+        for name in files:
+            assert (run_dir / stage / name).is_file(), f"{stage}/{name}"
+        assert not (run_dir / stage / "checkpoint.pt").exists()
+    comparisons = (run_dir / "reward" / "comparisons.jsonl").read_text().splitlines()
+    assert len(comparisons) == 120
+    policy_labels = [json.loads(line) for line in (run_dir / "ppo" / "comparisons.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in policy_labels] == [2] * 16 + [4] * 16
+    rows = (run_dir / "ppo" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+    summary = json.loads((run_dir / "ppo" / "summary.json").read_text())
+    assert 0.0 <= summary["eval"]["gold_greedy"] <= 1.0
+    # a finished run continues as a no-op; each stage reports that it was skipped
+    code, out, _ = run_cli(["rlhf", "--run-dir", str(run_dir), *TINY], capsys)
+    assert code == 0 and out.count("skipped") == 3
+    code, out, err = run_cli(["generate", str(run_dir / "ppo"), "12+34=", "--greedy"], capsys)
+    assert code == 0 and out.startswith("12+34=")
+
+
+@pytest.mark.slow
+def test_a_stage_runs_alone_and_a_killed_ppo_stage_resumes_to_the_same_result(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_cli(["rlhf", "--run-dir", str(run_dir), "--stage", "sft", *TINY], capsys)[0] == 0
+    assert run_cli(["rlhf", "--run-dir", str(run_dir), "--stage", "reward", *TINY], capsys)[0] == 0
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for stage in ("sft", "reward"):
+        import shutil
+        shutil.copytree(run_dir / stage, reference / stage)
+    (reference / "config.json").write_text((run_dir / "config.json").read_text())
+    assert run_cli(["rlhf", "--run-dir", str(reference), "--stage", "ppo", *TINY], capsys)[0] == 0
+    # the "killed" run: the PPO stage stopped after its checkpoint at iteration 2 (eval_every)
+    from proximal.lm.config import RLHFConfig
+    from proximal.lm.pipeline import Pipeline
+
+    config = RLHFConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    short = Pipeline(config.with_overrides({"ppo": {"iterations": 3}}), run_dir, show_progress=False)
+    original_save = __import__("proximal.lm.pipeline", fromlist=["save_pretrained"]).save_pretrained
+
+    class Killed(Exception):
+        pass
+
+    def kill(*_args, **_kwargs):
+        raise Killed
+
+    import proximal.lm.pipeline as pipeline_module
+    pipeline_module.save_pretrained = kill  # dies at the end of training, before the stage is marked done
+    try:
+        with pytest.raises(Killed):
+            short.run_ppo()
+    finally:
+        pipeline_module.save_pretrained = original_save
+    assert (run_dir / "ppo" / "checkpoint.pt").exists()
+    assert len((run_dir / "ppo" / "metrics.csv").read_text().splitlines()) == 1 + 3
+    code, _, err = run_cli(["rlhf", "--run-dir", str(run_dir), *TINY], capsys)
+    assert code == 0, err
+    resumed = (run_dir / "ppo" / "metrics.csv").read_text().splitlines()
+    expected = (reference / "ppo" / "metrics.csv").read_text().splitlines()
+    strip = lambda lines: [line.rsplit(",", 1)[0] for line in lines]  # noqa: E731  (wall_seconds differ)
+    assert strip(resumed) == strip(expected)
+    assert (run_dir / "ppo" / "comparisons.jsonl").read_text() == (reference / "ppo" / "comparisons.jsonl").read_text()
+
+
+def _prepare_bad_input_files(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    (tmp_path / "corrupt" / "sft").mkdir(parents=True)
+    (tmp_path / "corrupt" / "sft" / "checkpoint.pt").write_bytes(b"\x80\x02 not a checkpoint")
+
+
+BAD_INPUTS = {  # case -> arguments, given the test's directory
+    "unknown task": lambda d: ["rlhf", "subtraction"],
+    "negative beta": lambda d: ["rlhf", "--ppo.kl-coef", "-0.1"],
+    "nan beta": lambda d: ["rlhf", "--ppo.kl-coef", "nan"],
+    "not a model": lambda d: ["rlhf", "--model.path", str(d / "not_a_model")],
+    "model dir missing": lambda d: ["rlhf", "--model.path", str(d / "nowhere")],
+    "prompt longer than the context": lambda d: ["rlhf", "--model.context", "8"],
+    "stage without its predecessor": lambda d: ["rlhf", "--stage", "ppo", "--run-dir", str(d / "empty")],
+    "reward without sft": lambda d: ["rlhf", "--stage", "reward"],
+    "corrupt checkpoint": lambda d: ["rlhf", "--run-dir", str(d / "corrupt"), *TINY],
+    "wrong type": lambda d: ["rlhf", "--sft.steps", "many"],
+    "unknown device": lambda d: ["rlhf", "--device", "tpu"],
+    "generate from nowhere": lambda d: ["generate", str(d / "nowhere"), "1+1="],
+    "generate zero temperature": lambda d: ["generate", str(d / "empty"), "1+1=", "--temperature", "0"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _prepare_bad_input_files(tmp_path)
+    args = BAD_INPUTS[case](tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, out, err = run_cli(args, capsys)
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
