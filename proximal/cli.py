@@ -74,7 +74,8 @@ def _add_rlhf_flags(parser: argparse.ArgumentParser) -> None:
             if config_field.type == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             else:
-                parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type], **kwargs)
+                parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type],
+                                    metavar={"int": "N", "float": "X", "str": "TEXT"}[config_field.type], **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,8 +288,19 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_lm_dependencies() -> None:
+    """The LM commands need Hugging Face transformers (the `lm` extra); say so in one line."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("tokenizers") is None:
+        raise ConfigError("this command needs transformers and tokenizers: python3 -m pip install -e \".[lm]\" "
+                          "(after torch==2.13.0)")
+
+
 def _rlhf(args: argparse.Namespace) -> int:
     from proximal.lm.config import RLHFConfig, SECTIONS
+
+    _require_lm_dependencies()
 
     overrides: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     overrides["task"]["name"] = args.task
@@ -325,6 +337,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError("--samples and --max-new-tokens must be positive integers")
     if not (args.temperature > 0 and args.temperature < float("inf")):
         raise ConfigError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    _require_lm_dependencies()
     import torch
 
     from proximal.lm.model import load_pretrained, sample_completions

@@ -1,5 +1,6 @@
 """Small models and hand-built batches shared by the LM tests."""
 
+import pytest
 import torch
 
 from proximal.lm.model import Completions, build_char_tokenizer, build_tiny_gpt2, encode_prompts, encode_responses
@@ -11,8 +12,28 @@ def tiny_model(seed: int = 0, width: int = 32):
     return build_tiny_gpt2(tokenizer, width=width, layers=2, heads=2, context=16).eval(), tokenizer
 
 
-def completions_for(tokenizer, prompts, responses, ended) -> Completions:
+# The exactness tests run on every device there is: CUDA where torch sees one, else skipped.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def completions_for(tokenizer, prompts, responses, ended, device: str = "cpu") -> Completions:
     """A padded batch of given prompts and responses (EOS appended where `ended`)."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, "cpu")
-    response_ids, response_mask = encode_responses(tokenizer, responses, ended, "cpu")
-    return Completions(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor(ended))
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    response_ids, response_mask = encode_responses(tokenizer, responses, ended, device)
+    return Completions(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor(ended, device=device))
+
+
+def tiny_llama(seed: int = 0):
+    """Another architecture (rotary positions, RMSNorm, gated MLP) behind the same interface."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+ARCHITECTURES = {"gpt2": tiny_model, "llama": tiny_llama}

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from lm_helpers import completions_for, tiny_model
+from lm_helpers import ARCHITECTURES, DEVICES, completions_for, tiny_model
 from proximal.errors import CheckpointError
 from proximal.lm.model import (ScalarHeadLM, load_pretrained, sample_completions, save_pretrained, token_entropy,
                                token_logprobs)
 from proximal.lm.ppo import policy_outputs
 
 
-def unpadded_logprobs(model, tokenizer, prompt, response_ids, temperature):
+def unpadded_logprobs(model, tokenizer, prompt, response_ids, temperature, device="cpu"):
     """Brute force: the sequence alone, no padding, no mask; log softmax(logits / T) by hand."""
     ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"] + response_ids
-    logits = model(torch.tensor([ids])).logits[0]  # [L, V]
+    logits = model(torch.tensor([ids], device=device)).logits[0]  # [L, V]
     start = len(ids) - len(response_ids)
     out = []
     for t, token in enumerate(response_ids):
@@ -22,20 +22,23 @@ def unpadded_logprobs(model, tokenizer, prompt, response_ids, temperature):
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_a_sequence_has_the_same_logprobs_alone_and_inside_a_padded_batch(temperature):
-    model, tokenizer = tiny_model()
-    policy = ScalarHeadLM(model)
+def test_a_sequence_has_the_same_logprobs_alone_and_inside_a_padded_batch(temperature, architecture, device):
+    model, tokenizer = ARCHITECTURES[architecture]()
+    model = model.to(device)
+    policy = ScalarHeadLM(model).to(device)
     prompts, responses, ended = ["7+5=", "47+38=", "1+99="], ["12", "85", "1001"], [True, True, False]
-    batch = completions_for(tokenizer, prompts, responses, ended)
+    batch = completions_for(tokenizer, prompts, responses, ended, device)
     with torch.no_grad():
         logprobs, _, _ = policy_outputs(policy, batch, temperature)
     for row, (prompt, response, end) in enumerate(zip(prompts, responses, ended)):
         ids = tokenizer(response, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if end else [])
         with torch.no_grad():
-            alone = unpadded_logprobs(model, tokenizer, prompt, ids, temperature)
+            alone = unpadded_logprobs(model, tokenizer, prompt, ids, temperature, device)
         assert batch.response_mask[row].sum() == len(ids)
-        assert torch.allclose(logprobs[row, :len(ids)], torch.tensor(alone), atol=1e-5)
+        assert torch.allclose(logprobs[row, :len(ids)].cpu(), torch.tensor(alone), atol=1e-5)
 
 
 def test_token_logprobs_and_entropy_apply_the_temperature():
@@ -46,17 +49,20 @@ def test_token_logprobs_and_entropy_apply_the_temperature():
         assert torch.allclose(token_entropy(logits, temperature), -(probs * probs.log()).sum(-1))
 
 
-def test_kv_cache_sampling_gives_what_a_full_recomputation_gives():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_kv_cache_sampling_gives_what_a_full_recomputation_gives(architecture, device):
     """Greedy decoding with the cache against a loop that recomputes the whole sequence each step."""
-    model, tokenizer = tiny_model(seed=3)
+    model, tokenizer = ARCHITECTURES[architecture](seed=3)
+    model = model.to(device)
     prompts = ["3+4=", "58+67=", "9+90="]
-    cached = sample_completions(model, tokenizer, prompts, 5, 1.0, None, "cpu", greedy=True)
+    cached = sample_completions(model, tokenizer, prompts, 5, 1.0, None, device, greedy=True)
     for row, prompt in enumerate(prompts):
         ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         generated = []
         for _ in range(5):
             with torch.no_grad():
-                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                token = int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax())
             generated.append(token)
             ids.append(token)
             if token == tokenizer.eos_token_id:

@@ -95,6 +95,26 @@ def test_label_records_use_the_prefs_vocabulary_and_replay_exactly():
     assert pairs.first.texts(tokenizer) == first and pairs.second.texts(tokenizer) == second
 
 
+def test_a_pair_of_identical_responses_has_exactly_zero_gradient_and_is_skipped():
+    from proximal.lm.labels import teaches_something
+    from proximal.lm.model import ScalarHeadLM
+    from proximal.lm.reward import reward_loss
+
+    model, tokenizer = tiny_model()
+    reward_model = ScalarHeadLM(model)
+    torch.nn.init.normal_(reward_model.head.weight)
+    record = {"query": 0, "prompt": "47+38=", "responses": ["85", "85"], "ended": [True, True], "label": 0.5,
+              "labeller": "synthetic", "true_returns": [1.0, 1.0], "validation": False}
+    loss = reward_loss(reward_model, pairs_from_records([record], tokenizer, "cpu"))
+    loss.backward()
+    assert math.isclose(float(loss), math.log(2), rel_tol=1e-6)
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in reward_model.parameters())
+    assert not teaches_something(record)
+    assert teaches_something({**record, "responses": ["85", "75"]})
+    assert teaches_something({**record, "ended": [True, False]})
+    assert not teaches_something({**record, "responses": ["85", "75"], "label": None})
+
+
 def test_reward_scores_read_the_eos_token():
     from proximal.lm.model import ScalarHeadLM
     from proximal.lm.reward import reward_scores
@@ -191,6 +211,20 @@ def test_a_stage_runs_alone_and_a_killed_ppo_stage_resumes_to_the_same_result(tm
     strip = lambda lines: [line.rsplit(",", 1)[0] for line in lines]  # noqa: E731  (wall_seconds differ)
     assert strip(resumed) == strip(expected)
     assert (run_dir / "ppo" / "comparisons.jsonl").read_text() == (reference / "ppo" / "comparisons.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_the_pipeline_starts_from_a_local_hugging_face_directory_of_another_architecture(tmp_path, capsys):
+    from lm_helpers import tiny_llama
+    from proximal.lm.model import save_pretrained
+
+    model, tokenizer = tiny_llama()
+    save_pretrained(model, tokenizer, tmp_path / "my-llama")
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), "--model.path", str(tmp_path / "my-llama"), *TINY],
+                             capsys)
+    assert code == 0, err
+    assert json.loads((run_dir / "ppo" / "model" / "config.json").read_text())["model_type"] == "llama"
 
 
 def _prepare_bad_input_files(tmp_path: Path) -> None:

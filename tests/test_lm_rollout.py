@@ -4,7 +4,9 @@ import math
 
 import torch
 
-from lm_helpers import completions_for, tiny_model
+import pytest
+
+from lm_helpers import DEVICES, completions_for, tiny_model
 from proximal.agent import clipped_surrogate_loss
 from proximal.lm.config import PPOConfig
 from proximal.lm.model import ScalarHeadLM, sample_completions, token_logprobs
@@ -17,19 +19,20 @@ RESPONSES = ["12", "85", "10000", "3"]
 ENDED = [True, True, False, True]  # the third is cut at the length limit without EOS
 
 
-def models(policy_seed=0, reward_seed=1):
+def models(policy_seed=0, reward_seed=1, device="cpu"):
     reference, tokenizer = tiny_model(seed=0)
     policy_lm, _ = tiny_model(seed=policy_seed)
     reward_lm, _ = tiny_model(seed=reward_seed)
     reward_model = ScalarHeadLM(reward_lm)
     torch.nn.init.normal_(reward_model.head.weight)  # a head that gives scores of varied size
-    return ScalarHeadLM(policy_lm), reference, reward_model.eval(), tokenizer
+    return (ScalarHeadLM(policy_lm).to(device), reference.to(device), reward_model.eval().to(device), tokenizer)
 
 
-def test_policy_equal_to_reference_gives_exactly_zero_kl_and_the_bare_score_at_eos():
-    policy, reference, reward_model, tokenizer = models(policy_seed=0)  # policy weights == reference weights
-    batch = completions_for(tokenizer, PROMPTS, RESPONSES, ENDED)
-    minibatches = list(torch.arange(4).split(2))
+@pytest.mark.parametrize("device", DEVICES)
+def test_policy_equal_to_reference_gives_exactly_zero_kl_and_the_bare_score_at_eos(device):
+    policy, reference, reward_model, tokenizer = models(policy_seed=0, device=device)  # policy == reference weights
+    batch = completions_for(tokenizer, PROMPTS, RESPONSES, ENDED, device)
+    minibatches = list(torch.arange(4, device=device).split(2))
     for temperature in (1.0, 0.6):
         config = PPOConfig(temperature=temperature, prompts_per_iteration=4, minibatch_size=2, missing_eos_score=-3.0)
         rollout = collect_rollout(policy, reference, reward_model, batch, minibatches, config, kl_coef=0.5)
@@ -98,14 +101,15 @@ def test_gae_over_tokens_matches_a_hand_recursion_for_lambda_below_one():
     assert torch.allclose(advantages[0], torch.tensor(expected))
 
 
-def test_on_the_first_minibatch_of_an_update_the_ratio_is_exactly_one():
-    policy, reference, reward_model, tokenizer = models(policy_seed=5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_the_first_minibatch_of_an_update_the_ratio_is_exactly_one(device):
+    policy, reference, reward_model, tokenizer = models(policy_seed=5, device=device)
     torch.manual_seed(0)
     config = PPOConfig(prompts_per_iteration=16, minibatch_size=4, epochs=2)
     completions = sample_completions(policy.lm, tokenizer, ["12+34=", "5+6=", "99+1=", "40+44="] * 4, 5, 1.0,
-                                     torch.Generator().manual_seed(0), "cpu")
-    generator = torch.Generator().manual_seed(1)
-    first = list(torch.randperm(16, generator=generator).split(4))
+                                     torch.Generator(device=device).manual_seed(0), device)
+    generator = torch.Generator(device=device).manual_seed(1)
+    first = list(torch.randperm(16, generator=generator, device=device).split(4))
     rollout = collect_rollout(policy, reference, reward_model, completions, first, config, kl_coef=0.1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     stats = ppo_update(policy, optimizer, rollout, first, config, generator)

@@ -8,7 +8,7 @@ NOTES = ROOT / "notes" / "week1_answers.md"
 TEXT = NOTES.read_text()
 
 # `quoted code` ([file.py#L12](../proximal/file.py#L12))  or  ...#L12-L14
-CODE_CITATION = re.compile(r"`([^`]+)` \(\[[^\]]+\]\(\.\./(proximal/\w+\.py)#L(\d+)(?:-L(\d+))?\)\)")
+CODE_CITATION = re.compile(r"`([^`]+)` \(\[[^\]]+\]\(\.\./(proximal/[\w/]+\.py)#L(\d+)(?:-L(\d+))?\)\)")
 TEST_CITATION = re.compile(r"tests/(test_\w+\.py)::(test_\w+)")
 FIGURE = re.compile(r"!\[[^\]]*\]\((figures/[\w.]+)\)")
 

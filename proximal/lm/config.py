@@ -81,7 +81,7 @@ LABELLER_NOISES = ("none", "boltzmann")
 class RewardConfig:
     """The labelled pairs and the reward model fitted to them."""
 
-    labels: int = _param(3000, "pairs of SFT samples the labeller compares (one prompt per pair)")
+    labels: int = _param(20_000, "pairs of SFT samples the labeller compares (one prompt per pair)")
     sample_temperature: float = _param(1.5, "temperature the SFT samples of a pair are drawn at: above 1 "
                                             "makes varied wrong answers, which refute a shortcut")
     samples_per_prompt: int = _param(4, "SFT samples drawn per prompt; the pair is the first and the first "
@@ -90,7 +90,7 @@ class RewardConfig:
                                          "boltzmann (P[1 > 2] = sigmoid((gold1 - gold2) / labeller temperature))")
     labeller_temperature: float = _param(0.25, "temperature of the boltzmann labeller, > 0")
     validation_fraction: float = _param(0.2, "share of the pairs held out to measure accuracy")
-    epochs: int = _param(2, "passes over the training pairs")
+    epochs: int = _param(5, "passes over the training pairs")
     batch_size: int = _param(64, "pairs per step")
     learning_rate: float = _param(3e-4, "AdamW step size")
 
@@ -111,7 +111,7 @@ class RewardConfig:
 class PPOConfig:
     """PPO on the reward model's score with a per-token KL penalty to the SFT model."""
 
-    iterations: int = _param(120, "rollout + update cycles")
+    iterations: int = _param(200, "rollout + update cycles")
     prompts_per_iteration: int = _param(256, "responses sampled per iteration, one per prompt (B)")
     max_new_tokens: int = _param(5, "length limit of a response, EOS included")
     temperature: float = _param(1.0, "sampling temperature; the same one divides the logits of the policy and "
@@ -122,11 +122,11 @@ class PPOConfig:
     clip_coef: float = _param(0.2, "clip range epsilon of Eq. 7")
     vf_coef: float = _param(0.5, "weight of the value head's loss")
     gae_lambda: float = _param(0.95, "GAE lambda over the response tokens (gamma is 1)")
-    kl_coef: float = _param(0.1, "beta: weight of the per-token KL penalty to the SFT model (initial value "
+    kl_coef: float = _param(0.3, "beta: weight of the per-token KL penalty to the SFT model (initial value "
                                  "when --ppo.adaptive-kl), >= 0")
     adaptive_kl: bool = _param(True, "adapt beta towards --ppo.kl-target (Ziegler et al. 2019)")
     kl_target: float = _param(0.5, "adaptive KL: the KL per response (nats) beta steers towards")
-    kl_horizon: int = _param(10_000, "adaptive KL: responses over which beta moves by up to 20%")
+    kl_horizon: int = _param(2000, "adaptive KL: responses over which beta moves by up to 20%")
     missing_eos_score: float = _param(-3.0, "the score of a response cut at the length limit without EOS "
                                             "(reward-model scores are standardised on SFT samples)")
     max_grad_norm: float = _param(1.0, "clip the global gradient norm to this")

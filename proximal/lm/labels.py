@@ -50,6 +50,14 @@ def label_records(prompts: list[str], first: list[str], second: list[str], ended
     return records
 
 
+def teaches_something(record: dict) -> bool:
+    """False for an answered pair of two identical responses: equal scores and the label 0.5
+    give a Bradley-Terry loss of log 2 whatever the weights, so its gradient is exactly zero.
+    Such pairs are recorded (the labeller did answer) but not spent compute on."""
+    return record["label"] is not None and (record["responses"][0] != record["responses"][1]
+                                            or record["ended"][0] != record["ended"][1])
+
+
 def write_records(path: Path, records: list[dict]) -> None:
     """The whole file at once: a temp file renamed into place, so a kill leaves none or all."""
     temp = path.with_name(f".{path.name}.tmp")

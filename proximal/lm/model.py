@@ -55,6 +55,15 @@ def build_tiny_gpt2(tokenizer, width: int, layers: int, heads: int, context: int
     return GPT2LMHeadModel(config)
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars and one-line errors speak for us: transformers' info messages and
+    its per-file progress bars would interleave with them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_pretrained(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) from a local directory holding a Hugging Face causal LM and its tokenizer.
     Never reaches a hub: a missing or foreign directory is a CheckpointError."""
@@ -62,10 +71,8 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} holds no Hugging Face model (no config.json in it)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
@@ -80,6 +87,7 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
 
 
 def save_pretrained(model: nn.Module, tokenizer, path: Path) -> None:
+    _quiet_transformers()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 

@@ -27,7 +27,7 @@ from proximal.errors import CheckpointError, ConfigError
 from proximal.lm.config import RLHFConfig, prompt_budget
 from proximal.lm.evaluation import evaluate_policy, gold_scores
 from proximal.lm.labels import (COMPARISONS_NAME, label_records, make_labeller, pairs_from_records, read_records,
-                                write_records)
+                                teaches_something, write_records)
 from proximal.lm.model import (ScalarHeadLM, build_char_tokenizer, build_tiny_gpt2, context_length, encode_prompts,
                                load_pretrained, sample_completions, save_pretrained)
 from proximal.lm.ppo import ppo_iteration
@@ -244,7 +244,7 @@ class Pipeline:
         started = time.perf_counter()
         records = self._comparisons(lm, tokenizer, stage_dir)
         sft_samples = self.sft_samples(lm, tokenizer)  # before training: the reward model shares lm's weights
-        pairs = pairs_from_records(records, tokenizer, self.device)
+        pairs = pairs_from_records([record for record in records if teaches_something(record)], tokenizer, self.device)
         train_pairs = pairs.select(torch.nonzero(~pairs.is_validation).squeeze(-1))
         val_pairs = pairs.select(torch.nonzero(pairs.is_validation).squeeze(-1))
         if train_pairs.size == 0:
@@ -272,8 +272,7 @@ class Pipeline:
             fit_reward_model(model, optimizer, train_pairs, total, config.batch_size, generator, on_step)
         log.close()
         mean, std = standardise_scores(model, sft_samples, 256)
-        model.lm.save_pretrained(stage_dir / MODEL_DIR)
-        tokenizer.save_pretrained(stage_dir / MODEL_DIR)
+        save_pretrained(model.lm, tokenizer, stage_dir / MODEL_DIR)
         save_checkpoint(stage_dir / HEAD_NAME, {"head": model.head.state_dict()})
         labels = torch.tensor([r["label"] if r["label"] is not None else float("nan") for r in records])
         summary = {
@@ -324,7 +323,7 @@ class Pipeline:
         records.extend(new)
         with open(self.stage_dir("ppo") / COMPARISONS_NAME, "a") as file:
             file.writelines(json.dumps(record) + "\n" for record in new)
-        training = [record for record in records if not record["validation"]]
+        training = [record for record in records if not record["validation"] and teaches_something(record)]
         fit_reward_model(reward_model, reward_optimizer, pairs_from_records(training, tokenizer, self.device),
                          config.ppo.refit_steps, config.reward.batch_size, generator)
         standardise_scores(reward_model, sft_samples, 256)
