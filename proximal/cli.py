@@ -34,6 +34,19 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """An output file's folder must exist and be writable: checked before any work is done."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{flag} {path}: directory {folder} is not writable")
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    return path
+
+
 def optional_float(text: str) -> float | None:
     """A flag value that may be switched off: "none" or "off" -> None, else a float."""
     return None if text.lower() in ("none", "off") else float(text)
@@ -222,6 +235,8 @@ def _prefs(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be a positive integer, got {args.episodes}")
+    if args.gif:
+        check_output_file(args.gif, "--gif")
     import torch
 
     from proximal.agent import PPOAgent
@@ -357,6 +372,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    check_output_file(args.out, "--out")
     from proximal.plots import plot_runs
 
     print(f"wrote {plot_runs([Path(run_dir) for run_dir in args.run_dirs], Path(args.out))}")

@@ -55,6 +55,8 @@ def make_vector_env(env_id: str, num_envs: int) -> VectorEnv:
         raise EnvError(_unknown_env_message(env_id)) from None
     except gym.error.DependencyNotInstalled as error:
         raise EnvError(f"{env_id} needs an extra dependency: {error}") from None
+    except gym.error.Error as error:  # e.g. "Malformed environment ID" for ../../etc
+        raise EnvError(f"{env_id!r} is not a Gymnasium environment id ({str(error).split('. ')[0]})") from None
     try:
         check_spaces(env_id, envs.single_observation_space, envs.single_action_space)
         mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)

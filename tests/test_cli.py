@@ -83,6 +83,9 @@ BAD_INPUTS = [
     (["prefs", "--segment-length", "300"], None, "segment_length must be <= num_steps = 256"),
     (["prefs", "--oracle", "replay"], None, "replay_from must be a comparisons.jsonl exactly when --oracle replay"),
     (["prefs", "--oracle", "replay", "--replay-from", "{path}"], "missing", "cannot read recorded comparisons"),
+    (["train", "../../etc"], None, "'../../etc' is not a Gymnasium environment id"),
+    (["eval", "{path}", "--gif", "/no/such/dir/x.gif"], "empty_dir", "--gif /no/such/dir/x.gif: no such directory"),
+    (["plot", "{path}", "--out", "/no/such/dir/x.png"], "empty_dir", "--out /no/such/dir/x.png: no such directory"),
 ]
 
 
