@@ -107,7 +107,7 @@ def test_a_pair_of_identical_responses_has_exactly_zero_gradient_and_is_skipped(
               "labeller": "synthetic", "true_returns": [1.0, 1.0], "validation": False}
     loss = reward_loss(reward_model, pairs_from_records([record], tokenizer, "cpu"))
     loss.backward()
-    assert math.isclose(float(loss), math.log(2), rel_tol=1e-6)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in reward_model.parameters())
     assert not teaches_something(record)
     assert teaches_something({**record, "responses": ["85", "75"]})

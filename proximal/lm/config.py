@@ -90,7 +90,7 @@ class RewardConfig:
                                          "boltzmann (P[1 > 2] = sigmoid((gold1 - gold2) / labeller temperature))")
     labeller_temperature: float = _param(0.25, "temperature of the boltzmann labeller, > 0")
     validation_fraction: float = _param(0.2, "share of the pairs held out to measure accuracy")
-    epochs: int = _param(5, "passes over the training pairs")
+    epochs: int = _param(8, "passes over the training pairs")
     batch_size: int = _param(64, "pairs per step")
     learning_rate: float = _param(3e-4, "AdamW step size")
 
@@ -111,14 +111,14 @@ class RewardConfig:
 class PPOConfig:
     """PPO on the reward model's score with a per-token KL penalty to the SFT model."""
 
-    iterations: int = _param(200, "rollout + update cycles")
+    iterations: int = _param(250, "rollout + update cycles")
     prompts_per_iteration: int = _param(256, "responses sampled per iteration, one per prompt (B)")
     max_new_tokens: int = _param(5, "length limit of a response, EOS included")
     temperature: float = _param(1.0, "sampling temperature; the same one divides the logits of the policy and "
                                      "the reference whenever log-probs are computed")
     epochs: int = _param(2, "passes over each rollout")
     minibatch_size: int = _param(128, "responses per gradient step")
-    learning_rate: float = _param(5e-4, "AdamW step size")
+    learning_rate: float = _param(2e-4, "AdamW step size")
     clip_coef: float = _param(0.2, "clip range epsilon of Eq. 7")
     vf_coef: float = _param(0.5, "weight of the value head's loss")
     gae_lambda: float = _param(0.95, "GAE lambda over the response tokens (gamma is 1)")
