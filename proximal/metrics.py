@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from proximal.run import CsvLog, read_csv_rows
 
 METRICS_NAME = "metrics.csv"
 METRIC_COLUMNS = (
@@ -19,38 +19,29 @@ METRIC_COLUMNS = (
 
 def read_metrics(run_dir: Path) -> list[dict[str, float | None]]:
     """The rows of a run's metrics.csv as numbers (None where a cell is empty)."""
-    with open(Path(run_dir) / METRICS_NAME, newline="") as file:
-        return [{key: (float(value) if value != "" else None) for key, value in row.items()}
-                for row in csv.DictReader(file)]
+    return read_csv_rows(Path(run_dir) / METRICS_NAME)
 
 
 class MetricsLogger:
     """One CSV row per iteration, flushed at once so a crash loses nothing already logged.
 
     When resuming, rows past the checkpoint's iteration (work lost with the crash, about to be
-    redone) are dropped first.
+    redone) are dropped first, by an atomic rewrite (`proximal.run.CsvLog`): a kill at that
+    moment leaves the old file or the new one, never a truncated history.
     """
 
     def __init__(self, run_dir: Path, total_steps: int, start_iteration: int, start_step: int,
                  show_progress: bool, extra_columns: tuple[str, ...] = ()):
         path = Path(run_dir) / METRICS_NAME
-        kept_rows = ([row for row in read_metrics(run_dir) if row["iteration"] <= start_iteration]
-                     if path.exists() else [])
         self._columns = METRIC_COLUMNS + tuple(extra_columns)
-        self._file = open(path, "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=self._columns)
-        self._writer.writeheader()
-        for row in kept_rows:
-            self._writer.writerow({key: _format(value) for key, value in row.items()})
-        self._file.flush()
+        self._csv = CsvLog(path, self._columns, "iteration", start_iteration if path.exists() else None)
         self._tensorboard = _tensorboard_writer(run_dir)
         self._progress = tqdm(total=total_steps, initial=start_step, unit="step", unit_scale=True,
                               disable=not show_progress, dynamic_ncols=True, leave=False)
         self._last_return: float | None = None
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self._writer.writerow({key: _format(metrics.get(key)) for key in self._columns})
-        self._file.flush()
+        self._csv.log(metrics)
         if self._tensorboard is not None:
             for key in self._columns[2:]:
                 if metrics.get(key) is not None:
@@ -63,17 +54,9 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._progress.close()
-        self._file.close()
+        self._csv.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
-
-
-def _format(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def _tensorboard_writer(run_dir: Path):

@@ -1,6 +1,8 @@
-"""The run layer the LM stages share: files written so that a kill at any moment leaves each one
-absent or whole.
+"""The run layer every trainer shares: run directories, resuming from a checkpoint, and files
+written so that a kill at any moment leaves each one absent or whole.
 
+- `unique_run_dir`: RUNS_DIR/<name>__<time>/, unique even when two runs start in the same second.
+- `restore_states`: put each object back as a checkpoint holds it (resume).
 - `write_json_atomic`: a summary or result, written to a temp file, fsynced, renamed into place.
 - `CsvLog`: one metrics row per step, appended and flushed at once. Resuming from a checkpoint
   first drops the rows logged after it (work about to be redone) by rewriting the file to a temp
@@ -14,8 +16,39 @@ import csv
 import json
 import math
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from proximal.checkpoint import load_checkpoint
+
+
+def unique_run_dir(runs_dir: str | Path, name: str) -> Path:
+    """A new directory RUNS_DIR/<name>__<time>, suffixed -2, -3 ... if that one exists."""
+    base = Path(runs_dir) / f"{name}__{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir, suffix = base, 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = base.with_name(f"{base.name}-{suffix}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def restore_states(checkpoint_path: Path, **stateful: Any) -> dict[str, Any] | None:
+    """If `checkpoint_path` exists, load each named object's state from the checkpoint entry of
+    the same name (`set_state` for a torch.Generator, `load_state_dict` for the rest) and return
+    the checkpoint for its other entries; else None (a fresh start)."""
+    if not Path(checkpoint_path).exists():
+        return None
+    state = load_checkpoint(checkpoint_path)
+    for name, target in stateful.items():
+        if isinstance(target, torch.Generator):
+            target.set_state(state[name])
+        else:
+            target.load_state_dict(state[name])
+    return state
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

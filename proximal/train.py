@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +27,7 @@ from proximal.errors import EnvError, TrainingDiverged
 from proximal.evaluate import evaluate
 from proximal.metrics import MetricsLogger
 from proximal.normalize import RewardScaler
+from proximal.run import unique_run_dir
 from proximal.utils import compute_gae
 
 EVAL_NAME = "eval.json"
@@ -155,14 +155,7 @@ def rollout_to_batch(rollout: Rollout, ppo: PPOConfig) -> RolloutBatch:
 
 def new_run_dir(config: TrainConfig) -> Path:
     """runs/<env>__<seed>__<time>/, made unique if two runs start in the same second."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(config.run.runs_dir) / f"{config.env.env_id.replace('/', '-')}__{config.run.seed}__{stamp}"
-    run_dir, suffix = base, 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = base.with_name(f"{base.name}-{suffix}")
-    run_dir.mkdir(parents=True)
-    return run_dir
+    return unique_run_dir(config.run.runs_dir, f"{config.env.env_id.replace('/', '-')}__{config.run.seed}")
 
 
 class RewardLearner(Protocol):

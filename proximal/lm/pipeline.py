@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from proximal.lm.reward import fit_reward_model, pair_accuracy, standardise_scor
 from proximal.lm.rollout import AdaptiveKLController
 from proximal.lm.sft import encode_demonstrations, sft_loss
 from proximal.lm.tasks import PromptSplits, make_task
-from proximal.run import CsvLog, write_json_atomic
+from proximal.run import CsvLog, restore_states, unique_run_dir, write_json_atomic
 
 STAGES = ("sft", "reward", "ppo")
 SUMMARY_NAME = "summary.json"
@@ -51,14 +50,7 @@ PREFERENCE_PROMPT_SEED, RL_SEED, EVAL_SEED = 1, 2, 3  # offsets from the run's s
 
 
 def new_run_dir(config: RLHFConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(config.run.runs_dir) / f"rlhf-{config.task.name}__{config.run.seed}__{stamp}"
-    run_dir, suffix = base, 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = base.with_name(f"{base.name}-{suffix}")
-    run_dir.mkdir(parents=True)
-    return run_dir
+    return unique_run_dir(config.run.runs_dir, f"rlhf-{config.task.name}__{config.run.seed}")
 
 
 def is_finished(stage_dir: Path) -> bool:
@@ -152,15 +144,10 @@ class Pipeline:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1.0 - step / config.steps))
         generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed)
-        start, elapsed = 0, 0.0
         checkpoint_path = stage_dir / CHECKPOINT_NAME
-        if checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            generator.set_state(state["generator"])
-            start, elapsed = int(state["step"]), float(state["wall_seconds"])
+        state = restore_states(checkpoint_path, model=model, optimizer=optimizer, schedule=schedule,
+                               generator=generator)
+        start, elapsed = (0, 0.0) if state is None else (int(state["step"]), float(state["wall_seconds"]))
         log = CsvLog(stage_dir / "metrics.csv", SFT_COLUMNS, "step", start if start else None)
         model.train()
         started = time.perf_counter() - elapsed
@@ -348,17 +335,12 @@ class Pipeline:
         generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed + RL_SEED)
         records = read_records(self.stage_dir("reward") / COMPARISONS_NAME)
         sft_samples = self.sft_samples(reference, tokenizer)
-        start, elapsed = 0, 0.0
         checkpoint_path = stage_dir / CHECKPOINT_NAME
-        if checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path)
-            policy.load_state_dict(state["policy"])
-            optimizer.load_state_dict(state["optimizer"])
-            reward_model.load_state_dict(state["reward_model"])
-            reward_optimizer.load_state_dict(state["reward_optimizer"])
-            generator.set_state(state["generator"])
+        state = restore_states(checkpoint_path, policy=policy, optimizer=optimizer, reward_model=reward_model,
+                               reward_optimizer=reward_optimizer, generator=generator)
+        start, elapsed = (0, 0.0) if state is None else (int(state["iteration"]), float(state["wall_seconds"]))
+        if state is not None:
             kl_controller.value = float(state["kl_coef"])
-            start, elapsed = int(state["iteration"]), float(state["wall_seconds"])
         policy_records_path = stage_dir / COMPARISONS_NAME
         policy_records = ([record for record in read_records(policy_records_path) if record["iteration"] <= start]
                           if start and policy_records_path.exists() else [])
