@@ -54,6 +54,21 @@ def clipped_surrogate_loss(
     return -(surrogate.mean() if mask is None else masked_mean(surrogate, mask))
 
 
+@torch.no_grad()
+def ratio_statistics(logp_new: torch.Tensor, logp_old: torch.Tensor, clip_coef: float,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far an update moved the policy, over every entry or those where `mask` is True:
+    approx-KL(old || new) by the k3 estimator E[(r - 1) - log r] (>= 0 for every sample), and the
+    clip fraction, the share of samples whose ratio r left [1 - eps, 1 + eps]."""
+    log_ratio = logp_new - logp_old
+    ratio = log_ratio.exp()
+    approx_kl = (ratio - 1.0) - log_ratio
+    clipped = ((ratio - 1.0).abs() > clip_coef).float()
+    if mask is None:
+        return approx_kl.mean(), clipped.mean()
+    return masked_mean(approx_kl, mask), masked_mean(clipped, mask)
+
+
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
     """Orthogonal weights with the given gain, zero biases (as in the PPO paper's baselines code)."""
     nn.init.orthogonal_(layer.weight, gain)
@@ -289,11 +304,7 @@ class PPOAgent:
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.network.parameters(), ppo.max_grad_norm)
                 self.optimizer.step()
-                with torch.no_grad():
-                    log_ratio = logp_new - batch.logprobs[indices]
-                    ratio = log_ratio.exp()
-                    approx_kl = ((ratio - 1.0) - log_ratio).mean()
-                    clip_fraction = ((ratio - 1.0).abs() > ppo.clip_coef).float().mean()
+                approx_kl, clip_fraction = ratio_statistics(logp_new, batch.logprobs[indices], ppo.clip_coef)
                 epoch_kls.append(approx_kl)
                 history.append(torch.stack([policy_loss.detach(), value_loss.detach(),
                                             entropy_mean.detach(), approx_kl, clip_fraction]))

@@ -311,3 +311,18 @@ def test_observation_statistics_are_frozen_when_acting_and_restored_on_load(tmp_
     loaded = PPOAgent.load(tmp_path)
     np.testing.assert_array_equal(loaded.observation_stats.mean, agent.observation_stats.mean)
     np.testing.assert_array_equal(agent.act(raw), loaded.act(raw))
+
+
+def test_ratio_statistics_by_hand():
+    from proximal.agent import ratio_statistics
+
+    logp_old = torch.zeros(4)
+    logp_new = torch.log(torch.tensor([1.0, 1.1, 1.5, 0.5]))  # ratios
+    approx_kl, clip_fraction = ratio_statistics(logp_new, logp_old, clip_coef=0.2)
+    k3 = [(r - 1) - math.log(r) for r in (1.0, 1.1, 1.5, 0.5)]
+    assert math.isclose(float(approx_kl), sum(k3) / 4, rel_tol=1e-5)
+    assert float(clip_fraction) == 0.5  # 1.5 and 0.5 left [0.8, 1.2]
+    mask = torch.tensor([True, True, False, False])
+    approx_kl, clip_fraction = ratio_statistics(logp_new, logp_old, 0.2, mask)
+    assert math.isclose(float(approx_kl), sum(k3[:2]) / 2, rel_tol=1e-5)
+    assert float(clip_fraction) == 0.0

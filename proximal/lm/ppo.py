@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from proximal.agent import clipped_surrogate_loss
+from proximal.agent import clipped_surrogate_loss, ratio_statistics
 from proximal.lm.config import PPOConfig
 from proximal.lm.model import (Completions, ScalarHeadLM, lm_forward, response_logits, sample_completions,
                                token_entropy, token_logprobs)
@@ -96,15 +96,13 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
             nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
             with torch.no_grad():
-                log_ratio = logprobs - old_logprobs
-                ratio = log_ratio.exp()
                 if first_ratio_error is None:
-                    first_ratio_error = float(torch.where(batch_mask, (ratio - 1).abs(), torch.zeros(())).max())
+                    ratio_error = ((logprobs - old_logprobs).exp() - 1).abs()
+                    first_ratio_error = float(torch.where(batch_mask, ratio_error, torch.zeros(())).max())
                 history.append(torch.stack([
                     policy_loss.detach(), value_loss.detach(),
                     masked_mean(token_entropy(logits, config.temperature), batch_mask),
-                    masked_mean((ratio - 1.0) - log_ratio, batch_mask),  # approx_kl: k3 of new vs old
-                    masked_mean(((ratio - 1.0).abs() > config.clip_coef).float(), batch_mask),
+                    *ratio_statistics(logprobs, old_logprobs, config.clip_coef, batch_mask),
                 ]))
     means = torch.stack(history).mean(0).tolist()
     stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
