@@ -47,6 +47,22 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """A directory that will be created (or reused) for output: non-empty, and its nearest
+    existing ancestor a writable directory. Checked before any work is done."""
+    if str(path).strip() == "":
+        raise ConfigError(f"{flag} must be a non-empty path")
+    path = Path(path)
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {ancestor} is not writable")
+    return path
+
+
 def optional_float(text: str) -> float | None:
     """A flag value that may be switched off: "none" or "off" -> None, else a float."""
     return None if text.lower() in ("none", "off") else float(text)
@@ -171,7 +187,9 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
     if "hidden_sizes" in overrides:
         overrides["hidden_sizes"] = tuple(overrides["hidden_sizes"])
     if args.resume is None:
-        return preset_for(args.env_id or "CartPole-v1").with_overrides(overrides), None, None
+        config = preset_for("CartPole-v1" if args.env_id is None else args.env_id).with_overrides(overrides)
+        check_output_dir(config.run.runs_dir, "--runs-dir")
+        return config, None, None
 
     from proximal.checkpoint import load_checkpoint, resolve_checkpoint_path
 
@@ -217,6 +235,7 @@ def _prefs(args: argparse.Namespace) -> int:
     prefs = dataclasses.replace(prefs_preset_for(args.env_id),
                                 **{name: value for name, value in given.items() if name in prefs_fields})
     prefs.check_against(config)  # validated: nothing is written if this fails
+    check_output_dir(config.run.runs_dir, "--runs-dir")
     from proximal.preferences import train_from_preferences
 
     result, fit = train_from_preferences(config, prefs, show_progress=sys.stderr.isatty())
@@ -265,7 +284,7 @@ def _bench(args: argparse.Namespace) -> int:
     make_vector_env(args.env_id, 1).close()  # an unknown or unsupported env fails here, before any work
     threshold = bench.reward_threshold(args.env_id) if args.threshold is None else args.threshold
     bench.bench_config(args.env_id, 0, threshold, args.eval_every, "runs")  # validates, writes nothing
-    out_dir = None if args.out is None else Path(args.out)
+    out_dir = None if args.out is None else check_output_dir(args.out, "--out")
     runs_dir, temporary = bench.bench_runs_dir(out_dir)
     print(f"proximal bench {args.env_id}: seeds 0-{args.seeds - 1}, solved = greedy 100-episode mean >= {threshold:g}")
 
@@ -340,6 +359,9 @@ def _rlhf(args: argparse.Namespace) -> int:
         print(f"{stage}: {summary['seconds']:.1f} s; held-out gold greedy {gold['gold_greedy']:.3f} "
               f"(carry {gold['gold_hard_greedy']:.3f}), sampled {gold['gold_sampled']:.3f}{extra}{done}", flush=True)
 
+    check_output_dir(config.run.runs_dir, "--runs-dir")
+    if args.run_dir is not None:
+        check_output_dir(args.run_dir, "--run-dir")
     stages = STAGES if args.stage == "all" else (args.stage,)
     run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), stages,
                            show_progress=sys.stderr.isatty(), report=report)

@@ -121,6 +121,8 @@ class RunConfig:
             _require_positive_int(name, getattr(self, name))
         if self.stop_return is not None:
             _require_finite("stop_return", self.stop_return)
+        _require(isinstance(self.runs_dir, str) and self.runs_dir.strip() != "", "runs_dir", "a non-empty path",
+                 self.runs_dir)
 
 
 @dataclass(frozen=True)

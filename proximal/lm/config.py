@@ -171,6 +171,8 @@ class RunConfig:
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _require(self.device in DEVICES, "device", " or ".join(DEVICES), self.device)
         _require_positive_int("threads", self.threads)
+        _require(isinstance(self.runs_dir, str) and self.runs_dir.strip() != "", "runs_dir", "a non-empty path",
+                 self.runs_dir)
 
 
 SECTIONS: dict[str, type] = {"task": TaskConfig, "model": ModelConfig, "sft": SFTConfig, "reward": RewardConfig,

@@ -1,0 +1,116 @@
+"""A generated test of the command line: every subcommand and every flag of the parser itself,
+each given values that are wrong for it. Every case must end with a non-zero exit, exactly one
+line on stderr that names the problem, no traceback, and nothing written; a case that reaches
+real work (a rollout, an evaluation, a bench, an RLHF stage, sampling) fails the test instead of
+running it; a plot that got through would write its PNG, which the test sees."""
+
+import argparse
+
+import pytest
+
+from proximal.cli import build_parser, main
+
+# Values wrong for every flag of a type (ranges differ per flag, so only what no flag accepts).
+BAD_VALUES = {
+    "int": ["abc", "1.5", "", "nan", "-1", "1e400"],
+    "float": ["abc", "", "nan", "inf", "-inf"],
+    "optional_float": ["abc", "", "nan", "inf"],
+    "str": ["", "{tmp}/a_file/below_a_file"],
+    "choice": ["no-such-choice"],
+    "flag": ["=1"],  # a switch given a value
+}
+EMPTY_MEANS_UNSET = {"--replay-from", "--model.path"}  # their documented default is "" (not given)
+# Arguments that get each subcommand past its positionals (or fail there, which is also one line).
+BASE = {
+    "train": ["train"], "prefs": ["prefs"], "bench": ["bench"], "rlhf": ["rlhf"], "presets": ["presets"],
+    "eval": ["eval", "{tmp}/no_run"], "plot": ["plot", "{tmp}/no_run"],
+    "generate": ["generate", "{tmp}/no_model", "1+1="],
+}
+BAD_POSITIONALS = {
+    "train": [["train", ""], ["train", "../../etc"], ["train", "CartPol-v1"], ["train", " "]],
+    "prefs": [["prefs", ""], ["prefs", "../../etc"], ["prefs", "nope/Nothing-v9"]],
+    "bench": [["bench", ""], ["bench", "../../etc"]],
+    "rlhf": [["rlhf", ""], ["rlhf", "subtraction"]],
+    "eval": [["eval", ""], ["eval", "{tmp}/a_file"]],
+    "plot": [["plot", ""], ["plot", "{tmp}/a_file"]],
+    "generate": [["generate", "", "1+1="], ["generate", "{tmp}/a_file", "1+1="], ["generate", "{tmp}/no_model"]],
+}
+
+
+def _kind(action: argparse.Action) -> str:
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        return "flag"
+    if action.choices is not None:
+        return "choice"
+    return getattr(action.type, "__name__", "str") if action.type is not None else "str"
+
+
+def generated_cases() -> list[tuple[str, list[str]]]:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    cases = []
+    for command, subparser in commands.choices.items():
+        cases.append((f"{command} unknown flag", [*BASE[command], "--no-such-flag"]))
+        for argv in BAD_POSITIONALS.get(command, []):
+            cases.append((f"{command} positional {argv[1:]!r}", argv))
+        for action in subparser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[0]
+            for value in BAD_VALUES[_kind(action)]:
+                if value == "" and flag in EMPTY_MEANS_UNSET:
+                    continue
+                argv = [*BASE[command], flag + value] if _kind(action) == "flag" else [*BASE[command], flag, value]
+                cases.append((f"{command} {flag} {value!r}", argv))
+    return cases
+
+
+CASES = generated_cases()
+
+
+
+class WorkStarted(Exception):
+    """Raised where a command would begin real work: a bad input got through."""
+
+
+@pytest.fixture
+def no_real_work(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise WorkStarted("a bad input reached real work")
+
+    import proximal.bench
+    import proximal.evaluate
+    import proximal.lm.model
+    import proximal.lm.pipeline
+    import proximal.train
+
+    monkeypatch.setattr(proximal.train, "collect_rollout", refuse)  # train and prefs check their env first
+    monkeypatch.setattr(proximal.bench, "run_bench", refuse)
+    monkeypatch.setattr(proximal.evaluate, "evaluate", refuse)
+    monkeypatch.setattr(proximal.lm.model, "sample_completions", refuse)
+    for stage in ("run_sft", "run_reward", "run_ppo"):
+        monkeypatch.setattr(proximal.lm.pipeline.Pipeline, stage, refuse)
+
+
+def test_the_generated_table_covers_every_subcommand_and_hundreds_of_cases():
+    assert {case.split()[0] for case, _ in CASES} == set(BASE)
+    assert len(CASES) >= 300
+
+
+@pytest.mark.parametrize("case,argv", CASES, ids=[case for case, _ in CASES])
+def test_every_bad_input_is_one_line_nonzero_and_writes_nothing(case, argv, tmp_path, monkeypatch, capsys,
+                                                                no_real_work):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a directory")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    try:
+        code = main([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code != 0, f"{case}: accepted"
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, f"{case}: {captured.err!r}"
+    assert lines[0].startswith("proximal"), lines[0]
+    assert "Traceback" not in captured.err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
