@@ -24,6 +24,7 @@ import numpy as np
 
 from proximal.config import PRESETS, TrainConfig, preset_for
 from proximal.errors import ConfigError
+from proximal.run import save_figure_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -129,17 +130,17 @@ def plot_bench(env_id: str, threshold: float, results: list[SeedResult], path: P
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure_atomic(figure, path)
     plt.close(figure)
     return path
 
 
 def write_outputs(out_dir: Path, env_id: str, threshold: float, results: list[SeedResult]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps({
+    write_text_atomic(out_dir / "bench.json", json.dumps({
         "env_id": env_id, "threshold": threshold, "summary": summary(results),
         "seeds": [r.to_dict() for r in results]}, indent=2))
-    (out_dir / "bench.md").write_text(markdown_table(env_id, threshold, results))
+    write_text_atomic(out_dir / "bench.md", markdown_table(env_id, threshold, results))
     plot_bench(env_id, threshold, results, out_dir / "bench.png")
 
 

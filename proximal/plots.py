@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from proximal.checkpoint import CONFIG_NAME  # noqa: E402
 from proximal.errors import CheckpointError  # noqa: E402
 from proximal.metrics import METRICS_NAME, read_metrics  # noqa: E402
+from proximal.run import save_figure_atomic  # noqa: E402
 
 LEARNING_CURVE_NAME = "learning_curve.png"
 
@@ -61,7 +62,7 @@ def plot_learning_curve(run_dir: Path) -> Path:
     critic_axis.grid(alpha=0.3)
     figure.tight_layout()
     path = run_dir / LEARNING_CURVE_NAME
-    figure.savefig(path, dpi=110)
+    save_figure_atomic(figure, path)
     plt.close(figure)
     return path
 
@@ -106,7 +107,7 @@ def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
         axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     out_path = Path(out_path)
-    figure.savefig(out_path, dpi=110)
+    save_figure_atomic(figure, out_path)
     plt.close(figure)
     return out_path
 
@@ -142,7 +143,7 @@ def plot_preference_curves(run_dir: Path) -> Path:
     figure.suptitle(f"{run_dir.name}: PPO on a reward learned from preferences")
     figure.tight_layout()
     path = run_dir / PREFERENCE_CURVES_NAME
-    figure.savefig(path, dpi=110)
+    save_figure_atomic(figure, path)
     plt.close(figure)
     return path
 
@@ -158,6 +159,6 @@ def plot_learned_vs_true(true_returns: np.ndarray, learned_returns: np.ndarray, 
     axis.set_ylabel("learned return of the clip (normalised r_hat, summed)")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure_atomic(figure, path)
     plt.close(figure)
     return Path(path)

@@ -26,6 +26,7 @@ from proximal.checkpoint import save_checkpoint
 from proximal.config import PrefsConfig, TrainConfig
 from proximal.errors import EnvError, ProximalError
 from proximal.reward_model import RewardModel, rank_correlation
+from proximal.run import write_json_atomic, write_text_atomic
 from proximal.envs import make_vector_env
 from proximal.train import Rollout, TrainResult, new_run_dir, train
 
@@ -199,7 +200,7 @@ class PreferenceLearner:
         self.comparisons = Comparisons([], [], [], [], [])
         self.queries_asked = 0
         self.rounds = 0
-        (self.run_dir / PREFS_CONFIG_NAME).write_text(prefs.to_json())
+        write_text_atomic(self.run_dir / PREFS_CONFIG_NAME, prefs.to_json())
         self.comparisons_file = open(self.run_dir / COMPARISONS_NAME, "w")
 
     def relabel(self, rollout: Rollout, global_step: int) -> dict[str, float]:
@@ -303,7 +304,7 @@ class PreferenceLearner:
             "pearson": float(np.corrcoef(true, learned)[0, 1]) if varied else None,
             "spearman": rank_correlation(true, learned) if varied else None,
         }
-        (self.run_dir / REWARD_FIT_NAME).write_text(json.dumps(fit, indent=2))
+        write_json_atomic(self.run_dir / REWARD_FIT_NAME, fit)
         from proximal.plots import plot_learned_vs_true, plot_preference_curves
 
         plot_learned_vs_true(true, learned, fit, self.run_dir / "learned_vs_true_reward.png")

@@ -3,7 +3,8 @@ written so that a kill at any moment leaves each one absent or whole.
 
 - `unique_run_dir`: RUNS_DIR/<name>__<time>/, unique even when two runs start in the same second.
 - `restore_states`: put each object back as a checkpoint holds it (resume).
-- `write_json_atomic`: a summary or result, written to a temp file, fsynced, renamed into place.
+- `write_text_atomic`, `write_json_atomic`, `save_figure_atomic`: a result, summary or plot,
+  written to a temp file and renamed into place.
 - `CsvLog`: one metrics row per step, appended and flushed at once. Resuming from a checkpoint
   first drops the rows logged after it (work about to be redone) by rewriting the file to a temp
   file and renaming it, never by truncating it in place.
@@ -51,14 +52,29 @@ def restore_states(checkpoint_path: Path, **stateful: Any) -> dict[str, Any] | N
     return state
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """The whole file or none of it: a temp file beside it, fsynced, renamed into place."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp")
     with open(temp, "w") as file:
-        file.write(json.dumps(data, indent=2) + "\n")
+        file.write(text)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_figure_atomic(figure, path: Path, dpi: int = 110) -> Path:
+    """A matplotlib figure saved whole or not at all (the temp name keeps the extension, from
+    which matplotlib takes the format)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    figure.savefig(temp, dpi=dpi)
+    os.replace(temp, path)
+    return path
 
 
 def read_csv_rows(path: Path) -> list[dict[str, float | None]]:

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from proximal.lm.model import sample_completions  # noqa: E402
-from proximal.run import read_csv_rows  # noqa: E402
+from proximal.run import read_csv_rows, save_figure_atomic, write_text_atomic  # noqa: E402
 
 
 def _series(rows: list[dict], x: str, y: str) -> tuple[list[float], list[float]]:
@@ -37,11 +37,8 @@ def _grid(stage_dir: Path, x: str, panels: list[tuple[str, list[tuple[str, str]]
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     figure.tight_layout()
-    out = stage_dir / out_name
-    temp = out.with_name(f".{out.name}.tmp.png")
-    figure.savefig(temp, dpi=110)
+    out = save_figure_atomic(figure, stage_dir / out_name)
     plt.close(figure)
-    temp.replace(out)
     return out
 
 
@@ -86,4 +83,4 @@ def write_samples(path: Path, prompts: list[str], before: torch.nn.Module, after
             mark = "right" if task.gold(prompt, text, ended) else "wrong"
             cells.append(f"`{text}`{'' if ended else ' (no EOS)'} {mark}")
         lines.append(f"| `{prompt}` | {'yes' if task.is_hard(prompt) else 'no'} | {cells[0]} | {cells[1]} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
