@@ -204,7 +204,13 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
         config = TrainConfig.from_dict(json.loads(payload["config"])).with_overrides(overrides)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"{checkpoint_path} holds no readable config ({error})") from None
-    if int(payload["iteration"]) >= config.num_iterations:
+    from proximal.train import EVAL_NAME
+
+    finished = bool(payload.get("reached", False)) or int(payload["iteration"]) >= config.num_iterations
+    if finished and (checkpoint_path.parent / EVAL_NAME).exists():  # else: complete its evaluation and plot
+        if payload.get("reached", False):
+            raise ConfigError(f"{args.resume} already finished: it reached --stop-return "
+                              f"{config.run.stop_return:g}")
         raise ConfigError(f"{args.resume} already finished its {config.ppo.total_timesteps} steps; "
                           "pass a larger --total-timesteps to train on")
     return config, payload, checkpoint_path.parent

@@ -9,7 +9,6 @@ Read `train` top to bottom; it follows Algorithm 1 of Schulman et al. 2017:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from proximal.errors import EnvError, TrainingDiverged
 from proximal.evaluate import evaluate
 from proximal.metrics import MetricsLogger
 from proximal.normalize import RewardScaler
-from proximal.run import unique_run_dir
+from proximal.run import unique_run_dir, write_json_atomic, write_text_atomic
 from proximal.utils import compute_gae
 
 EVAL_NAME = "eval.json"
@@ -216,12 +215,12 @@ def train(
                 reward_scaler.return_stats.load_state_dict(resume["reward_stats"])
         if run_dir is None:
             run_dir = new_run_dir(config)
-        (run_dir / CONFIG_NAME).write_text(config.to_json())
+        write_text_atomic(run_dir / CONFIG_NAME, config.to_json())
         checkpoint_path = run_dir / CHECKPOINT_NAME
 
-        def write_checkpoint(iteration: int, train_seconds: float) -> None:
+        def write_checkpoint(iteration: int, train_seconds: float, reached: bool) -> None:
             save_checkpoint(checkpoint_path, {
-                **agent.state_dict(), "iteration": iteration, "global_step": global_step,
+                **agent.state_dict(), "iteration": iteration, "global_step": global_step, "reached": reached,
                 "train_seconds": train_seconds, "torch_rng_state": torch.get_rng_state(),
                 "reward_stats": None if reward_scaler is None else reward_scaler.return_stats.state_dict(),
             })
@@ -231,12 +230,15 @@ def train(
         logger = MetricsLogger(run_dir, ppo.total_timesteps, start_iteration, global_step, show_progress,
                                extra_columns)
         eval_returns: np.ndarray | None = None
-        reached = False
+        # A resumed run whose training had finished (its budget spent, or --stop-return reached)
+        # but that was killed before eval.json was written only completes the evaluation and plot.
+        reached = resume is not None and bool(resume.get("reached", False))
+        last_iteration_to_train = start_iteration if reached else config.num_iterations
         start_time = time.perf_counter()
         eval_seconds = 0.0  # greedy evaluations are kept off the training clock
         train_seconds = elapsed_before
         try:
-            for iteration in range(start_iteration + 1, config.num_iterations + 1):
+            for iteration in range(start_iteration + 1, last_iteration_to_train + 1):
                 iteration_start = time.perf_counter()
                 if ppo.anneal_lr:  # linear decay to 0 over the whole run
                     agent.set_learning_rate(ppo.learning_rate * (1.0 - (iteration - 1) / config.num_iterations))
@@ -274,7 +276,7 @@ def train(
                 logger.log(metrics)
                 reached = eval_returns is not None and bool(eval_returns.mean() >= run.stop_return)
                 if reached or last_iteration or iteration % run.checkpoint_every == 0:
-                    write_checkpoint(iteration, train_seconds)
+                    write_checkpoint(iteration, train_seconds, reached)
                 if reached:
                     break
         finally:
@@ -284,11 +286,12 @@ def train(
     finally:
         envs.close()
 
-    (run_dir / EVAL_NAME).write_text(json.dumps({
-        "episodes": len(eval_returns), "mean": float(eval_returns.mean()), "std": float(eval_returns.std()),
-        "min": float(eval_returns.min()), "max": float(eval_returns.max()), "env_steps": global_step,
-    }, indent=2))
     from proximal.plots import plot_learning_curve  # matplotlib is slow to import: only when used
 
     plot_learning_curve(run_dir)
+    # eval.json last: it marks a finished run (a kill before it leaves a run that --resume completes)
+    write_json_atomic(run_dir / EVAL_NAME, {
+        "episodes": len(eval_returns), "mean": float(eval_returns.mean()), "std": float(eval_returns.std()),
+        "min": float(eval_returns.min()), "max": float(eval_returns.max()), "env_steps": global_step,
+    })
     return TrainResult(run_dir, global_step, train_seconds, eval_returns, reached)
