@@ -14,6 +14,7 @@ Checkpoints themselves go through `proximal.checkpoint.save_checkpoint` (atomic,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -56,7 +57,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """The whole file or none of it: a temp file beside it, fsynced, renamed into place."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w") as file:
+    with open(temp, "w", newline="") as file:  # the text verbatim: no newline translation
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
@@ -92,12 +93,11 @@ class CsvLog:
         self.path, self.columns = Path(path), columns
         kept = ([row for row in read_csv_rows(self.path) if row[step_column] is not None
                  and row[step_column] <= keep_until] if keep_until is not None and self.path.exists() else [])
-        temp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(temp, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({key: _format(row.get(key)) for key in columns} for row in kept)
-        os.replace(temp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({key: _format(row.get(key)) for key in columns} for row in kept)
+        write_text_atomic(self.path, text.getvalue())
         self._file = open(self.path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore")
 

@@ -25,6 +25,7 @@ import torch
 from proximal.errors import CheckpointError
 from proximal.lm.model import Completions, encode_prompts, encode_responses
 from proximal.preferences import SyntheticOracle
+from proximal.run import write_text_atomic
 
 COMPARISONS_NAME = "comparisons.jsonl"
 
@@ -59,12 +60,8 @@ def teaches_something(record: dict) -> bool:
 
 
 def write_records(path: Path, records: list[dict]) -> None:
-    """The whole file at once: a temp file renamed into place, so a kill leaves none or all."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w") as file:
-        file.writelines(json.dumps(record) + "\n" for record in records)
-        file.flush()
-    temp.replace(path)
+    """The whole file at once (temp file + rename), so a kill leaves none or all of it."""
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def read_records(path: Path) -> list[dict]:
