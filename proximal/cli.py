@@ -68,24 +68,29 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
+def _add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.Field, flag: str, dest: str,
+                    help_text: str) -> None:
+    """The flag of one config field, defaulting to 'not given': a --x/--no-x switch for a bool, a
+    typed value otherwise (parsed by the field's type; validation is the dataclass's)."""
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+    if config_field.type == "bool":
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif config_field.type == "tuple[int, ...]":
+        parser.add_argument(flag, type=int, nargs="+", metavar="WIDTH", **kwargs)
+    elif config_field.type == "float | None":
+        parser.add_argument(flag, type=optional_float, metavar="FLOAT|none", **kwargs)
+    else:
+        parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type],
+                            metavar={"int": "N", "float": "X", "str": "TEXT"}[config_field.type], **kwargs)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[type, ...] = (EnvConfig, PPOConfig, RunConfig)) -> None:
     """One flag per config field (except env_id, the positional), each defaulting to 'not given'."""
     for section_cls in sections:
         for config_field in dataclasses.fields(section_cls):
-            if config_field.name == "env_id":
-                continue
-            flag = _flag(config_field.name)
-            default = config_field.default
-            help_text = f"{config_field.metadata['help']} (generic default: {default})"
-            kwargs: dict[str, Any] = {"dest": config_field.name, "default": argparse.SUPPRESS, "help": help_text}
-            if config_field.type == "bool":
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            elif config_field.type == "tuple[int, ...]":
-                parser.add_argument(flag, type=int, nargs="+", metavar="WIDTH", **kwargs)
-            elif config_field.type == "float | None":
-                parser.add_argument(flag, type=optional_float, metavar="FLOAT|none", **kwargs)
-            else:
-                parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type], **kwargs)
+            if config_field.name != "env_id":
+                _add_field_flag(parser, config_field, _flag(config_field.name), config_field.name,
+                                f"{config_field.metadata['help']} (generic default: {config_field.default})")
 
 
 def _add_rlhf_flags(parser: argparse.ArgumentParser) -> None:
@@ -98,13 +103,8 @@ def _add_rlhf_flags(parser: argparse.ArgumentParser) -> None:
             if (section, config_field.name) == ("task", "name"):
                 continue  # the positional TASK
             flag = _flag(config_field.name) if section == "run" else f"--{section}.{_flag(config_field.name)[2:]}"
-            kwargs: dict[str, Any] = {"dest": f"{section}.{config_field.name}", "default": argparse.SUPPRESS,
-                                      "help": f"{config_field.metadata['help']} (default: {config_field.default})".replace("%", "%%")}
-            if config_field.type == "bool":
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            else:
-                parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type],
-                                    metavar={"int": "N", "float": "X", "str": "TEXT"}[config_field.type], **kwargs)
+            _add_field_flag(parser, config_field, flag, f"{section}.{config_field.name}",
+                            f"{config_field.metadata['help']} (default: {config_field.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
