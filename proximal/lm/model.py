@@ -154,30 +154,29 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _padded(rows: list[list[int]], pad_id: int, left: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, W], mask [B, W]) of token rows padded to one width W, on the left or the right."""
+    width = max(1, max(len(row) for row in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        columns = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[index, columns] = torch.tensor(row, dtype=torch.long)
+        mask[index, columns] = True
+    return ids.to(device), mask.to(device)
+
+
 def encode_prompts(tokenizer, prompts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_ids [B, P], prompt_mask [B, P]): BOS (if the tokenizer has one) + prompt, left-padded."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    rows = [bos + encode(tokenizer, prompt) for prompt in prompts]
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for index, row in enumerate(rows):
-        ids[index, width - len(row):] = torch.tensor(row)
-        mask[index, width - len(row):] = True
-    return ids.to(device), mask.to(device)
+    return _padded([bos + encode(tokenizer, prompt) for prompt in prompts], tokenizer.pad_token_id, True, device)
 
 
 def encode_responses(tokenizer, responses: list[str], ended: list[bool], device: str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(response_ids [B, R], response_mask [B, R]): each response + EOS where it `ended`, right-padded."""
     rows = [encode(tokenizer, text) + ([tokenizer.eos_token_id] if end else []) for text, end in zip(responses, ended)]
-    width = max(1, max(len(row) for row in rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for index, row in enumerate(rows):
-        ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[index, :len(row)] = True
-    return ids.to(device), mask.to(device)
+    return _padded(rows, tokenizer.pad_token_id, False, device)
 
 
 @dataclass
