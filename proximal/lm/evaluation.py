@@ -3,6 +3,8 @@ all prompts and over the task's hard slice (the prompts the demonstrations' nois
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -11,8 +13,11 @@ from proximal.lm.model import sample_completions
 from proximal.lm.tasks import AdditionTask
 
 
-def gold_scores(task: AdditionTask, prompts: list[str], texts: list[str], ended: torch.Tensor) -> np.ndarray:
-    return np.array([task.gold(prompt, text, bool(end)) for prompt, text, end in zip(prompts, texts, ended.tolist())])
+def gold_scores(task: AdditionTask, prompts: list[str], texts: list[str], ended: Sequence[bool] | torch.Tensor
+                ) -> np.ndarray:
+    """The gold reward [B] of each response (`ended`: it emitted EOS)."""
+    ended = ended.tolist() if isinstance(ended, torch.Tensor) else ended
+    return np.array([task.gold(prompt, text, bool(end)) for prompt, text, end in zip(prompts, texts, ended)])
 
 
 @torch.no_grad()

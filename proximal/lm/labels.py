@@ -16,6 +16,7 @@ a person labelling through a page writes the same lines with "labeller": "human"
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def teaches_something(record: dict) -> bool:
 def write_records(path: Path, records: list[dict]) -> None:
     """The whole file at once (temp file + rename), so a kill leaves none or all of it."""
     write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    """Add answered queries at the end of a comparisons file, flushed to disk before returning."""
+    with open(path, "a") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def read_records(path: Path) -> list[dict]:

@@ -25,8 +25,8 @@ from proximal.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoin
 from proximal.errors import CheckpointError, ConfigError
 from proximal.lm.config import RLHFConfig, prompt_budget
 from proximal.lm.evaluation import evaluate_policy, gold_scores
-from proximal.lm.labels import (COMPARISONS_NAME, label_records, make_labeller, pairs_from_records, read_records,
-                                teaches_something, write_records)
+from proximal.lm.labels import (COMPARISONS_NAME, append_records, label_records, make_labeller, pairs_from_records,
+                                read_records, teaches_something, write_records)
 from proximal.lm.model import (ScalarHeadLM, build_char_tokenizer, build_tiny_gpt2, context_length, encode_prompts,
                                load_pretrained, sample_completions, save_pretrained)
 from proximal.lm.ppo import ppo_iteration
@@ -209,8 +209,8 @@ class Pipeline:
                 side[0].append(text)
                 side[1].append(end)
         (first, ended_1), (second, ended_2) = sides
-        gold_1 = [self.task.gold(p, t, e) for p, t, e in zip(prompts, first, ended_1)]
-        gold_2 = [self.task.gold(p, t, e) for p, t, e in zip(prompts, second, ended_2)]
+        gold_1 = gold_scores(self.task, prompts, first, ended_1).tolist()
+        gold_2 = gold_scores(self.task, prompts, second, ended_2).tolist()
         records = label_records(prompts, first, second, ended_1, ended_2, gold_1, gold_2,
                                 make_labeller(config.labeller_noise, config.labeller_temperature, seed),
                                 config.validation_fraction, np.random.default_rng(seed + PREFERENCE_PROMPT_SEED))
@@ -242,8 +242,10 @@ class Pipeline:
         steps_per_epoch = -(-train_pairs.size // config.batch_size)
         total = config.epochs * steps_per_epoch
         log = CsvLog(stage_dir / "metrics.csv", REWARD_COLUMNS, "step", None)  # minutes of work: redone if killed
+        validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
 
         def on_step(step: int, loss: float) -> None:
+            nonlocal validation
             row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
                    "wall_seconds": time.perf_counter() - started}
             if val_pairs.size and (step % max(1, total // 20) == 0 or step == total):
@@ -266,7 +268,7 @@ class Pipeline:
             "seconds": time.perf_counter() - started, "labels": len(records),
             "strict_labels": int(((labels == 0) | (labels == 1)).sum()), "equal_labels": int((labels == 0.5).sum()),
             "train_pairs": train_pairs.size, "validation_pairs": val_pairs.size,
-            "validation": pair_accuracy(model, val_pairs) if val_pairs.size else None,
+            "validation": validation,  # before standardising, which keeps the ranking (accuracy)
             "score_shift": {"mean": mean, "std": std},
         }
         from proximal.lm.plots import plot_reward
@@ -299,8 +301,8 @@ class Pipeline:
                                  config.reward.sample_temperature, generator, self.device)
         sft_texts, sft_ended = sft.texts(tokenizer), sft.ended.tolist()
         new = label_records(prompts, policy_texts, sft_texts, policy_ended, sft_ended,
-                            [self.task.gold(p, t, e) for p, t, e in zip(prompts, policy_texts, policy_ended)],
-                            [self.task.gold(p, t, e) for p, t, e in zip(prompts, sft_texts, sft_ended)],
+                            gold_scores(self.task, prompts, policy_texts, policy_ended).tolist(),
+                            gold_scores(self.task, prompts, sft_texts, sft_ended).tolist(),
                             make_labeller(config.reward.labeller_noise, config.reward.labeller_temperature,
                                           config.run.seed + 1000 * iteration),
                             0.0, np.random.default_rng(0))
@@ -308,8 +310,7 @@ class Pipeline:
             record.update(query=len(records) + offset, iteration=iteration, responses_from=["policy", "sft"])
         check = pair_accuracy(reward_model, pairs_from_records(new, tokenizer, self.device))
         records.extend(new)
-        with open(self.stage_dir("ppo") / COMPARISONS_NAME, "a") as file:
-            file.writelines(json.dumps(record) + "\n" for record in new)
+        append_records(self.stage_dir("ppo") / COMPARISONS_NAME, new)
         training = [record for record in records if not record["validation"] and teaches_something(record)]
         fit_reward_model(reward_model, reward_optimizer, pairs_from_records(training, tokenizer, self.device),
                          config.ppo.refit_steps, config.reward.batch_size, generator)
