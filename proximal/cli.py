@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "model from a labeller's pairwise preferences, PPO against it with a per-token KL penalty to "
                     "the SFT model. Stage flags are named after their stage: --sft.steps, --ppo.kl-coef.")
     rlhf.add_argument("task", nargs="?", default="addition", metavar="TASK", help="the task (default: addition)")
-    rlhf.add_argument("--stage", choices=("all", "sft", "reward", "ppo"), default="all",
-                      help="run one stage alone, from the previous stage's output in --run-dir (default: all)")
+    rlhf.add_argument("--stage", choices=("all", "sft", "reward", "ppo", "dpo"), default="all",
+                      help="run one stage alone, from the previous stage's output in --run-dir (default: all = "
+                           "sft, reward, ppo; dpo runs only when asked, from the reward stage's pairs)")
     rlhf.add_argument("--run-dir", default=None, metavar="RUN_DIR",
                       help="run (or continue) in RUN_DIR: finished stages are skipped, a killed stage resumes")
     _add_rlhf_flags(rlhf)
@@ -360,8 +361,9 @@ def _rlhf(args: argparse.Namespace) -> int:
                   flush=True)
             return
         gold = summary["eval"]
-        extra = (f", KL {summary['last_iteration']['kl_k1']:.2f} nats, beta {summary['final_kl_coef']:.3f}, "
-                 f"{summary['labels']:,} labels in all" if stage == "ppo" else "")
+        extra = f", KL {gold['kl_k1']:.2f} nats" if "kl_k1" in gold else ""
+        if stage == "ppo":
+            extra += f", beta {summary['final_kl_coef']:.3f}, {summary['labels']:,} labels in all"
         print(f"{stage}: {summary['seconds']:.1f} s; held-out gold greedy {gold['gold_greedy']:.3f} "
               f"(carry {gold['gold_hard_greedy']:.3f}), sampled {gold['gold_sampled']:.3f}{extra}{done}", flush=True)
 

@@ -10,6 +10,7 @@ import torch
 
 from lm_helpers import completions_for, tiny_model
 from proximal.cli import main
+from proximal.lm.config import RewardConfig
 from proximal.lm.labels import label_records, make_labeller, pairs_from_records
 from proximal.lm.sft import encode_demonstrations, sft_loss
 from proximal.lm.tasks import AdditionTask
@@ -81,7 +82,7 @@ def test_label_records_use_the_prefs_vocabulary_and_replay_exactly():
     ended = [True, True, True]
     gold_1 = [task.gold(p, r, True) for p, r in zip(prompts, first)]
     gold_2 = [task.gold(p, r, True) for p, r in zip(prompts, second)]
-    records = label_records(prompts, first, second, ended, ended, gold_1, gold_2, make_labeller("none", 1.0, 0),
+    records = label_records(prompts, first, second, ended, ended, gold_1, gold_2, make_labeller(RewardConfig(), 0),
                             0.0, np.random.default_rng(0))
     assert [r["label"] for r in records] == [1.0, 0.5, 0.0]
     assert records[0] == {"query": 0, "prompt": "47+38=", "responses": ["85", "75"], "ended": [True, True],

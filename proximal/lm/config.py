@@ -74,7 +74,7 @@ class SFTConfig:
         _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
 
 
-LABELLER_NOISES = ("none", "boltzmann")
+LABELLER_NOISES = ("none", "boltzmann", "uniform")
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,12 @@ class RewardConfig:
                                             "makes varied wrong answers, which refute a shortcut")
     samples_per_prompt: int = _param(4, "SFT samples drawn per prompt; the pair is the first and the first "
                                         "that differs from it (when any does)")
-    labeller_noise: str = _param("none", "none (exact: the higher gold wins, a tie is 'equally good') or "
-                                         "boltzmann (P[1 > 2] = sigmoid((gold1 - gold2) / labeller temperature))")
+    labeller_noise: str = _param("none", "none (exact: the higher gold wins, a tie is 'equally good'), "
+                                         "boltzmann (P[1 > 2] = sigmoid((gold1 - gold2) / labeller temperature)) or "
+                                         "uniform (a coin flip instead of the exact answer at the labeller error rate)")
     labeller_temperature: float = _param(0.25, "temperature of the boltzmann labeller, > 0")
+    labeller_error_rate: float = _param(0.1, "share of the uniform labeller's answers that are coin flips, in [0, 1] "
+                                              "(Christiano et al. 2017 used 0.1)")
     validation_fraction: float = _param(0.2, "share of the pairs held out to measure accuracy")
     epochs: int = _param(8, "passes over the training pairs")
     batch_size: int = _param(64, "pairs per step")
@@ -104,15 +107,24 @@ class RewardConfig:
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES),
                  self.labeller_noise)
+        _require_probability("labeller_error_rate", self.labeller_error_rate)
         _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)
+
+
+RL_METHODS = ("ppo", "rloo")
 
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """PPO on the reward model's score with a per-token KL penalty to the SFT model."""
+    """The RL stage: PPO on the reward model's score with a per-token KL penalty to the SFT model
+    (or RLOO, the critic-free alternative, with the same penalty, samples and update)."""
 
+    method: str = _param("ppo", "ppo (value head, GAE over tokens) or rloo (no critic: each of k samples of a "
+                                "prompt is baselined by the mean reward of the other k - 1; Ahmadian et al. 2024)")
+    rloo_samples: int = _param(4, "rloo: samples per prompt, k >= 2 (the prompts per iteration are "
+                                  "prompts_per_iteration / k)")
     iterations: int = _param(250, "rollout + update cycles")
-    prompts_per_iteration: int = _param(256, "responses sampled per iteration, one per prompt (B)")
+    prompts_per_iteration: int = _param(256, "responses sampled per iteration (B); one per prompt for ppo")
     max_new_tokens: int = _param(5, "length limit of a response, EOS included")
     temperature: float = _param(1.0, "sampling temperature; the same one divides the logits of the policy and "
                                      "the reference whenever log-probs are computed")
@@ -153,6 +165,30 @@ class PPOConfig:
         _require(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "in [0, 1]", self.gae_lambda)
         _require(self.minibatch_size <= self.prompts_per_iteration, "minibatch_size",
                  f"<= prompts_per_iteration ({self.prompts_per_iteration})", self.minibatch_size)
+        _require(self.method in RL_METHODS, "method", " or ".join(RL_METHODS), self.method)
+        _require(isinstance(self.rloo_samples, int) and self.rloo_samples >= 2, "rloo_samples", "an integer >= 2",
+                 self.rloo_samples)
+        if self.method == "rloo":
+            _require(self.prompts_per_iteration % self.rloo_samples == 0, "prompts_per_iteration",
+                     f"a multiple of rloo_samples ({self.rloo_samples})", self.prompts_per_iteration)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """An optional stage in place of reward model + PPO: DPO on the reward stage's pairs."""
+
+    beta: float = _param(0.1, "the implicit reward's scale, beta * log(pi / pi_ref): larger keeps the policy "
+                              "nearer the SFT model")
+    epochs: int = _param(2, "passes over the training pairs")
+    batch_size: int = _param(64, "pairs per step")
+    learning_rate: float = _param(1e-4, "AdamW step size")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            _require_positive_int(name, getattr(self, name))
+        for name in ("beta", "learning_rate"):
+            _require_finite(name, getattr(self, name))
+            _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
 
 
 DEVICES = ("cpu", "cuda")
@@ -176,7 +212,7 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {"task": TaskConfig, "model": ModelConfig, "sft": SFTConfig, "reward": RewardConfig,
-                             "ppo": PPOConfig, "run": RunConfig}
+                             "ppo": PPOConfig, "dpo": DPOConfig, "run": RunConfig}
 
 
 @dataclass(frozen=True)
@@ -188,6 +224,7 @@ class RLHFConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_json(self) -> str:
@@ -195,10 +232,12 @@ class RLHFConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RLHFConfig:
-        if not isinstance(data, dict) or set(data) != set(SECTIONS):
-            raise ConfigError(f"an RLHF config needs exactly the sections {sorted(SECTIONS)}")
+        if not isinstance(data, dict) or not set(data) <= set(SECTIONS):
+            raise ConfigError(f"an RLHF config has only the sections {sorted(SECTIONS)}")
         parts = {}
         for name, section_cls in SECTIONS.items():
+            if name not in data:  # a section added since the run was made: its defaults
+                continue
             known = {f.name for f in dataclasses.fields(section_cls)}
             unknown = set(data[name]) - known
             if unknown:

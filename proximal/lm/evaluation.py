@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from proximal.lm.model import sample_completions
+from proximal.lm.model import response_logprobs, sample_completions
+from proximal.lm.rollout import sequence_kls
 from proximal.lm.tasks import AdditionTask
 
 
@@ -22,9 +23,12 @@ def gold_scores(task: AdditionTask, prompts: list[str], texts: list[str], ended:
 
 @torch.no_grad()
 def evaluate_policy(model: nn.Module, tokenizer, task: AdditionTask, prompts: list[str], max_new_tokens: int,
-                    temperature: float, seed: int, device: str) -> dict[str, float]:
+                    temperature: float, seed: int, device: str, reference: nn.Module | None = None
+                    ) -> dict[str, float]:
     """Gold reward of greedy and sampled (one sample per prompt at `temperature`) responses,
-    overall and on the hard slice; the sampled responses' length (EOS included) and EOS rate."""
+    overall and on the hard slice; the sampled responses' length (EOS included) and EOS rate;
+    with a `reference`, the sampled responses' KL to it (k1 and k3 per response, averaged): the
+    one KL measurement every method (PPO, RLOO, DPO, best-of-n) is compared on."""
     hard = np.array([task.is_hard(prompt) for prompt in prompts])
     stats: dict[str, float] = {}
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -37,4 +41,9 @@ def evaluate_policy(model: nn.Module, tokenizer, task: AdditionTask, prompts: li
         if mode == "sampled":
             stats["response_length"] = float(completions.response_mask.sum(-1).float().mean())
             stats["eos_rate"] = float(completions.ended.float().mean())
+            if reference is not None:
+                mask = completions.response_mask
+                k1, k3 = sequence_kls(response_logprobs(model, completions, temperature),
+                                      response_logprobs(reference, completions, temperature), mask)
+                stats.update(kl_k1=float(k1.mean()), kl_k3=float(k3.mean()))
     return stats

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from proximal.errors import CheckpointError
+from proximal.lm.config import RewardConfig
 from proximal.lm.model import Completions, encode_prompts, encode_responses
 from proximal.preferences import SyntheticOracle
 from proximal.run import write_text_atomic
@@ -31,9 +32,10 @@ from proximal.run import write_text_atomic
 COMPARISONS_NAME = "comparisons.jsonl"
 
 
-def make_labeller(noise: str, temperature: float, seed: int) -> SyntheticOracle:
-    """`noise` none or boltzmann, as RewardConfig.labeller_noise says."""
-    return SyntheticOracle(noise, error_rate=0.0, temperature=temperature, rng=np.random.default_rng(seed))
+def make_labeller(config: RewardConfig, seed: int) -> SyntheticOracle:
+    """The synthetic labeller `config` describes (exact, Boltzmann or uniform noise)."""
+    return SyntheticOracle(config.labeller_noise, error_rate=config.labeller_error_rate,
+                           temperature=config.labeller_temperature, rng=np.random.default_rng(seed))
 
 
 def label_records(prompts: list[str], first: list[str], second: list[str], ended_first: list[bool],

@@ -187,7 +187,7 @@ class Completions:
     prompt_mask: torch.Tensor  # [B, P] bool
     response_ids: torch.Tensor  # [B, R]
     response_mask: torch.Tensor  # [B, R] bool, True up to and including EOS
-    ended: torch.Tensor  # [B] bool: the response emitted EOS (else it was cut at the length limit)
+    ended: torch.Tensor | None  # [B] bool: the response emitted EOS (else it was cut); None for demonstrations
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -216,6 +216,14 @@ def response_logits(logits: torch.Tensor, prompt_length: int, response_length: i
     """The logits that predicted each response token [B, R, V], from a forward pass over prompt +
     response [B, P + R, V]: position P - 1 + t predicts response token t."""
     return logits[:, prompt_length - 1: prompt_length - 1 + response_length]
+
+
+def response_logprobs(model: nn.Module, completions: Completions, temperature: float) -> torch.Tensor:
+    """log pi(response token t | prompt, tokens before t) [B, R] of a causal LM without a head
+    (the reference in PPO, the policy in SFT and DPO); padding positions hold junk: mask them."""
+    logits, _ = lm_forward(model, completions.input_ids, completions.attention_mask)
+    return token_logprobs(response_logits(logits, completions.prompt_ids.shape[1], completions.response_ids.shape[1]),
+                          completions.response_ids, temperature)
 
 
 @torch.no_grad()

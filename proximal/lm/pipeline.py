@@ -4,6 +4,7 @@
   RUN_DIR/sft/                 model/ (HF format), metrics.csv, sft.png, summary.json
   RUN_DIR/reward/              comparisons.jsonl, model/ + head.pt, metrics.csv, reward.png, summary.json
   RUN_DIR/ppo/                 model/, metrics.csv, ppo.png, samples.md, summary.json
+  RUN_DIR/dpo/                 (only with --stage dpo) model/, metrics.csv, dpo.png, summary.json
 A stage is finished when its summary.json exists; while it runs, checkpoint.pt (atomic) holds
 where it is, so `proximal rlhf --run-dir RUN_DIR` continues a killed stage from there and skips
 finished ones. Each stage reads only the previous stage's folder, so it also runs alone
@@ -25,7 +26,8 @@ from proximal.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoin
 from proximal.errors import CheckpointError, ConfigError
 from proximal.lm.config import RLHFConfig, prompt_budget
 from proximal.lm.evaluation import evaluate_policy, gold_scores
-from proximal.lm.labels import (COMPARISONS_NAME, append_records, label_records, make_labeller, pairs_from_records,
+from proximal.lm.dpo import dpo_loss, implicit_accuracy, reference_pair_logprobs
+from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, label_records, make_labeller, pairs_from_records,
                                 read_records, teaches_something, write_records)
 from proximal.lm.model import (ScalarHeadLM, build_char_tokenizer, build_tiny_gpt2, context_length, encode_prompts,
                                load_pretrained, sample_completions, save_pretrained)
@@ -36,7 +38,8 @@ from proximal.lm.sft import encode_demonstrations, sft_loss
 from proximal.lm.tasks import PromptSplits, make_task
 from proximal.run import CsvLog, restore_states, unique_run_dir, write_json_atomic
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo")  # `proximal rlhf` runs these; dpo only when asked (--stage dpo)
+PREVIOUS_STAGE = {"reward": "sft", "ppo": "reward", "dpo": "reward"}
 SUMMARY_NAME = "summary.json"
 MODEL_DIR = "model"
 HEAD_NAME = "head.pt"
@@ -45,7 +48,7 @@ REWARD_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_accuracy", "va
 PPO_COLUMNS = ("iteration", "responses", "score", "gold", "kl_k1", "kl_k3", "kl_coef", "entropy", "response_length",
                "eos_rate", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "explained_variance",
                "labels", "rm_policy_accuracy", "win_rate", "eval_gold_greedy", "eval_gold_sampled",
-               "eval_gold_hard_greedy", "eval_gold_hard_sampled", "wall_seconds")
+               "eval_gold_hard_greedy", "eval_gold_hard_sampled", "eval_kl_k1", "eval_kl_k3", "wall_seconds")
 PREFERENCE_PROMPT_SEED, RL_SEED, EVAL_SEED = 1, 2, 3  # offsets from the run's seed, one per random stream
 
 
@@ -80,9 +83,10 @@ class Pipeline:
         return tqdm(total=total, initial=initial, desc=stage, unit="step", disable=not self.show_progress,
                     dynamic_ncols=True, leave=False)
 
-    def _evaluate(self, model: torch.nn.Module, tokenizer) -> dict[str, float]:
+    def _evaluate(self, model: torch.nn.Module, tokenizer, reference: torch.nn.Module | None = None
+                  ) -> dict[str, float]:
         return evaluate_policy(model, tokenizer, self.task, self.splits.evaluation, self.config.ppo.max_new_tokens,
-                               self.config.ppo.temperature, self.config.run.seed + EVAL_SEED, self.device)
+                               self.config.ppo.temperature, self.config.run.seed + EVAL_SEED, self.device, reference)
 
     def check(self, stages: tuple[str, ...]) -> None:
         """Everything about the input that can be wrong, checked before any file is written: the
@@ -98,7 +102,7 @@ class Pipeline:
             raise ConfigError(f"a prompt of {longest} tokens plus --ppo.max-new-tokens "
                               f"{self.config.ppo.max_new_tokens} exceeds the model's context of {limit} tokens")
         if stages[0] != "sft":
-            previous = STAGES[STAGES.index(stages[0]) - 1]
+            previous = PREVIOUS_STAGE[stages[0]]
             if self.run_dir is None or not is_finished(self.stage_dir(previous)):
                 raise ConfigError(f"stage {stages[0]} needs a finished {previous} stage: pass --run-dir of a run "
                                   f"whose {previous} stage finished, or run --stage {previous} first")
@@ -212,7 +216,7 @@ class Pipeline:
         gold_1 = gold_scores(self.task, prompts, first, ended_1).tolist()
         gold_2 = gold_scores(self.task, prompts, second, ended_2).tolist()
         records = label_records(prompts, first, second, ended_1, ended_2, gold_1, gold_2,
-                                make_labeller(config.labeller_noise, config.labeller_temperature, seed),
+                                make_labeller(config, seed),
                                 config.validation_fraction, np.random.default_rng(seed + PREFERENCE_PROMPT_SEED))
         write_records(path, records)
         return records
@@ -223,6 +227,45 @@ class Pipeline:
         return sample_completions(sft_model, tokenizer, self.splits.rl[:1024], self.config.ppo.max_new_tokens,
                                   self.config.ppo.temperature, generator, self.device)
 
+    def _labelled_pairs(self, records: list[dict], tokenizer) -> tuple[PairBatch, PairBatch]:
+        """(training pairs, validation pairs) of the records that teach something."""
+        pairs = pairs_from_records([record for record in records if teaches_something(record)], tokenizer, self.device)
+        train_pairs = pairs.select(torch.nonzero(~pairs.is_validation).squeeze(-1))
+        if train_pairs.size == 0:
+            raise ConfigError("no labelled pair is left to train on; raise --reward.labels")
+        return train_pairs, pairs.select(torch.nonzero(pairs.is_validation).squeeze(-1))
+
+    def _fit_on_pairs(self, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      train_pairs: PairBatch, epochs: int, batch_size: int, validate, loss_of=None
+                      ) -> dict[str, float] | None:
+        """`epochs` passes of `fit_reward_model` (its loss, or `loss_of`) with the training loss
+        logged to the stage's metrics.csv and `validate()` (None: no held-out pairs) 20 times;
+        returns the last validation. Minutes of work: a killed fit is redone from the start."""
+        generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed + PREFERENCE_PROMPT_SEED)
+        steps_per_epoch = -(-train_pairs.size // batch_size)
+        total = epochs * steps_per_epoch
+        log = CsvLog(self.stage_dir(stage) / "metrics.csv", REWARD_COLUMNS, "step", None)
+        started = time.perf_counter()
+        validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
+
+        def on_step(step: int, loss: float) -> None:
+            nonlocal validation
+            row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
+                   "wall_seconds": time.perf_counter() - started}
+            if validate is not None and (step % max(1, total // 20) == 0 or step == total):
+                model.eval()
+                validation = validate()
+                model.train()
+                row.update(val_loss=validation["loss"], val_accuracy=validation["accuracy"],
+                           val_gold_accuracy=validation["gold_accuracy"])
+            log.log(row)
+            progress.update()
+
+        with self._progress(stage, total, 0) as progress:
+            fit_reward_model(model, optimizer, train_pairs, total, batch_size, generator, on_step, loss_of)
+        log.close()
+        return validation
+
     def run_reward(self) -> dict[str, Any]:
         config, stage_dir = self.config.reward, self.stage_dir("reward")
         sft_dir = self.stage_dir("sft")
@@ -231,35 +274,11 @@ class Pipeline:
         started = time.perf_counter()
         records = self._comparisons(lm, tokenizer, stage_dir)
         sft_samples = self.sft_samples(lm, tokenizer)  # before training: the reward model shares lm's weights
-        pairs = pairs_from_records([record for record in records if teaches_something(record)], tokenizer, self.device)
-        train_pairs = pairs.select(torch.nonzero(~pairs.is_validation).squeeze(-1))
-        val_pairs = pairs.select(torch.nonzero(pairs.is_validation).squeeze(-1))
-        if train_pairs.size == 0:
-            raise ConfigError("no labelled pair is left to train the reward model on; raise --reward.labels")
+        train_pairs, val_pairs = self._labelled_pairs(records, tokenizer)
         model = ScalarHeadLM(lm).to(self.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-        generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed + PREFERENCE_PROMPT_SEED)
-        steps_per_epoch = -(-train_pairs.size // config.batch_size)
-        total = config.epochs * steps_per_epoch
-        log = CsvLog(stage_dir / "metrics.csv", REWARD_COLUMNS, "step", None)  # minutes of work: redone if killed
-        validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
-
-        def on_step(step: int, loss: float) -> None:
-            nonlocal validation
-            row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
-                   "wall_seconds": time.perf_counter() - started}
-            if val_pairs.size and (step % max(1, total // 20) == 0 or step == total):
-                model.eval()
-                validation = pair_accuracy(model, val_pairs)
-                model.train()
-                row.update(val_loss=validation["loss"], val_accuracy=validation["accuracy"],
-                           val_gold_accuracy=validation["gold_accuracy"])
-            log.log(row)
-            progress.update()
-
-        with self._progress("reward", total, 0) as progress:
-            fit_reward_model(model, optimizer, train_pairs, total, config.batch_size, generator, on_step)
-        log.close()
+        validation = self._fit_on_pairs("reward", model, optimizer, train_pairs, config.epochs, config.batch_size,
+                                        (lambda: pair_accuracy(model, val_pairs)) if val_pairs.size else None)
         mean, std = standardise_scores(model, sft_samples, 256)
         save_pretrained(model.lm, tokenizer, stage_dir / MODEL_DIR)
         save_checkpoint(stage_dir / HEAD_NAME, {"head": model.head.state_dict()})
@@ -303,8 +322,7 @@ class Pipeline:
         new = label_records(prompts, policy_texts, sft_texts, policy_ended, sft_ended,
                             gold_scores(self.task, prompts, policy_texts, policy_ended).tolist(),
                             gold_scores(self.task, prompts, sft_texts, sft_ended).tolist(),
-                            make_labeller(config.reward.labeller_noise, config.reward.labeller_temperature,
-                                          config.run.seed + 1000 * iteration),
+                            make_labeller(config.reward, config.run.seed + 1000 * iteration),
                             0.0, np.random.default_rng(0))
         for offset, record in enumerate(new):
             record.update(query=len(records) + offset, iteration=iteration, responses_from=["policy", "sft"])
@@ -358,7 +376,7 @@ class Pipeline:
                 policy.train()
                 result = ppo_iteration(policy, reference, reward_model, tokenizer, optimizer, batch_prompts, config,
                                        kl_controller.value, generator, self.device)
-                stats = result.stats
+                stats, batch_prompts = result.stats, result.prompts
                 if config.adaptive_kl:
                     kl_controller.update(stats["kl_k1"], config.prompts_per_iteration)
                 completions = result.rollout.completions
@@ -372,7 +390,8 @@ class Pipeline:
                                                sft_samples, generator))
                 if iteration % config.eval_every == 0 or iteration == config.iterations:
                     policy.eval()
-                    stats.update({f"eval_{key}": value for key, value in self._evaluate(policy.lm, tokenizer).items()})
+                    stats.update({f"eval_{key}": value
+                                  for key, value in self._evaluate(policy.lm, tokenizer, reference).items()})
                 stats["wall_seconds"] = time.perf_counter() - started
                 log.log(stats)
                 progress.update()
@@ -387,7 +406,7 @@ class Pipeline:
         seconds = time.perf_counter() - started
         policy.eval()
         save_pretrained(policy.lm, tokenizer, stage_dir / MODEL_DIR)
-        final = self._evaluate(policy.lm, tokenizer)
+        final = self._evaluate(policy.lm, tokenizer, reference)
         summary = {"seconds": seconds, "iterations": config.iterations, "final_kl_coef": kl_controller.value,
                    "labels": len(records), "eval": final, "last_iteration": stats}
         from proximal.lm.plots import plot_ppo, write_samples
@@ -397,6 +416,37 @@ class Pipeline:
                       self.task, config.max_new_tokens, self.device)
         write_json_atomic(stage_dir / SUMMARY_NAME, summary)
         checkpoint_path.unlink(missing_ok=True)
+        return summary
+
+
+    # -- optional stage: DPO in place of reward model + PPO ------------------------------------------
+
+    def run_dpo(self) -> dict[str, Any]:
+        config, stage_dir = self.config.dpo, self.stage_dir("dpo")
+        stage_dir.mkdir(exist_ok=True)
+        started = time.perf_counter()
+        reference, tokenizer = load_pretrained(self.stage_dir("sft") / MODEL_DIR, self.device)
+        for parameter in reference.parameters():
+            parameter.requires_grad_(False)
+        policy, _ = load_pretrained(self.stage_dir("sft") / MODEL_DIR, self.device)
+        train_pairs, val_pairs = self._labelled_pairs(
+            read_records(self.stage_dir("reward") / COMPARISONS_NAME), tokenizer)
+        train_reference = reference_pair_logprobs(reference, train_pairs)  # [M, 2], once
+        val_reference = reference_pair_logprobs(reference, val_pairs)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        validation = self._fit_on_pairs(
+            "dpo", policy, optimizer, train_pairs, config.epochs, config.batch_size,
+            (lambda: implicit_accuracy(policy, val_pairs, val_reference, config.beta)) if val_pairs.size else None,
+            lambda index: dpo_loss(policy, train_pairs.select(index), train_reference[index], config.beta))
+        seconds = time.perf_counter() - started
+        policy.eval()
+        save_pretrained(policy, tokenizer, stage_dir / MODEL_DIR)
+        summary = {"seconds": seconds, "train_pairs": train_pairs.size, "validation_pairs": val_pairs.size,
+                   "validation": validation, "eval": self._evaluate(policy, tokenizer, reference)}
+        from proximal.lm.plots import plot_reward
+
+        plot_reward(stage_dir, "dpo.png")
+        write_json_atomic(stage_dir / SUMMARY_NAME, summary)
         return summary
 
 

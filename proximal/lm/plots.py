@@ -47,11 +47,12 @@ def plot_sft(stage_dir: Path) -> Path:
                                      ("learning rate", [("learning_rate", "lr")])], "sft.png")
 
 
-def plot_reward(stage_dir: Path) -> Path:
+def plot_reward(stage_dir: Path, file_name: str = "reward.png") -> Path:
+    """The fit of a reward model, or of DPO's implicit reward (dpo.png): the same columns."""
     return _grid(stage_dir, "step", [
         ("Bradley-Terry loss", [("train_loss", "train (minibatch)"), ("val_loss", "validation")]),
         ("held-out accuracy (strict pairs)", [("val_accuracy", "vs labeller"), ("val_gold_accuracy", "vs gold")]),
-    ], "reward.png")
+    ], file_name)
 
 
 def plot_ppo(stage_dir: Path) -> Path:
@@ -59,7 +60,7 @@ def plot_ppo(stage_dir: Path) -> Path:
         ("reward-model score (sampled)", [("score", "score")]),
         ("gold reward", [("gold", "rollout (sampled)"), ("eval_gold_sampled", "held-out sampled"),
                          ("eval_gold_greedy", "held-out greedy"), ("eval_gold_hard_greedy", "held-out greedy, carry")]),
-        ("KL(pi || SFT) per response", [("kl_k1", "k1"), ("kl_k3", "k3")]),
+        ("KL(pi || SFT) per response", [("kl_k1", "k1"), ("kl_k3", "k3"), ("eval_kl_k1", "held-out k1")]),
         ("beta (KL coefficient)", [("kl_coef", "beta")]),
         ("entropy per token", [("entropy", "entropy")]),
         ("response length (tokens, EOS incl.)", [("response_length", "length")]),

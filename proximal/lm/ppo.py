@@ -8,6 +8,11 @@ Ouyang et al. 2022), one iteration read top to bottom in `ppo_iteration`:
   K epochs of minibatches: Eq. 7 + value loss                    ppo_update -> clipped_surrogate_loss
   adapt beta to the measured KL                                  rollout.AdaptiveKLController
 
+`--ppo.method rloo` swaps in the critic-free alternative at two lines and changes nothing else:
+k responses to each of B / k prompts, and leave-one-out advantages
+(rollout.leave_one_out_advantages) instead of GAE; the update is the same Eq. 7 without the
+value loss.
+
 The value function is a linear head on the policy's last hidden state (one forward pass gives
 logits and values: half the FLOPs of a separate critic, which matters on a CPU). The first
 epoch's minibatches are drawn before the rollout's own forward passes, which run on exactly
@@ -24,10 +29,10 @@ from torch import nn
 
 from proximal.agent import clipped_surrogate_loss, ratio_statistics
 from proximal.lm.config import PPOConfig
-from proximal.lm.model import (Completions, ScalarHeadLM, lm_forward, response_logits, sample_completions,
+from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logprobs, sample_completions,
                                token_entropy, token_logprobs)
 from proximal.lm.reward import reward_scores
-from proximal.lm.rollout import LMRollout, sequence_kls, token_advantages, token_rewards
+from proximal.lm.rollout import LMRollout, leave_one_out_advantages, sequence_kls, token_advantages, token_rewards
 from proximal.utils import explained_variance, masked_mean, masked_whiten
 
 
@@ -40,12 +45,6 @@ def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: 
     logits = response_logits(logits, prompt_length, response_length)
     values = scalars[:, prompt_length - 1: prompt_length - 1 + response_length]
     return token_logprobs(logits, completions.response_ids, temperature), values, logits
-
-
-def reference_logprobs(reference: nn.Module, completions: Completions, temperature: float) -> torch.Tensor:
-    logits, _ = lm_forward(reference, completions.input_ids, completions.attention_mask)
-    return token_logprobs(response_logits(logits, completions.prompt_ids.shape[1], completions.response_ids.shape[1]),
-                          completions.response_ids, temperature)
 
 
 @torch.no_grad()
@@ -61,12 +60,18 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, reward_model: Sc
     for index in minibatches:
         part = completions.select(index)
         logprobs[index], values[index], _ = policy_outputs(policy, part, config.temperature)
-        ref_logprobs[index] = reference_logprobs(reference, part, config.temperature)
+        ref_logprobs[index] = response_logprobs(reference, part, config.temperature)
         scores[index] = reward_scores(reward_model, part)
     scores = torch.where(completions.ended, scores, torch.full_like(scores, config.missing_eos_score))
     mask, last_index = completions.response_mask, completions.last_index
     kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, kl_coef)
-    advantages, returns = token_advantages(rewards, values, mask, last_index, config.gae_lambda)
+    if config.method == "ppo":
+        advantages, returns = token_advantages(rewards, values, mask, last_index, config.gae_lambda)
+    else:  # rloo: rows are k responses per prompt, in blocks of k
+        values = torch.zeros_like(values)
+        sequence_advantages = leave_one_out_advantages(rewards.sum(-1).view(-1, config.rloo_samples)).view(-1)  # [B]
+        advantages = torch.where(mask, sequence_advantages[:, None], torch.zeros(()))  # [B, R]
+        returns = advantages
     return LMRollout(completions, logprobs, ref_logprobs, torch.where(mask, values, torch.zeros(())), scores,
                      kl_penalty, rewards, advantages, returns)
 
@@ -90,7 +95,7 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
             policy_loss = clipped_surrogate_loss(logprobs, old_logprobs, advantages[index], config.clip_coef,
                                                  batch_mask)
             value_loss = 0.5 * masked_mean((values - rollout.returns[index]).pow(2), batch_mask)
-            loss = policy_loss + config.vf_coef * value_loss
+            loss = policy_loss + config.vf_coef * value_loss if config.method == "ppo" else policy_loss
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
@@ -113,6 +118,7 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
 
 @dataclass
 class IterationResult:
+    prompts: list[str]  # [B] the prompt of each response
     rollout: LMRollout
     stats: dict[str, float]
 
@@ -120,7 +126,11 @@ class IterationResult:
 def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, reward_model: ScalarHeadLM, tokenizer,
                   optimizer: torch.optim.Optimizer, prompts: list[str], config: PPOConfig, kl_coef: float,
                   generator: torch.Generator, device: str) -> IterationResult:
-    """Sample, score, update: one PPO iteration on `prompts` (one response each)."""
+    """Sample, score, update: one iteration on B = len(`prompts`) responses: one per prompt
+    (ppo), or k for each of the first B / k prompts (rloo)."""
+    if config.method == "rloo":
+        prompts = [prompt for prompt in prompts[:len(prompts) // config.rloo_samples]
+                   for _ in range(config.rloo_samples)]
     completions = sample_completions(policy.lm, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                      generator, device)
     first_minibatches = torch.randperm(len(prompts), generator=generator,
@@ -131,4 +141,4 @@ def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, reward_model: Scal
     stats.update(score=float(rollout.scores.mean()), kl_k1=float(k1.mean()), kl_k3=float(k3.mean()),
                  kl_coef=kl_coef, response_length=float(rollout.mask.sum(-1).float().mean()),
                  eos_rate=float(completions.ended.float().mean()))
-    return IterationResult(rollout, stats)
+    return IterationResult(prompts, rollout, stats)

@@ -33,7 +33,12 @@ def pair_scores(model: ScalarHeadLM, pairs: PairBatch) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def pair_accuracy(model: ScalarHeadLM, pairs: PairBatch) -> dict[str, float]:
     """On strict pairs: agreement with the labeller's answer, and with the gold ordering."""
-    score_1, score_2 = pair_scores(model, pairs)
+    return pair_agreement(*pair_scores(model, pairs), pairs)
+
+
+def pair_agreement(score_1: torch.Tensor, score_2: torch.Tensor, pairs: PairBatch) -> dict[str, float]:
+    """Accuracy of scores [M] of both sides against the labels and the gold (strict pairs only),
+    and the Bradley-Terry loss."""
     prefers_first = score_1 > score_2
     strict = pairs.labels != 0.5
     gold_strict = pairs.gold[:, 0] != pairs.gold[:, 1]
@@ -62,17 +67,21 @@ def standardise_scores(model: ScalarHeadLM, sft_samples: Completions, batch_size
     return mean, std
 
 
-def fit_reward_model(model: ScalarHeadLM, optimizer: torch.optim.Optimizer, pairs: PairBatch, steps: int,
-                     batch_size: int, generator: torch.Generator, on_step=None) -> None:
+def fit_reward_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: PairBatch, steps: int,
+                     batch_size: int, generator: torch.Generator, on_step=None, loss_of=None) -> None:
     """`steps` AdamW steps on minibatches of `pairs`, passing over them in shuffled order
-    (a new shuffle each pass); `on_step(step, loss)` after each."""
+    (a new shuffle each pass); `on_step(step, loss)` after each. `loss_of(index)` is the loss
+    of the pairs at `index` [b]: `reward_loss` by default; DPO fits the policy as its own
+    reward model by passing its loss here."""
+    if loss_of is None:
+        loss_of = lambda index: reward_loss(model, pairs.select(index))  # noqa: E731
     model.train()
     order = torch.zeros(0, dtype=torch.long)
     for step in range(1, steps + 1):
         if len(order) == 0:
             order = torch.randperm(pairs.size, generator=generator, device=generator.device)
         index, order = order[:batch_size], order[batch_size:]
-        loss = reward_loss(model, pairs.select(index))
+        loss = loss_of(index)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

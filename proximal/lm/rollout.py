@@ -8,8 +8,12 @@ and at every token a KL penalty that leashes the policy to the SFT (reference) m
   kl_penalty_t = beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))       (k1, inside the reward)
   r_t          = -kl_penalty_t + [t = last token] * score
 
-Advantages: GAE over the response tokens with gamma = 1 (`proximal.utils.compute_gae`, the same
-function the control tasks use), the last token terminal.
+Advantages, PPO: GAE over the response tokens with gamma = 1 (`proximal.utils.compute_gae`, the
+same function the control tasks use), the last token terminal. RLOO (Ahmadian et al. 2024): no
+critic; each prompt has k responses, a response's return is the sum of its rewards (score -
+beta * KL), and its advantage, the same at every one of its tokens, is that return minus the
+mean return of the other k - 1 responses to the prompt (a baseline that does not depend on the
+response itself, so the gradient stays unbiased).
 """
 
 from __future__ import annotations
@@ -65,6 +69,13 @@ def token_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask:
     advantages, returns = compute_gae(rewards.T, values.T, next_values.T, terminated.T, torch.zeros_like(terminated.T),
                                       gamma=1.0, lam=gae_lambda)  # compute_gae works on [T, N]
     return torch.where(response_mask, advantages.T, zero), torch.where(response_mask, returns.T, zero)
+
+
+def leave_one_out_advantages(returns: torch.Tensor) -> torch.Tensor:
+    """RLOO's advantages [P, K] of K responses to each of P prompts with `returns` [P, K]:
+    A_i = R_i - (1 / (K - 1)) sum_{j != i} R_j."""
+    k = returns.shape[1]
+    return returns - (returns.sum(1, keepdim=True) - returns) / (k - 1)
 
 
 def sequence_kls(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor

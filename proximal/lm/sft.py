@@ -10,18 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from proximal.lm.model import encode_prompts, encode_responses, lm_forward, response_logits, token_logprobs
+from proximal.lm.model import Completions, encode_prompts, encode_responses, response_logprobs
 from proximal.utils import masked_mean
 
 
 def sft_loss(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
              response_mask: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the response tokens (EOS included) given the prompt."""
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P + R]
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    logits, _ = lm_forward(model, input_ids, attention_mask)
-    logprobs = token_logprobs(response_logits(logits, prompt_ids.shape[1], response_ids.shape[1]), response_ids, 1.0)
-    return -masked_mean(logprobs, response_mask)
+    logprobs = response_logprobs(model, Completions(prompt_ids, prompt_mask, response_ids, response_mask, None), 1.0)
+    return -masked_mean(logprobs, response_mask)  # logprobs [B, R]
 
 
 def encode_demonstrations(tokenizer, prompts: list[str], responses: list[str], device: str
