@@ -17,8 +17,16 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from proximal.config import (SECTION_OF_FIELD, EnvConfig, PPOConfig, PrefsConfig, RunConfig, TrainConfig, preset_for,
-                             prefs_preset_for)
+from proximal.config import (
+    SECTION_OF_FIELD,
+    EnvConfig,
+    PPOConfig,
+    PrefsConfig,
+    RunConfig,
+    TrainConfig,
+    prefs_preset_for,
+    preset_for,
+)
 from proximal.errors import ConfigError, ProximalError
 
 
@@ -75,8 +83,10 @@ def _add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.F
     kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
     if config_field.type == "bool":
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-    elif config_field.type == "tuple[int, ...]":
-        parser.add_argument(flag, type=int, nargs="+", metavar="WIDTH", **kwargs)
+    elif config_field.type in ("tuple[int, ...]", "tuple[float, ...]"):
+        parser.add_argument(flag, type=int if "int" in config_field.type else float, nargs="+",
+                            metavar="WIDTH" if config_field.name == "hidden_sizes" else "N" if "int" in config_field.type
+                            else "X", **kwargs)
     elif config_field.type == "float | None":
         parser.add_argument(flag, type=optional_float, metavar="FLOAT|none", **kwargs)
     else:
@@ -162,6 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run (or continue) in RUN_DIR: finished stages are skipped, a killed stage resumes")
     _add_rlhf_flags(rlhf)
     rlhf.set_defaults(handler=_rlhf)
+
+    from proximal.lm.config import STUDIES, StudyConfig
+
+    study = commands.add_parser(
+        "study", help="rerun an RLHF study on the LM pipeline, with the gold reward as the truth",
+        description="Run the variants of one study into --study-dir (resumable: a rerun skips finished ones) and "
+                    "write its figure, table and numbers to --out. The studies: overoptimisation (PPO at fixed betas "
+                    "against reward models from few and many labels), best-of-n, methods (PPO, RLOO, DPO), "
+                    "label-noise. Needs pip install -e \".[lm]\".")
+    study.add_argument("name", choices=STUDIES, metavar="STUDY", help=f"one of: {', '.join(STUDIES)}")
+    study.add_argument("--study-dir", default=None, metavar="DIR",
+                       help="where the variants' run directories go (default: runs/studies/seed-SEED)")
+    study.add_argument("--out", default="docs/lm_studies", metavar="DIR",
+                       help="where STUDY.png, STUDY.md and STUDY.json go (default: docs/lm_studies)")
+    for config_field in dataclasses.fields(StudyConfig):
+        _add_field_flag(study, config_field, _flag(config_field.name), f"study.{config_field.name}",
+                        f"{config_field.metadata['help']} (default: {config_field.default})")
+    study.set_defaults(handler=_study)
 
     generate = commands.add_parser("generate", help="print a trained stage's completions for given prompts")
     generate.add_argument("model_dir", metavar="MODEL_DIR",
@@ -339,7 +367,7 @@ def _require_lm_dependencies() -> None:
 
 
 def _rlhf(args: argparse.Namespace) -> int:
-    from proximal.lm.config import RLHFConfig, SECTIONS
+    from proximal.lm.config import SECTIONS, RLHFConfig
 
     _require_lm_dependencies()
 
@@ -374,6 +402,22 @@ def _rlhf(args: argparse.Namespace) -> int:
     run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), stages,
                            show_progress=sys.stderr.isatty(), report=report)
     print(f"run directory: {run_dir}")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from proximal.lm.config import StudyConfig
+
+    _require_lm_dependencies()
+    values = {dest.partition(".")[2]: tuple(value) if isinstance(value, list) else value
+              for dest, value in vars(args).items() if dest.startswith("study.")}
+    config = StudyConfig(**values)  # validated: nothing is written if this fails
+    study_dir = args.study_dir if args.study_dir is not None else f"runs/studies/seed-{config.seed}"
+    check_output_dir(study_dir, "--study-dir")
+    check_output_dir(args.out, "--out")
+    from proximal.lm.studies import run_study
+
+    run_study(args.name, config, Path(study_dir), Path(args.out), report=lambda line: print(line, flush=True))
     return 0
 
 

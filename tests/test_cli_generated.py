@@ -24,7 +24,7 @@ EMPTY_MEANS_UNSET = {"--replay-from", "--model.path"}  # their documented defaul
 BASE = {
     "train": ["train"], "prefs": ["prefs"], "bench": ["bench"], "rlhf": ["rlhf"], "presets": ["presets"],
     "eval": ["eval", "{tmp}/no_run"], "plot": ["plot", "{tmp}/no_run"],
-    "generate": ["generate", "{tmp}/no_model", "1+1="],
+    "generate": ["generate", "{tmp}/no_model", "1+1="], "study": ["study", "methods", "--study-dir", "{tmp}/study"],
 }
 BAD_POSITIONALS = {
     "train": [["train", ""], ["train", "../../etc"], ["train", "CartPol-v1"], ["train", " "]],
@@ -34,6 +34,7 @@ BAD_POSITIONALS = {
     "eval": [["eval", ""], ["eval", "{tmp}/a_file"]],
     "plot": [["plot", ""], ["plot", "{tmp}/a_file"]],
     "generate": [["generate", "", "1+1="], ["generate", "{tmp}/a_file", "1+1="], ["generate", "{tmp}/no_model"]],
+    "study": [["study", "nope"], ["study"], ["study", "methods", "--out", "{tmp}/a_file"]],
 }
 
 
@@ -88,7 +89,7 @@ def no_real_work(monkeypatch):
     monkeypatch.setattr(proximal.bench, "run_bench", refuse)
     monkeypatch.setattr(proximal.evaluate, "evaluate", refuse)
     monkeypatch.setattr(proximal.lm.model, "sample_completions", refuse)
-    for stage in ("run_sft", "run_reward", "run_ppo"):
+    for stage in ("run_sft", "run_reward", "run_ppo", "run_dpo"):
         monkeypatch.setattr(proximal.lm.pipeline.Pipeline, stage, refuse)
 
 

@@ -4,8 +4,10 @@ each against a hand computation or a brute-force loop, and both stages end to en
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from test_lm_pipeline import TINY, run_cli
 
 from lm_helpers import completions_for, tiny_model
 from proximal.lm.config import PPOConfig
@@ -14,7 +16,6 @@ from proximal.lm.labels import pairs_from_records
 from proximal.lm.model import ScalarHeadLM
 from proximal.lm.ppo import collect_rollout
 from proximal.lm.rollout import leave_one_out_advantages
-from test_lm_pipeline import TINY, run_cli
 
 
 def test_leave_one_out_advantages_by_hand():
@@ -127,3 +128,91 @@ def test_rloo_needs_a_batch_its_groups_divide():
 
     with pytest.raises(ConfigError, match="multiple of rloo_samples"):
         PPOConfig(method="rloo", rloo_samples=3, prompts_per_iteration=256)
+
+
+def test_best_of_n_probabilities_by_hand_and_with_ties():
+    from proximal.lm.best_of_n import best_of_n_probabilities
+
+    p = np.array([0.5, 0.3, 0.2])
+    assert np.allclose(best_of_n_probabilities(p, np.array([0.0, 1.0, 2.0]), 1), p)
+    assert np.allclose(best_of_n_probabilities(p, np.array([0.0, 1.0, 2.0]), 2), [0.25, 0.64 - 0.25, 1 - 0.64])
+    # a tie at the top: the group's share (1 - 0.5^2) split 3:2, as its members are drawn
+    assert np.allclose(best_of_n_probabilities(p, np.array([0.0, 1.0, 1.0]), 2), [0.25, 0.75 * 0.6, 0.75 * 0.4])
+
+
+def test_best_of_n_matches_drawing_n_and_keeping_the_best_and_respects_the_kl_bound():
+    from proximal.lm.best_of_n import analytic_kl_bound, best_of_n_probabilities, kl_divergence
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(12))
+    scores = rng.normal(size=12)
+    for n in (1, 3, 8):
+        exact = best_of_n_probabilities(p, scores, n)
+        draws = rng.choice(12, size=(200_000, n), p=p)
+        best = np.take_along_axis(draws, scores[draws].argmax(1)[:, None], 1).ravel()
+        assert np.allclose(np.bincount(best, minlength=12) / len(best), exact, atol=4e-3)
+        assert math.isclose(exact.sum(), 1.0)
+        assert kl_divergence(exact, p) <= analytic_kl_bound(n) + 1e-12
+    # many equally likely atoms with distinct scores: the bound is reached in the limit
+    many = np.full(100_000, 1e-5)
+    assert math.isclose(kl_divergence(best_of_n_probabilities(many, np.arange(100_000.0), 4), many),
+                        analytic_kl_bound(4), abs_tol=1e-3)
+
+
+def test_response_support_finds_exact_probabilities_that_sum_to_at_most_one():
+    from proximal.lm.best_of_n import best_of_n_curve, response_support
+    from proximal.lm.tasks import AdditionTask
+
+    model, tokenizer = tiny_model(0)
+    reward_model = ScalarHeadLM(tiny_model(1)[0])
+    supports = response_support(model, reward_model, tokenizer, AdditionTask(), ["12+34=", "5+5="], 64, 3, -3.0,
+                                torch.Generator().manual_seed(0), "cpu")
+    for support in supports:
+        assert math.isclose(support.probabilities.sum(), 1.0) and (support.probabilities >= 0).all()
+        assert support.scores[-1] < support.scores[:-1].min()  # the unseen mass scores lowest
+    curve = best_of_n_curve(supports, [1, 4])
+    assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert 0 < curve[1]["kl"] <= curve[1]["kl_bound"]
+
+
+def test_the_gao_fit_recovers_known_coefficients_and_its_peak():
+    from proximal.lm.studies import fit_gao, gao_peak
+
+    d = np.linspace(0.0, 3.0, 31)
+    gain = d * (0.8 - 0.5 * np.log(np.where(d > 0, d, 1.0)))
+    alpha, b = fit_gao(d, gain)
+    assert math.isclose(alpha, 0.8, abs_tol=1e-9) and math.isclose(b, 0.5, abs_tol=1e-9)
+    peak = gao_peak(alpha, b)  # d (alpha - b log d) has slope alpha - b log d - b = 0 there
+    assert math.isclose(alpha - b * math.log(peak) - b, 0.0, abs_tol=1e-9)
+    assert gao_peak(0.5, -0.1) == math.inf  # no over-optimisation: it never turns down
+
+
+@pytest.mark.slow
+def test_every_study_runs_on_a_tiny_pipeline_and_writes_its_figure_table_and_numbers(tmp_path):
+    from proximal.lm.config import RLHFConfig, StudyConfig
+    from proximal.lm.studies import RUNNERS, run_study
+
+    tiny = RLHFConfig().with_overrides({
+        "task": {"demonstrations": 500, "eval_prompts": 40}, "model": {"width": 32, "heads": 2},
+        "sft": {"steps": 30, "batch_size": 32}, "reward": {"epochs": 1},
+        "ppo": {"prompts_per_iteration": 32, "minibatch_size": 16, "eval_every": 2, "relabel_every": 2,
+                "relabel_pairs": 16, "refit_steps": 2}})
+    config = StudyConfig(seed=0, few_labels=60, many_labels=120, betas=(0.0, 0.3), iterations=4, best_of_n=(1, 4),
+                         best_of_n_prompts=10, best_of_n_samples=16, dpo_betas=(0.1,), label_noise=(0.0, 0.25))
+    lines = []
+    results = {name: run_study(name, config, tmp_path / "runs", tmp_path / "out", lines.append, tiny)
+               for name in RUNNERS}
+    for name in ("overoptimisation", "best_of_n", "methods", "label_noise"):
+        for suffix in (".png", ".md", ".json"):
+            assert (tmp_path / "out" / f"{name}{suffix}").is_file(), name + suffix
+    # the SFT model and each reward model were trained once and shared by copy
+    assert sum(line == "sft: sft ..." for line in lines) == 1
+    assert sum(line == "rm-120: reward ..." for line in lines) == 1
+    points = results["overoptimisation"]["budgets"]["60"]["runs"]["0"]["points"]
+    assert [p["iteration"] for p in points] == [0, 2, 4] and points[0]["kl"] == 0.0
+    assert results["best-of-n"]["120"][0]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert {"PPO", "RLOO (k = 4)", "DPO (beta 0.1)"} <= set(results["methods"])
+    # a rerun finds every variant finished and trains nothing
+    lines.clear()
+    run_study("methods", config, tmp_path / "runs", tmp_path / "out", lines.append, tiny)
+    assert not [line for line in lines if line.endswith("...")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,3 +257,36 @@ def prompt_budget(config: RLHFConfig) -> int:
     return max(4 * config.ppo.prompts_per_iteration, 2000)
 
 
+STUDIES = ("overoptimisation", "best-of-n", "methods", "label-noise")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What the studies vary; everything else is the pipeline's defaults."""
+
+    seed: int = _param(100, "the pipeline seed of every variant (the pipeline's defaults were tuned on seeds 0-1)")
+    threads: int = _param(1, "torch threads per run")
+    few_labels: int = _param(500, "the small label budget: a reward model measurably wrong off the SFT samples")
+    many_labels: int = _param(20_000, "the large label budget (the pipeline's default)")
+    betas: tuple[float, ...] = _param((0.0, 0.01, 0.03, 0.1, 0.3, 1.0), "fixed KL coefficients of the "
+                                                                          "over-optimisation sweep")
+    iterations: int = _param(150, "PPO/RLOO iterations of every RL variant")
+    best_of_n: tuple[int, ...] = _param((1, 2, 4, 8, 16, 32, 64), "the n of best-of-n")
+    best_of_n_prompts: int = _param(200, "held-out prompts best-of-n is measured on")
+    best_of_n_samples: int = _param(256, "SFT samples per prompt that find its responses")
+    dpo_betas: tuple[float, ...] = _param((0.03, 0.1, 0.3), "DPO's beta values")
+    label_noise: tuple[float, ...] = _param((0.0, 0.1, 0.25), "labeller coin-flip rates")
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        for name in ("threads", "few_labels", "many_labels", "iterations", "best_of_n_prompts", "best_of_n_samples"):
+            _require_positive_int(name, getattr(self, name))
+        for name in ("betas", "dpo_betas", "label_noise"):
+            values = getattr(self, name)
+            _require(len(values) > 0 and all(math.isfinite(v) and v >= 0 for v in values), name,
+                     "finite values >= 0", values)
+        _require(all(beta > 0 for beta in self.dpo_betas), "dpo_betas", "values > 0", self.dpo_betas)
+        _require(len(self.best_of_n) > 0 and all(isinstance(n, int) and n >= 1 for n in self.best_of_n), "best_of_n",
+                 "integers >= 1", self.best_of_n)
+        _require(all(0 <= noise <= 1 for noise in self.label_noise), "label_noise", "values in [0, 1]",
+                 self.label_noise)
