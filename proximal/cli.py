@@ -84,9 +84,9 @@ def _add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.F
     if config_field.type == "bool":
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     elif config_field.type in ("tuple[int, ...]", "tuple[float, ...]"):
-        parser.add_argument(flag, type=int if "int" in config_field.type else float, nargs="+",
-                            metavar="WIDTH" if config_field.name == "hidden_sizes" else "N" if "int" in config_field.type
-                            else "X", **kwargs)
+        is_int = "int" in config_field.type
+        metavar = "WIDTH" if config_field.name == "hidden_sizes" else "N" if is_int else "X"
+        parser.add_argument(flag, type=int if is_int else float, nargs="+", metavar=metavar, **kwargs)
     elif config_field.type == "float | None":
         parser.add_argument(flag, type=optional_float, metavar="FLOAT|none", **kwargs)
     else:

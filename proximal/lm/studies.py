@@ -190,7 +190,8 @@ def best_of_n(study: Study) -> dict[str, Any]:
     config = study.config
     results: dict[str, Any] = {}
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = ["| labels | n | gold (exact) | proxy score | KL exact | KL bound log n - (n-1)/n |", "|---|---|---|---|---|---|"]
+    rows = ["| labels | n | gold (exact) | proxy score | KL exact | KL bound log n - (n-1)/n |",
+            "|---|---|---|---|---|---|"]
     for labels, marker in ((config.few_labels, "o-"), (config.many_labels, "s-")):
         rm = study.reward_model(labels)
         run_config = study.base.with_overrides({"reward": {"labels": labels}})
@@ -206,8 +207,8 @@ def best_of_n(study: Study) -> dict[str, Any]:
         axes[0].plot(d, [point["gold"] for point in curve], marker, label=f"RM from {labels:,} labels")
         axes[1].plot(d, [point["score"] for point in curve], marker, label=f"RM from {labels:,} labels")
         for point in curve:
-            rows.append(f"| {labels:,} | {point['n']} | {point['gold']:.3f} | {point['score']:.2f} | {point['kl']:.3f} | "
-                        f"{point['kl_bound']:.3f} |")
+            rows.append(f"| {labels:,} | {point['n']} | {point['gold']:.3f} | {point['score']:.2f} | "
+                        f"{point['kl']:.3f} | {point['kl_bound']:.3f} |")
     axes[0].plot(np.sqrt([c["kl_bound"] for c in curve]), [results[str(config.many_labels)][0]["gold"]] * len(curve),
                  "|", color="grey", markersize=12, label="sqrt of the analytic KL bound, n = 1 ... 64")
     for axis, title in zip(axes, ("gold of best-of-n (exact expectation)", "proxy: reward-model score")):
