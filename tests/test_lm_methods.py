@@ -198,7 +198,7 @@ def test_every_study_runs_on_a_tiny_pipeline_and_writes_its_figure_table_and_num
         "sft": {"steps": 30, "batch_size": 32}, "reward": {"epochs": 1},
         "ppo": {"prompts_per_iteration": 32, "minibatch_size": 16, "eval_every": 2, "relabel_every": 2,
                 "relabel_pairs": 16, "refit_steps": 2}})
-    config = StudyConfig(seed=0, few_labels=60, many_labels=120, betas=(0.0, 0.3), iterations=4, best_of_n=(1, 4),
+    config = StudyConfig(seed=0, label_budgets=(60, 120), betas=(0.0, 0.3), iterations=4, best_of_n=(1, 4),
                          best_of_n_prompts=10, best_of_n_samples=16, dpo_betas=(0.1,), label_noise=(0.0, 0.25))
     lines = []
     results = {name: run_study(name, config, tmp_path / "runs", tmp_path / "out", lines.append, tiny)

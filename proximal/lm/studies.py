@@ -90,6 +90,9 @@ class Study:
         self._say(f"wrote {self.out_dir / name}.png, .md, .json")
 
 
+MARKERS = "osD^v<>p"  # one per reward model, in figures that overlay them
+
+
 # -- reading a run -----------------------------------------------------------------------------------
 
 def trajectory(run_dir: Path, window: int = 10) -> list[dict[str, float]]:
@@ -131,11 +134,13 @@ def overoptimisation(study: Study) -> dict[str, Any]:
 
     config = study.config
     results: dict[str, Any] = {"budgets": {}}
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    budgets = sorted(config.label_budgets)
+    figure, axes = plt.subplots(1, len(budgets) + 1, figsize=(5 * (len(budgets) + 1), 4.2), squeeze=False)
+    axes = axes[0]
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(config.betas)))
     rows = ["| labels | RM held-out acc. (vs gold) | beta | final KL | final gold sampled | peak gold (at d) | "
             "final proxy |", "|---|---|---|---|---|---|---|"]
-    for panel, labels in enumerate((config.few_labels, config.many_labels)):
+    for panel, labels in enumerate(budgets):
         rm = study.reward_model(labels)
         validation = read_summary(study.study_dir / rm / "reward")["validation"] or {}
         budget: dict[str, Any] = {"validation": validation, "runs": {}}
@@ -154,8 +159,8 @@ def overoptimisation(study: Study) -> dict[str, Any]:
             all_d.extend(d)
             all_gain.extend(gold - sft_gold)
             axes[panel].plot(d, gold, "o-", color=color, markersize=3, label=f"beta {beta:g}")
-            axes[2].plot(d, score, "o-" if panel == 0 else "s--", color=color, markersize=3,
-                         label=f"{labels:,} labels, beta {beta:g}")
+            axes[-1].plot(d, score, MARKERS[panel % len(MARKERS)] + "-", color=color, markersize=3,
+                          label=f"{labels:,} labels, beta {beta:g}")
             peak = int(np.argmax(gold))
             budget["runs"][f"{beta:g}"] = {"points": points}
             rows.append(f"| {labels:,} | {validation.get('accuracy', math.nan):.3f} "
@@ -172,7 +177,7 @@ def overoptimisation(study: Study) -> dict[str, Any]:
         axis.set_xlabel("d = sqrt(KL(pi || SFT))  [sqrt(nats)]")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    axes[2].set_title("proxy: reward-model score (training samples)", fontsize=10)
+    axes[-1].set_title("proxy: reward-model score (training samples)", fontsize=10)
     figure.tight_layout()
     fits = [f"- {labels} labels: gold gain = d ({budget['fit']['alpha']:.3f} - {budget['fit']['b']:.3f} log d), "
             f"peak at d* = {budget['fit']['peak_d']:.2f} (KL {budget['fit']['peak_d'] ** 2:.2f} nats)"
@@ -192,7 +197,8 @@ def best_of_n(study: Study) -> dict[str, Any]:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     rows = ["| labels | n | gold (exact) | proxy score | KL exact | KL bound log n - (n-1)/n |",
             "|---|---|---|---|---|---|"]
-    for labels, marker in ((config.few_labels, "o-"), (config.many_labels, "s-")):
+    for index, labels in enumerate(sorted(config.label_budgets)):
+        marker = MARKERS[index % len(MARKERS)] + "-"
         rm = study.reward_model(labels)
         run_config = study.base.with_overrides({"reward": {"labels": labels}})
         pipeline = Pipeline(run_config, study.study_dir / rm, show_progress=False)
@@ -209,7 +215,7 @@ def best_of_n(study: Study) -> dict[str, Any]:
         for point in curve:
             rows.append(f"| {labels:,} | {point['n']} | {point['gold']:.3f} | {point['score']:.2f} | "
                         f"{point['kl']:.3f} | {point['kl_bound']:.3f} |")
-    axes[0].plot(np.sqrt([c["kl_bound"] for c in curve]), [results[str(config.many_labels)][0]["gold"]] * len(curve),
+    axes[0].plot(np.sqrt([c["kl_bound"] for c in curve]), [results[str(config.most_labels)][0]["gold"]] * len(curve),
                  "|", color="grey", markersize=12, label="sqrt of the analytic KL bound, n = 1 ... 64")
     for axis, title in zip(axes, ("gold of best-of-n (exact expectation)", "proxy: reward-model score")):
         axis.set_xlabel("d = sqrt(KL(best-of-n || SFT))")
@@ -225,9 +231,9 @@ def methods(study: Study) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     config = study.config
-    rm = study.reward_model(config.many_labels)
+    rm = study.reward_model(config.most_labels)
     shared = {"sft": "sft", "reward": rm}
-    reward = {"labels": config.many_labels}
+    reward = {"labels": config.most_labels}
     rl = {"iterations": config.iterations, "relabel_every": 0}
     runs = {"PPO": study.run(f"{rm}-ppo", {"reward": reward, "ppo": rl}, "ppo", shared),
             "RLOO (k = 4)": study.run(f"{rm}-rloo", {"reward": reward, "ppo": {**rl, "method": "rloo"}}, "ppo", shared)}
@@ -254,7 +260,7 @@ def methods(study: Study) -> dict[str, Any]:
                     f"{e['kl_k1']:.2f} | {result['seconds']:.0f} |")
     axis.set_xlabel("d = sqrt(KL(pi || SFT))")
     axis.set_ylabel("gold reward (held-out, sampled)")
-    axis.set_title(f"PPO vs RLOO vs DPO: one SFT model, one RM / one set of {config.many_labels:,} labels",
+    axis.set_title(f"PPO vs RLOO vs DPO: one SFT model, one RM / one set of {config.most_labels:,} labels",
                    fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -272,8 +278,8 @@ def label_noise(study: Study) -> dict[str, Any]:
     results: dict[str, Any] = {}
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for noise in config.label_noise:
-        rm = study.reward_model(config.many_labels, noise)
-        reward: dict[str, Any] = {"labels": config.many_labels}
+        rm = study.reward_model(config.most_labels, noise)
+        reward: dict[str, Any] = {"labels": config.most_labels}
         if noise:
             reward.update(labeller_noise="uniform", labeller_error_rate=noise)
         run_dir = study.run(f"{rm}-pipeline", {"reward": reward, "ppo": {"iterations": config.iterations}}, "ppo",
