@@ -113,6 +113,21 @@ def trajectory(run_dir: Path, window: int = 10) -> list[dict[str, float]]:
     return points
 
 
+def training_curve(run_dir: Path, block: int = 5) -> list[dict[str, float]]:
+    """The RL stage's on-policy samples, iteration by iteration, averaged over blocks of `block`
+    iterations: gold and proxy score of the 256 training samples, and their KL (k1) to the SFT
+    model. Finer than the held-out evaluations, which at a small beta come after the policy has
+    already moved a long way (KL 1.7 nats by iteration 10)."""
+    rows = read_csv_rows(run_dir / "ppo" / "metrics.csv")
+    points = []
+    for start in range(0, len(rows), block):
+        part = rows[start:start + block]
+        points.append({"iteration": part[-1]["iteration"], "gold": float(np.mean([r["gold"] for r in part])),
+                       "kl": max(0.0, float(np.mean([r["kl_k1"] for r in part]))),
+                       "score": float(np.mean([r["score"] for r in part]))})
+    return points
+
+
 def fit_gao(d: np.ndarray, gain: np.ndarray) -> tuple[float, float]:
     """Least squares (alpha, b) of gain = d (alpha - b log d), Gao et al. 2023's form for RL
     (linear in alpha and b); points at d = 0 carry no information and are dropped."""
@@ -138,8 +153,8 @@ def overoptimisation(study: Study) -> dict[str, Any]:
     figure, axes = plt.subplots(1, len(budgets) + 1, figsize=(5 * (len(budgets) + 1), 4.2), squeeze=False)
     axes = axes[0]
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(config.betas)))
-    rows = ["| labels | RM held-out acc. (vs gold) | beta | final KL | final gold sampled | peak gold (at d) | "
-            "final proxy |", "|---|---|---|---|---|---|---|"]
+    rows = ["| labels | RM held-out acc. | beta | peak gold (at d) | final: KL | gold | proxy score | "
+            "held-out gold sampled / greedy |", "|---|---|---|---|---|---|---|---|"]
     for panel, labels in enumerate(budgets):
         rm = study.reward_model(labels)
         validation = read_summary(study.study_dir / rm / "reward")["validation"] or {}
@@ -151,8 +166,8 @@ def overoptimisation(study: Study) -> dict[str, Any]:
                 "reward": {"labels": labels},
                 "ppo": {"kl_coef": beta, "adaptive_kl": False, "relabel_every": 0, "iterations": config.iterations}},
                 "ppo", {"sft": "sft", "reward": rm})
-            points = trajectory(run_dir)
-            sft_gold = points[0]["gold"]
+            points = training_curve(run_dir)
+            sft_gold = read_summary(study.study_dir / "sft" / "sft")["eval"]["gold_sampled"]
             d = np.sqrt([p["kl"] for p in points])
             gold = np.array([p["gold"] for p in points])
             score = np.array([p["score"] for p in points])
@@ -163,20 +178,27 @@ def overoptimisation(study: Study) -> dict[str, Any]:
                           label=f"{labels:,} labels, beta {beta:g}")
             peak = int(np.argmax(gold))
             budget["runs"][f"{beta:g}"] = {"points": points}
-            rows.append(f"| {labels:,} | {validation.get('accuracy', math.nan):.3f} "
-                        f"({validation.get('gold_accuracy', math.nan):.3f}) | {beta:g} | {points[-1]['kl']:.2f} | "
-                        f"{points[-1]['gold']:.3f} | {gold[peak]:.3f} (d={d[peak]:.2f}) | {points[-1]['score']:.2f} |")
+            final = read_summary(run_dir / "ppo")["eval"]
+            budget["runs"][f"{beta:g}"]["eval"] = final
+            rows.append(f"| {labels:,} | {validation.get('accuracy', math.nan):.3f} | {beta:g} | "
+                        f"{gold[peak]:.3f} (d={d[peak]:.2f}) | {points[-1]['kl']:.2f} | {points[-1]['gold']:.3f} | "
+                        f"{points[-1]['score']:.2f} | {final['gold_sampled']:.3f} / {final['gold_greedy']:.3f} |")
         alpha, b = fit_gao(np.array(all_d), np.array(all_gain))
         budget["fit"] = {"alpha": alpha, "b": b, "peak_d": gao_peak(alpha, b), "sft_gold": sft_gold}
         grid = np.linspace(1e-3, max(all_d), 200)
         axes[panel].plot(grid, sft_gold + grid * (alpha - b * np.log(grid)), "k:", lw=2,
                          label=f"fit: d({alpha:.2f} - {b:.2f} log d)")
-        axes[panel].set_title(f"gold (held-out, sampled): RM from {labels:,} labels", fontsize=10)
+        axes[panel].axhline(sft_gold, color="grey", lw=1, ls="--", label="SFT (held-out)")
+        axes[panel].set_title(f"gold: RM from {labels:,} labels (held-out acc. "
+                              f"{validation.get('accuracy', math.nan):.2f})", fontsize=10)
+        axes[panel].set_ylabel("gold reward of the policy's samples")
         results["budgets"][str(labels)] = budget
     for axis in axes:
         axis.set_xlabel("d = sqrt(KL(pi || SFT))  [sqrt(nats)]")
         axis.grid(alpha=0.3)
+    for axis in axes[:-1]:
         axis.legend(fontsize=7)
+    axes[-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1.0), loc="upper left")
     axes[-1].set_title("proxy: reward-model score (training samples)", fontsize=10)
     figure.tight_layout()
     fits = [f"- {labels} labels: gold gain = d ({budget['fit']['alpha']:.3f} - {budget['fit']['b']:.3f} log d), "
@@ -216,12 +238,12 @@ def best_of_n(study: Study) -> dict[str, Any]:
             rows.append(f"| {labels:,} | {point['n']} | {point['gold']:.3f} | {point['score']:.2f} | "
                         f"{point['kl']:.3f} | {point['kl_bound']:.3f} |")
     axes[0].plot(np.sqrt([c["kl_bound"] for c in curve]), [results[str(config.most_labels)][0]["gold"]] * len(curve),
-                 "|", color="grey", markersize=12, label="sqrt of the analytic KL bound, n = 1 ... 64")
+                 "|", color="grey", markersize=12, label="where the analytic KL bound would put n = 1, 2, 4, ...")
     for axis, title in zip(axes, ("gold of best-of-n (exact expectation)", "proxy: reward-model score")):
         axis.set_xlabel("d = sqrt(KL(best-of-n || SFT))")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     study.write("best_of_n", figure, "\n".join(rows) + "\n", results)
     return results
@@ -295,8 +317,10 @@ def label_noise(study: Study) -> dict[str, Any]:
     noises = list(results)
     axes[1].bar([f"{float(n):.0%}" for n in noises], [results[n]["validation"]["gold_accuracy"] for n in noises],
                 color="tab:blue", alpha=0.6, label="RM held-out accuracy vs gold")
-    axes[1].plot([f"{float(n):.0%}" for n in noises], [results[n]["eval"]["gold_greedy"] for n in noises], "ko-",
-                 label="final gold, greedy")
+    for mode, style in (("greedy", "ko-"), ("sampled", "ks--")):
+        axes[1].plot([f"{float(n):.0%}" for n in noises], [results[n]["eval"][f"gold_{mode}"] for n in noises], style,
+                     label=f"final gold, {mode}")
+    axes[1].set_ylim(0.5, 1.0)
     axes[0].set_xlabel("PPO iteration")
     axes[0].set_ylabel("gold reward (held-out, sampled)")
     axes[1].set_xlabel("labeller coin-flip rate")
