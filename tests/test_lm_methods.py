@@ -192,6 +192,7 @@ def test_the_gao_fit_recovers_known_coefficients_and_its_peak():
 def test_every_study_runs_on_a_tiny_pipeline_and_writes_its_figure_table_and_numbers(tmp_path):
     from proximal.lm.config import RLHFConfig, StudyConfig
     from proximal.lm.studies import RUNNERS, run_study
+    from proximal.run import read_csv_rows
 
     tiny = RLHFConfig().with_overrides({
         "task": {"demonstrations": 500, "eval_prompts": 40}, "model": {"width": 32, "heads": 2},
@@ -210,7 +211,11 @@ def test_every_study_runs_on_a_tiny_pipeline_and_writes_its_figure_table_and_num
     assert sum(line == "sft: sft ..." for line in lines) == 1
     assert sum(line == "rm-120: reward ..." for line in lines) == 1
     points = results["overoptimisation"]["budgets"]["60"]["runs"]["0"]["points"]
-    assert [p["iteration"] for p in points] == [0, 2, 4] and points[0]["kl"] == 0.0
+    rows = read_csv_rows(tmp_path / "runs" / "rm-60-beta-0" / "ppo" / "metrics.csv")  # 4 iterations: one block
+    assert [p["iteration"] for p in points] == [4]
+    assert points[0]["gold"] == pytest.approx(np.mean([r["gold"] for r in rows]))
+    assert points[0]["kl"] == pytest.approx(max(0.0, np.mean([r["kl_k1"] for r in rows])))
+    assert rows[0]["kl_k1"] == 0.0  # the first batch is sampled before any update: the policy is the SFT model
     assert results["best-of-n"]["120"][0]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert {"PPO", "RLOO (k = 4)", "DPO (beta 0.1)"} <= set(results["methods"])
     # a rerun finds every variant finished and trains nothing
