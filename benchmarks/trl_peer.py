@@ -55,7 +55,8 @@ def proximal_run(run_dir: Path, work: Path, method: str, overrides: dict, thread
     started = time.perf_counter()
     run_pipeline(config, target, ("ppo",))
     summary = read_summary(target / "ppo")
-    return {"eval": summary["eval"], "train_seconds": summary["seconds"], "total_seconds": time.perf_counter() - started}
+    return {"eval": summary["eval"], "train_seconds": summary["seconds"],
+            "total_seconds": time.perf_counter() - started}
 
 
 def trl_rloo_run(run_dir: Path, work: Path, overrides: dict, iterations: int, threads: int) -> dict:
@@ -94,8 +95,8 @@ def trl_rloo_run(run_dir: Path, work: Path, overrides: dict, iterations: int, th
         weight_decay=0.0, logging_steps=20, save_strategy="no", report_to=[], use_cpu=True, seed=config.run.seed,
         disable_tqdm=True, dataloader_num_workers=0)
     torch.set_num_threads(threads)
-    trainer = RLOOTrainer(model=model, reward_funcs=[reward], args=args,
-                          train_dataset=Dataset.from_dict({"prompt": pipeline.splits.rl}), processing_class=trl_tokenizer)
+    trainer = RLOOTrainer(model=model, reward_funcs=[reward], args=args, processing_class=trl_tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": pipeline.splits.rl}))
     train_started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_started

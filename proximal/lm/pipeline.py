@@ -25,10 +25,10 @@ from tqdm import tqdm
 from proximal.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from proximal.errors import CheckpointError, ConfigError
 from proximal.lm.config import RLHFConfig, prompt_budget
-from proximal.lm.evaluation import evaluate_policy, gold_scores
 from proximal.lm.dpo import dpo_loss, implicit_accuracy, reference_pair_logprobs
-from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, label_records, make_labeller, pairs_from_records,
-                                read_records, teaches_something, write_records)
+from proximal.lm.evaluation import evaluate_policy, gold_scores
+from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, label_records, make_labeller,
+                                pairs_from_records, read_records, teaches_something, write_records)
 from proximal.lm.model import (ScalarHeadLM, build_char_tokenizer, build_tiny_gpt2, context_length, encode_prompts,
                                load_pretrained, sample_completions, save_pretrained)
 from proximal.lm.ppo import ppo_iteration
@@ -417,7 +417,6 @@ class Pipeline:
         write_json_atomic(stage_dir / SUMMARY_NAME, summary)
         checkpoint_path.unlink(missing_ok=True)
         return summary
-
 
     # -- optional stage: DPO in place of reward model + PPO ------------------------------------------
 
