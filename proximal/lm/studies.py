@@ -232,18 +232,28 @@ def best_of_n(study: Study) -> dict[str, Any]:
         curve = best_of_n_curve(supports, list(config.best_of_n))
         results[str(labels)] = curve
         d = np.sqrt([point["kl"] for point in curve])
-        axes[0].plot(d, [point["gold"] for point in curve], marker, label=f"RM from {labels:,} labels")
-        axes[1].plot(d, [point["score"] for point in curve], marker, label=f"RM from {labels:,} labels")
+        color = f"C{index}"
+        axes[0].plot(d, [point["gold"] for point in curve], marker, color=color,
+                     label=f"best-of-n, RM from {labels:,} labels")
+        axes[1].plot(d, [point["score"] for point in curve], marker, color=color, label=f"RM from {labels:,} labels")
+        # on the same axes: the PPO runs of the over-optimisation study against this reward model, where made
+        ppo_runs = [study.study_dir / f"{rm}-beta-{beta:g}" for beta in config.betas]
+        ppo_points = [p for run_dir in ppo_runs if is_finished(run_dir / "ppo") for p in training_curve(run_dir)]
+        if ppo_points:
+            axes[0].scatter(np.sqrt([p["kl"] for p in ppo_points]), [p["gold"] for p in ppo_points], s=5,
+                            color=color, alpha=0.25, label="PPO at fixed betas, same RM")
         for point in curve:
             rows.append(f"| {labels:,} | {point['n']} | {point['gold']:.3f} | {point['score']:.2f} | "
                         f"{point['kl']:.3f} | {point['kl_bound']:.3f} |")
     axes[0].plot(np.sqrt([c["kl_bound"] for c in curve]), [results[str(config.most_labels)][0]["gold"]] * len(curve),
                  "|", color="grey", markersize=12, label="where the analytic KL bound would put n = 1, 2, 4, ...")
-    for axis, title in zip(axes, ("gold of best-of-n (exact expectation)", "proxy: reward-model score")):
-        axis.set_xlabel("d = sqrt(KL(best-of-n || SFT))")
+    axes[0].set_xlim(-0.05, 1.9)
+    for axis, title, corner in zip(axes, ("gold of best-of-n (exact expectation)", "proxy: reward-model score"),
+                                   ("lower left", "lower right")):
+        axis.set_xlabel("d = sqrt(KL(policy || SFT))")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, loc="lower right")
+        axis.legend(fontsize=8, loc=corner)
     figure.tight_layout()
     study.write("best_of_n", figure, "\n".join(rows) + "\n", results)
     return results
