@@ -330,13 +330,14 @@ def label_noise(study: Study) -> dict[str, Any]:
     for mode, style in (("greedy", "ko-"), ("sampled", "ks--")):
         axes[1].plot([f"{float(n):.0%}" for n in noises], [results[n]["eval"][f"gold_{mode}"] for n in noises], style,
                      label=f"final gold, {mode}")
-    axes[1].set_ylim(0.5, 1.0)
+    axes[1].set_ylim(0.5, 1.1)
     axes[0].set_xlabel("PPO iteration")
     axes[0].set_ylabel("gold reward (held-out, sampled)")
     axes[1].set_xlabel("labeller coin-flip rate")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, ncol=3, loc="upper center")
     for axis in axes:
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
     figure.tight_layout()
     study.write("label_noise", figure, "\n".join(rows) + "\n", results)
     return results
