@@ -115,10 +115,18 @@ def test_the_rloo_and_dpo_stages_run_end_to_end(tmp_path, capsys):
     assert code == 0, err
     rows = (run_dir / "ppo" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 4
-    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *TINY, "--ppo.method", "rloo", "--ppo.rloo-samples",
-                              "4", "--stage", "dpo"], capsys)
+    rloo = [*TINY, "--ppo.method", "rloo", "--ppo.rloo-samples", "4"]
+    # DPO with settings of its own on the finished run's pairs: the dpo section need not match...
+    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *rloo, "--stage", "dpo", "--dpo.beta", "0.5"], capsys)
     assert code == 0, err
     assert out.startswith("dpo: ") and "KL" in out
+    assert json.loads((run_dir / "config.json").read_text())["dpo"]["beta"] == 0.5
+    # ...and the record stays true when the other stages are continued without dpo flags
+    assert run_cli(["rlhf", "--run-dir", str(run_dir), *rloo], capsys)[0] == 0
+    assert json.loads((run_dir / "config.json").read_text())["dpo"]["beta"] == 0.5
+    # once the dpo stage has run, it is continued only with its own settings
+    code, _, err = run_cli(["rlhf", "--run-dir", str(run_dir), *rloo, "--stage", "dpo", "--dpo.beta", "2"], capsys)
+    assert code != 0 and "was run with another config" in err
     summary = json.loads((run_dir / "dpo" / "summary.json").read_text())
     assert summary["eval"]["kl_k3"] >= 0 and 0 <= summary["eval"]["gold_greedy"] <= 1
     assert (run_dir / "dpo" / "dpo.png").is_file() and (run_dir / "dpo" / "model" / "config.json").is_file()

@@ -13,6 +13,7 @@ finished ones. Each stage reads only the previous stage's folder, so it also run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -88,10 +89,11 @@ class Pipeline:
         return evaluate_policy(model, tokenizer, self.task, self.splits.evaluation, self.config.ppo.max_new_tokens,
                                self.config.ppo.temperature, self.config.run.seed + EVAL_SEED, self.device, reference)
 
-    def check(self, stages: tuple[str, ...]) -> None:
+    def check(self, stages: tuple[str, ...]) -> RLHFConfig:
         """Everything about the input that can be wrong, checked before any file is written: the
         model directory, prompt + response length against the context, the previous stage's
-        output, the checkpoints a resumed stage would read, and an existing run's config."""
+        output, the checkpoints a resumed stage would read, and an existing run's config.
+        Returns the config to record in the run's config.json."""
         if self.config.model.path:
             model, tokenizer = load_pretrained(self.config.model.path)
             limit = context_length(model)
@@ -107,7 +109,7 @@ class Pipeline:
                 raise ConfigError(f"stage {stages[0]} needs a finished {previous} stage: pass --run-dir of a run "
                                   f"whose {previous} stage finished, or run --stage {previous} first")
         if self.run_dir is None:
-            return
+            return self.config
         for stage in stages:
             if (self.stage_dir(stage) / CHECKPOINT_NAME).exists() and not is_finished(self.stage_dir(stage)):
                 load_checkpoint(self.stage_dir(stage) / CHECKPOINT_NAME)  # a corrupt one fails here
@@ -117,9 +119,15 @@ class Pipeline:
                 saved = RLHFConfig.from_dict(json.loads(config_path.read_text()))
             except (json.JSONDecodeError, TypeError) as error:
                 raise CheckpointError(f"{config_path} is not a readable RLHF config ({error})") from None
-            if saved != self.config:
+            # The dpo section is read by the dpo stage alone: it has to match only once that stage has
+            # begun, so DPO can be tried on a finished run's pairs with settings of its own.
+            dpo_begun = "dpo" in stages and self.stage_dir("dpo").exists()
+            if (saved if dpo_begun else dataclasses.replace(saved, dpo=self.config.dpo)) != self.config:
                 raise ConfigError(f"{self.run_dir} was run with another config; continue it with the same flags, "
                                   "or start a new run directory")
+            if "dpo" not in stages:
+                return dataclasses.replace(self.config, dpo=saved.dpo)  # the record of a dpo stage stays true
+        return self.config
 
     # -- stage 1 -------------------------------------------------------------------------------------
 
@@ -457,10 +465,10 @@ def run_pipeline(config: RLHFConfig, run_dir: Path | None, stages: tuple[str, ..
     if config.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no CUDA device")
     pipeline = Pipeline(config, run_dir, show_progress)
-    pipeline.check(stages)  # nothing is written if this fails
+    recorded = pipeline.check(stages)  # nothing is written if this fails
     pipeline.run_dir = new_run_dir(config) if run_dir is None else Path(run_dir)
     pipeline.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(pipeline.run_dir / "config.json", json.loads(config.to_json()))
+    write_json_atomic(pipeline.run_dir / "config.json", json.loads(recorded.to_json()))
     for stage in stages:
         stage_dir = pipeline.stage_dir(stage)
         skipped = is_finished(stage_dir)
