@@ -34,6 +34,13 @@ from proximal.lm.pipeline import MODEL_DIR, Pipeline, is_finished, read_summary,
 from proximal.run import read_csv_rows, save_figure_atomic, write_json_atomic, write_text_atomic
 
 
+def reward_settings(labels: int, noise: float = 0.0) -> dict[str, Any]:
+    """The reward section's overrides of a reward model from `labels` labels at coin-flip rate `noise`."""
+    if not noise:
+        return {"labels": labels}
+    return {"labels": labels, "labeller_noise": "uniform", "labeller_error_rate": noise}
+
+
 @dataclass
 class Study:
     """One study directory of pipeline runs, and the folder its figure and table go to."""
@@ -73,10 +80,7 @@ class Study:
     def reward_model(self, labels: int, noise: float = 0.0) -> str:
         """The variant holding a reward model from `labels` labels at coin-flip rate `noise`."""
         name = f"rm-{labels}" + (f"-noise-{noise:g}" if noise else "")
-        reward = {"labels": labels}
-        if noise:
-            reward.update(labeller_noise="uniform", labeller_error_rate=noise)
-        self.run(name, {"reward": reward}, "reward", {"sft": self.sft()})
+        self.run(name, {"reward": reward_settings(labels, noise)}, "reward", {"sft": self.sft()})
         return name
 
     def write(self, name: str, figure, table: str, results: dict[str, Any]) -> None:
@@ -163,7 +167,7 @@ def overoptimisation(study: Study) -> dict[str, Any]:
         sft_gold = None
         for color, beta in zip(colors, config.betas):
             run_dir = study.run(f"{rm}-beta-{beta:g}", {
-                "reward": {"labels": labels},
+                "reward": reward_settings(labels),
                 "ppo": {"kl_coef": beta, "adaptive_kl": False, "relabel_every": 0, "iterations": config.iterations}},
                 "ppo", {"sft": "sft", "reward": rm})
             points = training_curve(run_dir)
@@ -222,7 +226,7 @@ def best_of_n(study: Study) -> dict[str, Any]:
     for index, labels in enumerate(sorted(config.label_budgets)):
         marker = MARKERS[index % len(MARKERS)] + "-"
         rm = study.reward_model(labels)
-        run_config = study.base.with_overrides({"reward": {"labels": labels}})
+        run_config = study.base.with_overrides({"reward": reward_settings(labels)})
         pipeline = Pipeline(run_config, study.study_dir / rm, show_progress=False)
         reference, tokenizer = load_pretrained(pipeline.stage_dir("sft") / MODEL_DIR, run_config.run.device)
         supports = response_support(reference, pipeline.load_reward_model(), tokenizer, pipeline.task,
@@ -265,7 +269,7 @@ def methods(study: Study) -> dict[str, Any]:
     config = study.config
     rm = study.reward_model(config.most_labels)
     shared = {"sft": "sft", "reward": rm}
-    reward = {"labels": config.most_labels}
+    reward = reward_settings(config.most_labels)
     rl = {"iterations": config.iterations, "relabel_every": 0}
     runs = {"PPO": study.run(f"{rm}-ppo", {"reward": reward, "ppo": rl}, "ppo", shared),
             "RLOO (k = 4)": study.run(f"{rm}-rloo", {"reward": reward, "ppo": {**rl, "method": "rloo"}}, "ppo", shared)}
@@ -311,10 +315,8 @@ def label_noise(study: Study) -> dict[str, Any]:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for noise in config.label_noise:
         rm = study.reward_model(config.most_labels, noise)
-        reward: dict[str, Any] = {"labels": config.most_labels}
-        if noise:
-            reward.update(labeller_noise="uniform", labeller_error_rate=noise)
-        run_dir = study.run(f"{rm}-pipeline", {"reward": reward, "ppo": {"iterations": config.iterations}}, "ppo",
+        run_dir = study.run(f"{rm}-pipeline", {"reward": reward_settings(config.most_labels, noise),
+                                               "ppo": {"iterations": config.iterations}}, "ppo",
                             {"sft": "sft", "reward": rm})
         validation = read_summary(run_dir / "reward")["validation"]
         final = read_summary(run_dir / "ppo")["eval"]
