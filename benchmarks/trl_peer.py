@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proximal.lm.config import RLHFConfig  # noqa: E402
 from proximal.lm.evaluation import evaluate_policy  # noqa: E402
-from proximal.lm.model import Completions, encode_prompts, encode_responses, load_pretrained  # noqa: E402
+from proximal.lm.model import encode_completions, load_pretrained  # noqa: E402
 from proximal.lm.pipeline import EVAL_SEED, MODEL_DIR, Pipeline, read_summary, run_pipeline  # noqa: E402
-from proximal.lm.reward import reward_scores  # noqa: E402
+from proximal.lm.reward import scores_or_missing_eos  # noqa: E402
 
 
 def proximal_run(run_dir: Path, work: Path, method: str, overrides: dict, threads: int) -> dict:
@@ -81,11 +81,8 @@ def trl_rloo_run(run_dir: Path, work: Path, overrides: dict, iterations: int, th
     def reward(prompts, completions, completion_ids, **_):
         ended = [eos in ids for ids in completion_ids]
         texts = [tokenizer.decode([t for t in ids if t != eos]) for ids in completion_ids]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), "cpu")
-        response_ids, response_mask = encode_responses(tokenizer, texts, ended, "cpu")
-        batch = Completions(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor(ended))
-        scores = reward_scores(reward_model, batch)
-        return torch.where(batch.ended, scores, torch.full_like(scores, config.ppo.missing_eos_score)).tolist()
+        batch = encode_completions(tokenizer, list(prompts), texts, ended, "cpu")
+        return scores_or_missing_eos(reward_model, batch, config.ppo.missing_eos_score).tolist()
 
     args = RLOOConfig(
         output_dir=str(work / "trl-rloo"), per_device_train_batch_size=128, steps_per_generation=2,

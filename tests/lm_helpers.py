@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from proximal.lm.model import Completions, build_char_tokenizer, build_tiny_gpt2, encode_prompts, encode_responses
+from proximal.lm.model import Completions, build_char_tokenizer, build_tiny_gpt2, encode_completions
 
 
 def tiny_model(seed: int = 0, width: int = 32):
@@ -18,9 +18,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 def completions_for(tokenizer, prompts, responses, ended, device: str = "cpu") -> Completions:
     """A padded batch of given prompts and responses (EOS appended where `ended`)."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    response_ids, response_mask = encode_responses(tokenizer, responses, ended, device)
-    return Completions(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor(ended, device=device))
+    return encode_completions(tokenizer, prompts, responses, ended, device)
 
 
 def tiny_llama(seed: int = 0):

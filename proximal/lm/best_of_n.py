@@ -29,8 +29,8 @@ from torch import nn
 
 from proximal.lm.dpo import sequence_logprobs
 from proximal.lm.evaluation import gold_scores
-from proximal.lm.model import Completions, ScalarHeadLM, encode_prompts, encode_responses, sample_completions
-from proximal.lm.reward import reward_scores
+from proximal.lm.model import ScalarHeadLM, encode_completions, sample_completions
+from proximal.lm.reward import scores_or_missing_eos
 from proximal.lm.tasks import AdditionTask
 
 
@@ -81,20 +81,16 @@ def response_support(reference: nn.Module, reward_model: ScalarHeadLM, tokenizer
         for found, text, end in zip(drawn, completions.texts(tokenizer), completions.ended.tolist()):
             found.add((text, end))
     rows = [(prompt, text, end) for prompt, found in zip(prompts, drawn) for text, end in sorted(found)]
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [row[0] for row in rows], device)
-    response_ids, response_mask = encode_responses(tokenizer, [row[1] for row in rows], [row[2] for row in rows],
-                                                   device)
-    ended = torch.tensor([row[2] for row in rows], device=device)
-    completions = Completions(prompt_ids, prompt_mask, response_ids, response_mask, ended)
+    row_prompts, row_texts, row_ended = ([row[i] for row in rows] for i in range(3))
+    completions = encode_completions(tokenizer, row_prompts, row_texts, row_ended, device)
     logprobs, scores = [], []
     for index in torch.arange(len(rows), device=device).split(1024):
         part = completions.select(index)
         logprobs.append(sequence_logprobs(reference, part))
-        scores.append(torch.where(part.ended, reward_scores(reward_model, part),
-                                  torch.full((len(index),), missing_eos_score, device=device)))
+        scores.append(scores_or_missing_eos(reward_model, part, missing_eos_score))
     probabilities = torch.cat(logprobs).double().exp().cpu().numpy()
     all_scores = torch.cat(scores).double().cpu().numpy()
-    gold = gold_scores(task, [row[0] for row in rows], [row[1] for row in rows], [row[2] for row in rows])
+    gold = gold_scores(task, row_prompts, row_texts, row_ended)
     supports, start = [], 0
     for found in drawn:
         span = slice(start, start + len(found))

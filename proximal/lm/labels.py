@@ -25,7 +25,7 @@ import torch
 
 from proximal.errors import CheckpointError
 from proximal.lm.config import RewardConfig
-from proximal.lm.model import Completions, encode_prompts, encode_responses
+from proximal.lm.model import Completions, encode_completions
 from proximal.preferences import SyntheticOracle
 from proximal.run import write_text_atomic
 
@@ -104,13 +104,11 @@ class PairBatch:
 def pairs_from_records(records: list[dict], tokenizer, device: str) -> PairBatch:
     """The answered queries ("can't tell" dropped) as one padded batch per side."""
     answered = [record for record in records if record["label"] is not None]
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, [record["prompt"] for record in answered], device)
+    prompts = [record["prompt"] for record in answered]
 
     def side(index: int) -> Completions:
-        ids, mask = encode_responses(tokenizer, [record["responses"][index] for record in answered],
-                                     [record["ended"][index] for record in answered], device)
-        ended = torch.tensor([record["ended"][index] for record in answered], device=device)
-        return Completions(prompt_ids, prompt_mask, ids, mask, ended)
+        return encode_completions(tokenizer, prompts, [record["responses"][index] for record in answered],
+                                  [record["ended"][index] for record in answered], device)
 
     return PairBatch(side(0), side(1), torch.tensor([float(r["label"]) for r in answered], device=device),
                      torch.tensor([r["true_returns"] for r in answered], device=device),

@@ -212,6 +212,15 @@ class Completions:
                            self.response_mask[index], self.ended[index])
 
 
+def encode_completions(tokenizer, prompts: list[str], responses: list[str], ended: list[bool], device: str
+                       ) -> Completions:
+    """Given prompts and responses (as text; EOS appended where `ended`) as one padded batch."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    response_ids, response_mask = encode_responses(tokenizer, responses, ended, device)
+    return Completions(prompt_ids, prompt_mask, response_ids, response_mask,
+                       torch.tensor(ended, dtype=torch.bool, device=device))
+
+
 def response_logits(logits: torch.Tensor, prompt_length: int, response_length: int) -> torch.Tensor:
     """The logits that predicted each response token [B, R, V], from a forward pass over prompt +
     response [B, P + R, V]: position P - 1 + t predicts response token t."""

@@ -31,7 +31,7 @@ from proximal.agent import clipped_surrogate_loss, ratio_statistics
 from proximal.lm.config import PPOConfig
 from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logprobs, sample_completions,
                                token_entropy, token_logprobs)
-from proximal.lm.reward import reward_scores
+from proximal.lm.reward import scores_or_missing_eos
 from proximal.lm.rollout import LMRollout, leave_one_out_advantages, sequence_kls, token_advantages, token_rewards
 from proximal.utils import explained_variance, masked_mean, masked_whiten
 
@@ -61,8 +61,7 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, reward_model: Sc
         part = completions.select(index)
         logprobs[index], values[index], _ = policy_outputs(policy, part, config.temperature)
         ref_logprobs[index] = response_logprobs(reference, part, config.temperature)
-        scores[index] = reward_scores(reward_model, part)
-    scores = torch.where(completions.ended, scores, torch.full_like(scores, config.missing_eos_score))
+        scores[index] = scores_or_missing_eos(reward_model, part, config.missing_eos_score)
     mask, last_index = completions.response_mask, completions.last_index
     kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, kl_coef)
     if config.method == "ppo":

@@ -26,6 +26,12 @@ def reward_scores(model: ScalarHeadLM, completions: Completions) -> torch.Tensor
     return scalars.gather(1, last[:, None]).squeeze(1)
 
 
+def scores_or_missing_eos(model: ScalarHeadLM, completions: Completions, missing_eos_score: float) -> torch.Tensor:
+    """`reward_scores` [B], with `missing_eos_score` for a response cut at the length limit."""
+    scores = reward_scores(model, completions)
+    return torch.where(completions.ended, scores, torch.full_like(scores, missing_eos_score))
+
+
 def pair_scores(model: ScalarHeadLM, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return reward_scores(model, pairs.first), reward_scores(model, pairs.second)
 
