@@ -1,4 +1,4 @@
-"""The `proximal` command: train, eval, bench, prefs, presets, plot, rlhf, generate.
+"""The `proximal` command: train, eval, bench, prefs, presets, plot, rlhf, study, generate.
 
 Flags of `train` are generated from the fields of the config dataclasses (config.py), so the
 config stays the single source of truth: `--learning-rate` sets `PPOConfig.learning_rate`. The
