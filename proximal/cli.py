@@ -151,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         "prefs", help="PPO on a reward learned from pairwise preferences (Christiano et al. 2017)",
         description="Learn the reward from a labeller's preferences between pairs of clips, and train PPO on it. "
                     "ENV_ID picks the PPO preset; flags override it and set the preference learning.")
-    prefs.add_argument("env_id", nargs="?", default="Pendulum-v1", metavar="ENV_ID",
+    prefs.add_argument("env_id", nargs="?", default=None, metavar="ENV_ID",
                        help="Gymnasium environment id (default: Pendulum-v1)")
+    prefs.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue a killed preference run with every answer it recorded (the reward model "
+                            "refitted from them, PPO from its checkpoint)")
     _add_config_flags(prefs, (EnvConfig, PPOConfig, RunConfig, PrefsConfig))
     prefs.set_defaults(handler=_prefs)
 
@@ -262,18 +265,68 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prefs(args: argparse.Namespace) -> int:
+# What `proximal prefs --resume` may change: the budget, and how the person's page is served.
+PREFS_RESUME_CHANGES = ("total_timesteps", "host", "port", "human_pace", "human_queue_size")
+
+
+def _prefs_config(args: argparse.Namespace) -> tuple[TrainConfig, PrefsConfig, dict[str, Any] | None, Path | None]:
+    """The PPO and preference configs to run, the checkpoint to resume from (None: PPO starts
+    afresh) and the run directory to continue (None for a new run)."""
     prefs_fields = {f.name for f in dataclasses.fields(PrefsConfig)}
-    given = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
-    config = preset_for(args.env_id).with_overrides(
-        {name: value for name, value in given.items() if name in SECTION_OF_FIELD and name != "env_id"})
-    prefs = dataclasses.replace(prefs_preset_for(args.env_id),
-                                **{name: value for name, value in given.items() if name in prefs_fields})
-    prefs.check_against(config)  # validated: nothing is written if this fails
-    check_output_dir(config.run.runs_dir, "--runs-dir")
+    given = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
+             if name not in ("env_id", "resume", "command", "handler")}
+    train_given = {name: value for name, value in given.items() if name in SECTION_OF_FIELD}
+    prefs_given = {name: value for name, value in given.items() if name in prefs_fields}
+    if args.resume is None:
+        env_id = "Pendulum-v1" if args.env_id is None else args.env_id
+        config = preset_for(env_id).with_overrides(train_given)
+        prefs = dataclasses.replace(prefs_preset_for(env_id), **prefs_given)
+        prefs.check_against(config)  # validated: nothing is written if this fails
+        check_output_dir(config.run.runs_dir, "--runs-dir")
+        return config, prefs, None, None
+
+    from proximal.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_checkpoint
+    from proximal.preferences import PREFS_CONFIG_NAME
+    from proximal.train import EVAL_NAME
+
+    if args.env_id is not None:
+        raise ConfigError("--resume continues the run's own environment; drop ENV_ID")
+    run_dir = Path(args.resume)
+    if not (run_dir / PREFS_CONFIG_NAME).is_file() or not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"{run_dir} is not a proximal prefs run directory (no {PREFS_CONFIG_NAME} and "
+                          f"{CONFIG_NAME} in it)")
+    payload = load_checkpoint(run_dir) if (run_dir / CHECKPOINT_NAME).exists() else None
+    try:
+        config_text = payload["config"] if payload is not None else (run_dir / CONFIG_NAME).read_text()
+        recorded_config = TrainConfig.from_dict(json.loads(config_text))
+        recorded = json.loads((run_dir / PREFS_CONFIG_NAME).read_text())
+        recorded["reward_hidden_sizes"] = tuple(recorded["reward_hidden_sizes"])
+        recorded_prefs = PrefsConfig(**recorded)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{run_dir} holds no readable config ({error})") from None
+    changed = sorted(name for name, value in given.items() if name not in PREFS_RESUME_CHANGES and value != (
+        getattr(recorded_prefs, name) if name in prefs_fields
+        else getattr(getattr(recorded_config, SECTION_OF_FIELD[name]), name)))
+    if changed:
+        raise ConfigError(f"--resume keeps the run's config; only {', '.join(_flag(n) for n in PREFS_RESUME_CHANGES)} "
+                          f"may change, not {', '.join(_flag(n) for n in changed)}")
+    config = recorded_config.with_overrides(train_given)
+    prefs = dataclasses.replace(recorded_prefs, **prefs_given)
+    if prefs.oracle == "replay":
+        raise ConfigError("a replayed run is reproduced by running it again, not resumed")
+    finished = payload is not None and int(payload["iteration"]) >= config.num_iterations
+    if finished and (run_dir / EVAL_NAME).exists():
+        raise ConfigError(f"{run_dir} already finished its {config.ppo.total_timesteps} steps; "
+                          "pass a larger --total-timesteps to train on")
+    return config, prefs, payload, run_dir
+
+
+def _prefs(args: argparse.Namespace) -> int:
+    config, prefs, resume, run_dir = _prefs_config(args)  # validated: nothing is written if this fails
     from proximal.preferences import train_from_preferences
 
-    result, fit = train_from_preferences(config, prefs, show_progress=sys.stderr.isatty())
+    result, fit = train_from_preferences(config, prefs, show_progress=sys.stderr.isatty(), resume=resume,
+                                         run_dir=run_dir, announce=lambda line: print(line, flush=True))
     returns = result.eval_returns
     print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.2f} s of training, "
           f"PPO on the learned reward, {fit['labels']} labels")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +186,8 @@ class TrainConfig:
 
 
 QUERY_SELECTIONS = ("disagreement", "random")
-ORACLES = ("synthetic", "replay")
+ORACLES = ("synthetic", "replay", "human")
+HUMAN_PACES = ("wait", "continue")
 ORACLE_NOISES = ("none", "uniform", "boltzmann")
 
 
@@ -217,13 +219,22 @@ class PrefsConfig:
     reward_input_clip: float | None = _param(10.0, "clip the reward model's standardised inputs to +- this many "
                                                    "standard deviations of the first labelled data (none: no clip)")
     oracle: str = _param("synthetic", "who labels: synthetic (prefers the clip with the higher true "
-                                      "return) or replay (the answers recorded in --replay-from)")
+                                      "return), replay (the answers recorded in --replay-from) or human "
+                                      "(a person, on a local web page whose URL is printed)")
     oracle_noise: str = _param("none", "synthetic labeller's noise: none, uniform (answers at random "
                                        "with probability --oracle-error-rate) or boltzmann")
     oracle_error_rate: float = _param(0.1, "the uniform-noise labeller's chance of a random answer")
     oracle_temperature: float = _param(1.0, "the Boltzmann labeller's temperature: "
                                             "P[1 > 2] = sigmoid((R1 - R2) / temperature)")
     replay_from: str = _param("", "a comparisons.jsonl whose answers the replay oracle gives, in order")
+    host: str = _param("127.0.0.1", "--oracle human: the address the page listens on; anything but "
+                                    "127.0.0.1 lets other machines reach it (the URL's token is still required)")
+    port: int = _param(8765, "--oracle human: the page's port (0: any free port)")
+    human_pace: str = _param("wait", "--oracle human, when the person is slower than the schedule: wait (training "
+                                     "pauses at each label round until every query shown is answered) or "
+                                     "continue (training goes on with the reward model fitted so far)")
+    human_queue_size: int = _param(100, "--oracle human: queries waiting at most; when full, wait blocks the "
+                                        "round and continue drops the oldest")
 
     def __post_init__(self) -> None:
         for name in ("labels", "segment_length", "candidates_per_query", "ensemble_size", "label_rounds",
@@ -250,6 +261,11 @@ class PrefsConfig:
                  "reward_hidden_sizes", "one or more positive integers", self.reward_hidden_sizes)
         _require(self.query == "random" or self.ensemble_size > 1, "query",
                  "random with a single predictor (disagreement needs an ensemble)", self.query)
+        _require(self.human_pace in HUMAN_PACES, "human_pace", " or ".join(HUMAN_PACES), self.human_pace)
+        _require_positive_int("human_queue_size", self.human_queue_size)
+        _require(isinstance(self.port, int) and 0 <= self.port <= 65535, "port", "in [0, 65535]", self.port)
+        _require(isinstance(self.host, str) and re.fullmatch(r"[A-Za-z0-9.:\-]+", self.host) is not None, "host",
+                 "a host name or IP address (127.0.0.1, 0.0.0.0, ::1, myhost.local)", self.host)
         _require((self.oracle == "replay") == (self.replay_from != ""), "replay_from",
                  "a comparisons.jsonl exactly when --oracle replay", self.replay_from)
 

@@ -22,11 +22,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from proximal.checkpoint import save_checkpoint
+from proximal.checkpoint import load_checkpoint, save_checkpoint
 from proximal.config import PrefsConfig, TrainConfig
 from proximal.errors import EnvError, ProximalError
 from proximal.reward_model import RewardModel, rank_correlation
-from proximal.run import write_json_atomic, write_text_atomic
+from proximal.human.labeller import HumanLabeller, Query
+from proximal.run import read_jsonl, write_json_atomic, write_text_atomic
 from proximal.envs import make_vector_env
 from proximal.train import Rollout, TrainResult, new_run_dir, train
 
@@ -94,8 +95,8 @@ class LabelSchedule:
         there; then the first round's share, or what is due by the next round."""
         if steps_before not in self.round_steps[:-1]:
             return 0
-        if steps_before == 0:
-            return self.initial_labels
+        if steps_before == 0:  # less what was asked before a resume
+            return max(0, self.initial_labels - asked)
         return self.due_by(self.round_steps[self.round_steps.index(steps_before) + 1]) - asked
 
 
@@ -168,16 +169,32 @@ class Comparisons:
                 torch.tensor(self.labels), torch.tensor(self.is_validation))  # [M], [M]
 
 
+def query_from_record(record: dict[str, Any]) -> Query:
+    """A query as comparisons.jsonl or queries.jsonl holds it, back as tensors (resume)."""
+    clips = tuple(torch.cat([torch.tensor(clip["observations"], dtype=torch.float32),
+                             torch.tensor(clip["actions"], dtype=torch.float32)], dim=-1)  # [k, D]
+                  for clip in record["clips"])
+    kept = {key: value for key, value in record.items() if key not in ("label", "left", "answer", "answered_at")}
+    return Query(record["query"], kept, clips, bool(record["validation"]), int(record.get("left", 1)))
+
+
 class PreferenceLearner:
     """The reward side of the loop; `train(..., reward_learner=...)` calls `relabel` once per
     rollout. Writes comparisons.jsonl (one query and its answer per line) and reward_model.pt
-    into the run directory as it goes."""
+    into the run directory as it goes.
+
+    The labeller is a synthetic or replay oracle, answering each query at once, or a person
+    (`proximal.human.HumanLabeller`), answering on a web page while training goes on. The reward
+    model is refitted whenever new answers have come in. With `resume`, the answers already in
+    comparisons.jsonl are read back and reward_model.pt reloaded: no answer is asked twice.
+    """
 
     metric_columns = ("labels", "reward_train_loss", "reward_val_loss", "reward_val_accuracy", "reward_l2",
                       "learned_true_correlation")
 
     def __init__(self, prefs: PrefsConfig, config: TrainConfig, observation_space: gym.spaces.Box,
-                 action_space: gym.Space, run_dir: Path, oracle: SyntheticOracle | ReplayOracle):
+                 action_space: gym.Space, run_dir: Path, oracle: SyntheticOracle | ReplayOracle | HumanLabeller,
+                 resume: bool = False):
         prefs.check_against(config)
         self.prefs = prefs
         self.action_space = action_space
@@ -187,6 +204,7 @@ class PreferenceLearner:
         self.run_dir = Path(run_dir)
         seed = config.run.seed
         self.rng = np.random.default_rng(seed)
+        self.left_rng = np.random.default_rng(seed + 3)  # which clip a person sees on the left
         self.generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng():  # the reward model's init must not shift PPO's random stream
             torch.manual_seed(seed + 1)
@@ -197,38 +215,73 @@ class PreferenceLearner:
         self.schedule = LabelSchedule(prefs.labels, prefs.initial_label_fraction, config.num_iterations,
                                       config.batch_size, prefs.label_rounds, prefs.label_decay)
         self.oracle = oracle
+        self.human = isinstance(oracle, HumanLabeller)
         self.comparisons = Comparisons([], [], [], [], [])
         self.queries_asked = 0
-        self.rounds = 0
+        self.fits = 0
+        self.fitted_labels = 0  # comparisons the reward model was last fitted on
+        if resume:
+            self._reload()
         write_text_atomic(self.run_dir / PREFS_CONFIG_NAME, prefs.to_json())
-        self.comparisons_file = open(self.run_dir / COMPARISONS_NAME, "w")
+        self.comparisons_file = None if self.human else open(self.run_dir / COMPARISONS_NAME, "a" if resume else "w")
+
+    def _reload(self) -> None:
+        """Continue a killed run: every recorded answer back in, the last reward model reloaded."""
+        records = read_jsonl(self.run_dir / COMPARISONS_NAME, repair=True)
+        for record in records:
+            self._add(query_from_record(record), record["label"])
+        asked = self.oracle.asked if self.human else len(records)
+        self.queries_asked = max([asked] + [record["query"] + 1 for record in records])
+        if (self.run_dir / REWARD_MODEL_NAME).exists():
+            saved = load_checkpoint(self.run_dir / REWARD_MODEL_NAME)
+            self.model.load_state_dict(saved["reward_model"])
+            self.fits, self.fitted_labels = 1, int(saved["labels"])
 
     def relabel(self, rollout: Rollout, global_step: int) -> dict[str, float]:
         features = step_features(rollout.env_observations, rollout.env_actions, self.action_space)  # [T, N, D]
         due = self.schedule.labels_to_ask(global_step - self.batch_size, self.queries_asked)
-        stats: dict[str, float] = {}
         if due > 0:
             done = (rollout.terminated | rollout.truncated).numpy()
-            self._ask(features, rollout.env_rewards, rollout.valid.numpy(), done, due, global_step)
+            queries = self._choose(features, rollout.env_rewards, rollout.valid.numpy(), done, due, global_step)
+            if self.human:
+                self.oracle.submit(queries)
+                if self.prefs.human_pace == "wait":
+                    self.oracle.wait_until_answered()
+            else:
+                for query in queries:
+                    label = self.oracle.answer(*query.true_returns())
+                    self.comparisons_file.write(json.dumps({**query.record, "label": label}) + "\n")
+                    self.comparisons_file.flush()
+                    self._add(query, label)
+        if self.human:
+            for query, label in self.oracle.take_answers():
+                self._add(query, label)
+            self.oracle.set_progress(env_steps=global_step)
+        stats: dict[str, float] = {}
+        if len(self.comparisons.labels) > self.fitted_labels and not all(self.comparisons.is_validation):
             stats = self.model.fit(*self.comparisons.tensors(),
-                                   steps=self.prefs.initial_reward_steps if self.rounds == 0 else self.prefs.reward_steps,
+                                   steps=self.prefs.initial_reward_steps if self.fits == 0 else self.prefs.reward_steps,
                                    minibatch_size=self.prefs.reward_minibatch_size, generator=self.generator)
-            self.rounds += 1
+            self.fits += 1
+            self.fitted_labels = len(self.comparisons.labels)
             save_checkpoint(self.run_dir / REWARD_MODEL_NAME, {
                 "reward_model": self.model.state_dict(), "input_dim": self.input_dim,
-                "prefs": self.prefs.to_json(), "labels": len(self.comparisons.labels)})
+                "prefs": self.prefs.to_json(), "labels": self.fitted_labels})
         valid = rollout.valid  # [T, N]
-        learned = self.model.reward(torch.from_numpy(features).flatten(0, 1)).reshape(valid.shape)  # [T, N]
+        if self.fits == 0:  # no answer to learn from yet (a person has not answered): reward 0
+            learned = torch.zeros(valid.shape)
+        else:
+            learned = self.model.reward(torch.from_numpy(features).flatten(0, 1)).reshape(valid.shape)  # [T, N]
         rollout.rewards = torch.where(valid, learned, torch.zeros(()))
         true_rewards = rollout.env_rewards[valid.numpy()]
         stats["labels"] = float(len(self.comparisons.labels))
         stats["learned_true_correlation"] = (float(np.corrcoef(learned[valid].numpy(), true_rewards)[0, 1])
-                                             if true_rewards.std() > 0 else math.nan)
+                                             if true_rewards.std() > 0 and self.fits > 0 else math.nan)
         return stats
 
-    def _ask(self, features: np.ndarray, true_rewards: np.ndarray, valid: np.ndarray, done: np.ndarray,
-             count: int, global_step: int) -> None:
-        """Choose `count` pairs of clips of this rollout, have them labelled, record them."""
+    def _choose(self, features: np.ndarray, true_rewards: np.ndarray, valid: np.ndarray, done: np.ndarray,
+                count: int, global_step: int) -> list[Query]:
+        """Choose `count` pairs of clips of this rollout to ask about."""
         length = self.prefs.segment_length
         starts = clip_starts(valid, done, length)  # [S, 2] (t, n)
         if len(starts) < 2:
@@ -250,48 +303,57 @@ class PreferenceLearner:
             chosen = torch.argsort(disagreement, descending=True, stable=True)[:count].numpy()
         else:
             chosen = np.arange(count)
+        queries = []
         for position, index in enumerate(chosen):
-            label = self.oracle.answer(float(returns_1[index]), float(returns_2[index]))
             is_validation = bool(self.rng.random() < self.prefs.validation_fraction)
-            self._record(self.queries_asked + position, (clips_1[index], clips_2[index]),
-                         (returns_1[index], returns_2[index]), (starts[first[index]], starts[second[index]]),
-                         label, is_validation, global_step)
-            if label is not None:  # "can't tell": dropped from the data
-                self.comparisons.clips_1.append(clips_1[index])
-                self.comparisons.clips_2.append(clips_2[index])
-                self.comparisons.labels.append(label)
-                self.comparisons.is_validation.append(is_validation)
-                self.comparisons.true_returns.append((float(returns_1[index]), float(returns_2[index])))
+            clips = (clips_1[index], clips_2[index])
+            record = self._record(self.queries_asked + position, clips, (returns_1[index], returns_2[index]),
+                                  (starts[first[index]], starts[second[index]]), is_validation, global_step)
+            left = int(self.left_rng.integers(1, 3)) if self.human else 1
+            queries.append(Query(record["query"], record, clips, is_validation, left))
         self.queries_asked += count
+        return queries
+
+    def _add(self, query: Query, label: float | None) -> None:
+        """An answered query into the data ("can't tell", None, is dropped)."""
+        if label is None:
+            return
+        self.comparisons.clips_1.append(query.clips[0])
+        self.comparisons.clips_2.append(query.clips[1])
+        self.comparisons.labels.append(label)
+        self.comparisons.is_validation.append(query.is_validation)
+        self.comparisons.true_returns.append(query.true_returns())
 
     def _record(self, query: int, clips: tuple[torch.Tensor, torch.Tensor], true_returns: tuple[float, float],
-                starts: tuple[np.ndarray, np.ndarray], label: float | None, is_validation: bool,
-                global_step: int) -> None:
-        """One line of comparisons.jsonl: the query's two clips (where in the rollout, what the
-        model sees: observations and actions), their true returns, the answer."""
-        record = {
+                starts: tuple[np.ndarray, np.ndarray], is_validation: bool, global_step: int) -> dict[str, Any]:
+        """A query's line of comparisons.jsonl, less the answer: its two clips (where in the
+        rollout, what the model sees: observations and actions) and their true returns."""
+        return {
             "query": query,
             "env_steps": global_step,
             "true_returns": [round(float(value), 6) for value in true_returns],
-            "label": label,
             "validation": is_validation,
             "clips": [{"env": int(start[1]), "rollout_row": int(start[0]),
                        "observations": np.round(clip[:, :self.obs_dim].double().numpy(), 5).tolist(),
                        "actions": np.round(clip[:, self.obs_dim:].double().numpy(), 5).tolist()}
                       for clip, start in zip(clips, starts)],
         }
-        self.comparisons_file.write(json.dumps(record) + "\n")
-        self.comparisons_file.flush()
 
     def held_out_returns(self) -> tuple[np.ndarray, np.ndarray]:
         """(true, learned) summed returns [2V] of the clips of the validation comparisons,
         which the reward model never trained on."""
+        if not any(self.comparisons.is_validation):
+            return np.zeros(0), np.zeros(0)
         clips_1, clips_2, _, is_validation = self.comparisons.tensors()
         clips = torch.cat([clips_1[is_validation], clips_2[is_validation]])  # [2V, k, D]
         true_pairs = np.asarray(self.comparisons.true_returns)[is_validation.numpy()]  # [V, 2]
         true = np.concatenate([true_pairs[:, 0], true_pairs[:, 1]])
         learned = self.model.reward(clips.flatten(0, 1)).reshape(clips.shape[:2]).sum(-1).numpy()
         return true, learned
+
+    def close(self) -> None:
+        if self.comparisons_file is not None:
+            self.comparisons_file.close()
 
     def finish(self) -> dict[str, Any]:
         """Write reward_fit.json, the held-out scatter plot and the preference curves."""
@@ -312,21 +374,49 @@ class PreferenceLearner:
         return fit
 
 
-def train_from_preferences(config: TrainConfig, prefs: PrefsConfig,
-                           show_progress: bool = False) -> tuple[TrainResult, dict[str, Any]]:
-    """PPO on a reward learned from preferences, in a new run directory: everything `proximal
-    train` writes (the checkpoint evaluates unchanged) plus prefs.json, comparisons.jsonl,
-    reward_model.pt, reward_fit.json and the preference plots. Returns the training result and
-    the reward model's fit on held-out clips."""
+def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progress: bool = False,
+                           resume: dict[str, Any] | None = None, run_dir: Path | None = None,
+                           announce=print) -> tuple[TrainResult, dict[str, Any]]:
+    """PPO on a reward learned from preferences, in a new run directory (or, with `resume` and
+    `run_dir`, continuing a killed one): everything `proximal train` writes (the checkpoint
+    evaluates unchanged) plus prefs.json, comparisons.jsonl, reward_model.pt, reward_fit.json and
+    the preference plots. With `--oracle human` a web page serves the queries to a person while
+    training runs (`announce` prints its URL). Returns the training result and the reward
+    model's fit on held-out clips."""
     prefs.check_against(config)
     probe = make_vector_env(config.env.env_id, 1)  # an unknown or unsupported env fails here
     observation_space, action_space = probe.single_observation_space, probe.single_action_space
     probe.close()
-    oracle = make_oracle(prefs, config.run.seed)  # an unreadable replay file fails here
-    run_dir = new_run_dir(config)
-    learner = PreferenceLearner(prefs, config, observation_space, action_space, run_dir, oracle)
+    renderer = None
+    if prefs.oracle == "human":
+        from proximal.human.clips import ClipRenderer
+
+        renderer = ClipRenderer(config.env.env_id)  # an env whose clips cannot be drawn fails here
+        oracle = None
+    else:
+        oracle = make_oracle(prefs, config.run.seed)  # an unreadable replay file fails here
+    continuing = run_dir is not None
+    run_dir = run_dir if continuing else new_run_dir(config)
+    server = None
+    if renderer is not None:
+        from proximal.human.labeller import HumanLabeller
+        from proximal.human.server import FeedbackServer
+
+        oracle = HumanLabeller(run_dir, COMPARISONS_NAME, prefs.human_pace, prefs.human_queue_size, prefs.labels,
+                               query_from_record)
+        server = FeedbackServer(oracle, renderer, prefs.host, prefs.port)
+        server.start()
+        announce(f"label the clips at {server.url}")
+        if prefs.host not in ("127.0.0.1", "localhost", "::1"):
+            announce(f"--host {prefs.host}: the page is reachable from other machines (the token is still required)")
+    learner = PreferenceLearner(prefs, config, observation_space, action_space, run_dir, oracle, resume=continuing)
     try:
-        result = train(config, run_dir=run_dir, show_progress=show_progress, reward_learner=learner)
+        result = train(config, run_dir=run_dir, resume=resume, show_progress=show_progress, reward_learner=learner)
     finally:
-        learner.comparisons_file.close()
+        learner.close()
+        if server is not None:
+            oracle.finish()
+            server.stop()
+            oracle.close()
+            renderer.close()
     return result, learner.finish()

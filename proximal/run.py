@@ -5,6 +5,8 @@ written so that a kill at any moment leaves each one absent or whole.
 - `restore_states`: put each object back as a checkpoint holds it (resume).
 - `write_text_atomic`, `write_json_atomic`, `save_figure_atomic`: a result, summary or plot,
   written to a temp file and renamed into place.
+- `read_jsonl`: the records of an append-only JSON-lines file; a line cut short by a kill (the
+  last one, never fsynced) is dropped, and with `repair` rewritten away before appending again.
 - `CsvLog`: one metrics row per step, appended and flushed at once. Resuming from a checkpoint
   first drops the rows logged after it (work about to be redone) by rewriting the file to a temp
   file and renaming it, never by truncating it in place.
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from proximal.checkpoint import load_checkpoint
+from proximal.errors import ProximalError
 
 
 def unique_run_dir(runs_dir: str | Path, name: str) -> Path:
@@ -76,6 +79,31 @@ def save_figure_atomic(figure, path: Path, dpi: int = 110) -> Path:
     figure.savefig(temp, dpi=dpi)
     os.replace(temp, path)
     return path
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file ([] if it does not exist). Only the last line may be
+    unreadable (cut short by a kill while it was written): it is dropped, and with `repair` the
+    file is rewritten without it, atomically. An unreadable line before the last is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    records, cut = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1 or (number == len(lines) - 1 and lines[-1] != ""):
+                raise ProximalError(f"{path}: line {number} is not JSON") from None
+            cut = True
+    complete = text.endswith("\n") or text == ""
+    if repair and (cut or not complete):
+        write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+    return records
 
 
 def read_csv_rows(path: Path) -> list[dict[str, float | None]]:

@@ -197,7 +197,7 @@ def test_prefs_starts_from_the_presets_preference_settings(argv, labels, input_c
     class Started(Exception):
         pass
 
-    def record(config, prefs, show_progress):
+    def record(config, prefs, **_options):
         raise Started(prefs)
 
     monkeypatch.setattr(proximal.preferences, "train_from_preferences", record)
