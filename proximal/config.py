@@ -33,6 +33,14 @@ def _require_positive_int(name: str, value: Any) -> None:
              name, "a positive integer", value)
 
 
+def _require_host_and_port(host: Any, port: Any) -> None:
+    """Where a labelling page listens (`--oracle human`, `--reward.labeller human`)."""
+    _require(isinstance(host, str) and re.fullmatch(r"[A-Za-z0-9.:\-]+", host) is not None, "host",
+             "a host name or IP address (127.0.0.1, 0.0.0.0, ::1, myhost.local)", host)
+    _require(isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535, "port", "in [0, 65535]",
+             port)
+
+
 def _require_finite(name: str, value: float) -> None:
     _require(isinstance(value, (int, float)) and math.isfinite(value), name, "a finite number", value)
 
@@ -263,9 +271,7 @@ class PrefsConfig:
                  "random with a single predictor (disagreement needs an ensemble)", self.query)
         _require(self.human_pace in HUMAN_PACES, "human_pace", " or ".join(HUMAN_PACES), self.human_pace)
         _require_positive_int("human_queue_size", self.human_queue_size)
-        _require(isinstance(self.port, int) and 0 <= self.port <= 65535, "port", "in [0, 65535]", self.port)
-        _require(isinstance(self.host, str) and re.fullmatch(r"[A-Za-z0-9.:\-]+", self.host) is not None, "host",
-                 "a host name or IP address (127.0.0.1, 0.0.0.0, ::1, myhost.local)", self.host)
+        _require_host_and_port(self.host, self.port)
         _require((self.oracle == "replay") == (self.replay_from != ""), "replay_from",
                  "a comparisons.jsonl exactly when --oracle replay", self.replay_from)
 

@@ -7,7 +7,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import gymnasium as gym
 import numpy as np
@@ -326,8 +325,8 @@ def press(driver, key_name: str) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
-    ActionChains(driver).send_keys(getattr(Keys, {"ArrowLeft": "ARROW_LEFT", "ArrowRight": "ARROW_RIGHT",
-                                                  "ArrowUp": "ARROW_UP", "ArrowDown": "ARROW_DOWN"}[key_name])).perform()
+    names = {"ArrowLeft": "ARROW_LEFT", "ArrowRight": "ARROW_RIGHT", "ArrowUp": "ARROW_UP", "ArrowDown": "ARROW_DOWN"}
+    ActionChains(driver).send_keys(getattr(Keys, names[key_name])).perform()
 
 
 def test_the_page_plays_both_clips_in_step_and_records_each_key(serving, browser, tmp_path):
@@ -390,21 +389,26 @@ def test_a_second_tab_cannot_double_an_answer(serving, browser, tmp_path):
 
 # -- a person, end to end -----------------------------------------------------------------------
 
-def start_prefs(arguments: list[str]):
-    """`proximal prefs ... --oracle human --port 0` in a subprocess; returns it and the page's URL."""
+def start_labelling(argv: list[str]):
+    """`proximal ARGV` in a subprocess, up to the line with the page's URL; returns it and the URL."""
     import subprocess
     import sys
 
-    process = subprocess.Popen([sys.executable, "-m", "proximal", "prefs", *arguments, "--oracle", "human",
-                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "proximal", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     lines = []
     while True:
         line = process.stdout.readline()
         lines.append(line)
-        if "label the clips at" in line:
+        if line.startswith("label the ") and " at http" in line:
             return process, line.split(" at ")[1].strip()
         if not line and process.poll() is not None:
-            raise AssertionError("proximal prefs exited before serving the page:\n" + "".join(lines))
+            raise AssertionError(f"proximal {argv[0]} exited before serving the page:\n" + "".join(lines))
+
+
+def start_prefs(arguments: list[str]):
+    """`proximal prefs ... --oracle human --port 0`; returns the process and the page's URL."""
+    return start_labelling(["prefs", *arguments, "--oracle", "human", "--port", "0"])
 
 
 def preferred_answer(record: dict) -> str:
@@ -523,4 +527,87 @@ def test_killed_while_a_person_labels_then_resumed_no_answer_is_lost(tmp_path):
     assert recorded[:len(acknowledged)] == acknowledged  # in the order they were saved
     fit = json.loads((run_dir / "reward_fit.json").read_text())
     assert fit["labels"] == len(records) == 60 and (run_dir / "eval.json").exists()
-    print(f"{kills} kills, {len(acknowledged)} answers acknowledged, {len(records)} recorded; {output.splitlines()[-1]}")
+    print(f"{kills} kills, {len(acknowledged)} answers acknowledged, {len(records)} recorded; "
+          f"{output.splitlines()[-1]}")
+
+
+# -- a person labels the LM pipeline's pairs ----------------------------------------------------
+
+def text_queries(count: int) -> list[Query]:
+    records = [{"query": index, "prompt": f"{index}+1=", "responses": [str(index + 1), str(index)],
+                "ended": [True, index % 2 == 0], "label": None, "labeller": "human",
+                "true_returns": [1.0, 0.0], "validation": False} for index in range(count)]
+    return [Query(record["query"], record, (), False, 1 + record["query"] % 2) for record in records]
+
+
+def test_the_page_shows_an_lm_pair_as_text_and_records_each_key(browser, tmp_path):
+    labeller = HumanLabeller(tmp_path, "answers.jsonl", "wait", 10, 4, None)
+    labeller.submit(text_queries(4))
+    server = FeedbackServer(labeller, None, port=0, task="addition: the sum is the right answer.")
+    server.start()
+    try:
+        browser.get(server.url)
+        for index, answer in enumerate(("left", "right", "equal", "cant_tell")):
+            wait_for(lambda: shown_query(browser) == index, what=f"pair {index}")
+            left, right = (browser.find_element("id", f"{side}-text").text for side in ("left", "right"))
+            first, second = f"{index}+1={index + 1}", f"{index}+1={index}" + ("" if index % 2 == 0 else "  [cut off: no end]")
+            assert (left, right) == ((first, second) if index % 2 == 0 else (second, first))  # left: 1 + index % 2
+            assert not browser.find_element("id", "clips").is_displayed()
+            press(browser, KEYS[answer])
+            wait_for(lambda: f"saved: query {index}" in browser.find_element("id", "message").text, what="saved")
+        status, _ = request(server, "GET", "/api/clip?query=0&side=left")
+        assert status == 404  # a text pair has no clips
+    finally:
+        server.stop()
+        labeller.close()
+    records = read_jsonl(tmp_path / "answers.jsonl")
+    assert [(r["answer"], r["label"]) for r in records] == [("left", 1.0), ("right", 1.0), ("equal", 0.5),
+                                                           ("cant_tell", None)]
+
+
+@pytest.mark.slow
+def test_a_person_labels_the_reward_stage_and_a_killed_stage_keeps_every_answer(tmp_path):
+    """`proximal rlhf --reward.labeller human`: answers by gold through HTTP, a kill -9 halfway,
+    a rerun asks only the rest; the comparisons are the exact synthetic labeller's."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from test_lm_pipeline import TINY
+
+    run_dir = tmp_path / "run"
+    flags = [*TINY, "--reward.labels", "40", "--ppo.relabel-every", "0", "--reward.labeller", "human",
+             "--reward.port", "0"]
+    subprocess.run([sys.executable, "-m", "proximal", "rlhf", "--run-dir", str(run_dir), "--stage", "sft", *flags],
+                   check=True, capture_output=True)
+    stage_dir = run_dir / "reward"
+    acknowledged: list[int] = []
+    for attempt in range(2):
+        process, url = start_labelling(["rlhf", "--run-dir", str(run_dir), "--stage", "reward", *flags])
+        base, token = url.split("/?token=")
+        while process.poll() is None:
+            try:
+                state = json.load(urllib.request.urlopen(urllib.request.Request(
+                    base + "/api/state", headers={"X-Token": token}), timeout=10))
+                if state["query"] is None:
+                    time.sleep(0.02)
+                    continue
+                index = state["query"]["index"]
+                reply = json.load(urllib.request.urlopen(urllib.request.Request(
+                    base + "/api/answer", data=json.dumps(
+                        {"query": index, "answer": preferred_answer(asked_records(stage_dir)[index])}).encode(),
+                    headers={"X-Token": token}), timeout=10))
+                acknowledged.append(reply["query"])
+            except OSError:
+                time.sleep(0.02)
+            if attempt == 0 and len(acknowledged) == 15:
+                process.send_signal(signal.SIGKILL)
+        output = process.stdout.read()
+        process.wait()
+        assert process.returncode == (-signal.SIGKILL if attempt == 0 else 0), output
+    records = read_jsonl(stage_dir / COMPARISONS_NAME)
+    assert acknowledged == list(range(40)) and [r["query"] for r in records] == list(range(40))
+    exact = [0.5 if a == b else float(a > b) for a, b in (r["true_returns"] for r in records)]
+    assert [r["label"] for r in records] == exact and all(r["labeller"] == "human" for r in records)
+    assert json.loads((stage_dir / "summary.json").read_text())["labels"] == 40

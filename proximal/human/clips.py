@@ -42,6 +42,12 @@ STATE_SETTERS: dict[str, Callable[[np.ndarray, np.ndarray], dict]] = {
     "FixedHorizonCartPole": _cartpole_state,
     "PendulumEnv": _pendulum_state,
 }
+# What the person is told the task is (the paper gave its raters a sentence or two per task).
+TASKS = {
+    "CartPoleEnv": "Keep the pole upright, without the cart running off the track.",
+    "FixedHorizonCartPole": "Keep the pole upright, without the cart running off the track.",
+    "PendulumEnv": "Swing the pendulum up and hold it upright (the arrow is the torque: less is better).",
+}
 
 
 def check_renderable(env_id: str) -> None:
@@ -64,6 +70,7 @@ class ClipRenderer:
         self.env.reset(seed=0)
         self.set_state = STATE_SETTERS[type(self.env.unwrapped).__name__]
         self.fps = int(self.env.metadata.get("render_fps", 30))
+        self.task = TASKS[type(self.env.unwrapped).__name__]
         self.lock = threading.Lock()
 
     def frames(self, observations: np.ndarray, actions: np.ndarray) -> np.ndarray:

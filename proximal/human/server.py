@@ -6,7 +6,8 @@ request carries the token from the printed URL, `?token=` or the `X-Token` heade
 403 and nothing is read or written):
   GET  /                         the page (proximal/human/page.html, from the package)
   GET  /api/state                counts, training progress and the current query (no true returns)
-  GET  /api/clip?query=N&side=S  the film strip PNG of query N's left or right clip
+  GET  /api/clip?query=N&side=S  the film strip PNG of query N's left or right clip (control tasks;
+                                 an LM pair's prompt and two responses come as text in the state)
   POST /api/answer               {"query": N, "answer": "left|right|equal|cant_tell"} -> saved
 Anything else is 404 (no path reaches the file system: the page is the one file served), a bad
 body 400, a second answer to a query 409. The server binds 127.0.0.1 unless `--host` says
@@ -47,12 +48,15 @@ class _QuietServer(ThreadingHTTPServer):
 class FeedbackServer:
     """Serves one run's queries to a person, on a background thread (`start`, `stop`)."""
 
-    def __init__(self, labeller: HumanLabeller, renderer: ClipRenderer, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None):
+    def __init__(self, labeller: HumanLabeller, renderer: ClipRenderer | None, host: str = "127.0.0.1",
+                 port: int = 0, task: str | None = None):
+        """`renderer` draws clips (control tasks); None serves text pairs (records with "prompt" and
+        "responses"). `task`: the sentence telling the person what is better (default: the renderer's)."""
         self.labeller, self.renderer = labeller, renderer
-        self.token = token or secrets.token_urlsafe(24)
+        self.task = task if task is not None else renderer.task
+        self.token = secrets.token_urlsafe(24)
         self.page = resources.files("proximal.human").joinpath("page.html").read_bytes()
-        self.frame_width, self.frame_height = renderer.frame_size()
+        self.frame_width, self.frame_height = renderer.frame_size() if renderer is not None else (0, 0)
         self.strips: OrderedDict[tuple[int, str], bytes] = OrderedDict()  # a few recent film strips
         self.strips_lock = threading.Lock()
         try:
@@ -76,11 +80,20 @@ class FeedbackServer:
         self.thread.join()
 
     def state(self) -> dict[str, Any]:
-        query = self.labeller.current()
-        shown = None if query is None else {
-            "index": query.index, "frames": len(query.record["clips"][0]["observations"]),
-            "fps": self.renderer.fps, "width": self.frame_width, "height": self.frame_height}
-        return {**self.labeller.status(), "query": shown}
+        return {**self.labeller.status(), "task": self.task, "query": self._shown(self.labeller.current())}
+
+    def _shown(self, query) -> dict[str, Any] | None:
+        """What the page needs of a query: never its true returns."""
+        if query is None:
+            return None
+        if "responses" in query.record:  # an LM pair: the prompt and the two responses, left first
+            order = (0, 1) if query.left == 1 else (1, 0)
+            record = query.record
+            return {"index": query.index, "kind": "text", "prompt": record["prompt"],
+                    "responses": [record["responses"][side] for side in order],
+                    "ended": [bool(record["ended"][side]) for side in order]}
+        return {"index": query.index, "kind": "clips", "frames": len(query.record["clips"][0]["observations"]),
+                "fps": self.renderer.fps, "width": self.frame_width, "height": self.frame_height}
 
     def film_strip(self, index: int, side: str) -> bytes:
         key = (index, side)
@@ -88,6 +101,8 @@ class FeedbackServer:
             if key in self.strips:
                 return self.strips[key]
         query = self.labeller.query(index)
+        if self.renderer is None or "clips" not in query.record:
+            raise AnswerRefused(404, f"query {index} has no clips")
         clip = query.record["clips"][(query.left - 1) if side == "left" else (2 - query.left)]
         strip = self.renderer.film_strip(clip["observations"], clip["actions"])
         with self.strips_lock:

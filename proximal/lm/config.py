@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from proximal.config import _param, _require, _require_finite, _require_positive_int
+from proximal.config import _param, _require, _require_finite, _require_host_and_port, _require_positive_int
 from proximal.errors import ConfigError
 from proximal.lm.tasks import TASKS
 
@@ -76,6 +76,7 @@ class SFTConfig:
 
 
 LABELLER_NOISES = ("none", "boltzmann", "uniform")
+LABELLERS = ("synthetic", "human")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,12 @@ class RewardConfig:
     """The labelled pairs and the reward model fitted to them."""
 
     labels: int = _param(20_000, "pairs of SFT samples the labeller compares (one prompt per pair)")
+    labeller: str = _param("synthetic", "synthetic (the gold reward decides, with --reward.labeller-noise) or human "
+                                        "(a person on a local web page whose URL is printed; needs "
+                                        "--ppo.relabel-every 0, and a --reward.labels a person can answer)")
+    host: str = _param("127.0.0.1", "--reward.labeller human: the address the page listens on; anything but "
+                                    "127.0.0.1 lets other machines reach it (the URL's token is still required)")
+    port: int = _param(8765, "--reward.labeller human: the page's port (0: any free port)")
     sample_temperature: float = _param(1.5, "temperature the SFT samples of a pair are drawn at: above 1 "
                                             "makes varied wrong answers, which refute a shortcut")
     samples_per_prompt: int = _param(4, "SFT samples drawn per prompt; the pair is the first and the first "
@@ -108,6 +115,8 @@ class RewardConfig:
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES),
                  self.labeller_noise)
+        _require(self.labeller in LABELLERS, "labeller", " or ".join(LABELLERS), self.labeller)
+        _require_host_and_port(self.host, self.port)
         _require_probability("labeller_error_rate", self.labeller_error_rate)
         _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)
 
@@ -227,6 +236,11 @@ class RLHFConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.reward.labeller == "synthetic" or self.ppo.relabel_every == 0, "ppo.relabel_every",
+                 "0 with --reward.labeller human (a person labels the reward stage's pairs; the rounds "
+                 "during PPO are the synthetic labeller's)", self.ppo.relabel_every)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

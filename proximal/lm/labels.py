@@ -10,7 +10,8 @@ good), null (can't tell: recorded, never trained on). One query per line of comp
    "label": 1.0, "labeller": "synthetic", "true_returns": [1.0, 0.0], "validation": false}
 
 `true_returns` holds the gold scores (the name `ReplayOracle` checks a replayed query against);
-a person labelling through a page writes the same lines with "labeller": "human".
+a person labelling through the page (`--reward.labeller human`, `ask_person`) writes the same
+lines with "labeller": "human", plus which response was shown on the left and the answer given.
 """
 
 from __future__ import annotations
@@ -40,18 +41,52 @@ def make_labeller(config: RewardConfig, seed: int) -> SyntheticOracle:
 
 def label_records(prompts: list[str], first: list[str], second: list[str], ended_first: list[bool],
                   ended_second: list[bool], gold_first: list[float], gold_second: list[float],
-                  labeller: SyntheticOracle, validation_fraction: float, rng: np.random.Generator) -> list[dict]:
-    """One answered query per prompt, as the dicts written to comparisons.jsonl."""
+                  labeller: SyntheticOracle | None, validation_fraction: float, rng: np.random.Generator) -> list[dict]:
+    """One query per prompt, as the dicts written to comparisons.jsonl, answered by the synthetic
+    `labeller` (None: unanswered, "labeller": "human", for `ask_person`)."""
     records = []
     for query, prompt in enumerate(prompts):
         records.append({
             "query": query, "prompt": prompt, "responses": [first[query], second[query]],
             "ended": [bool(ended_first[query]), bool(ended_second[query])],
-            "label": labeller.answer(gold_first[query], gold_second[query]), "labeller": "synthetic",
+            "label": None if labeller is None else labeller.answer(gold_first[query], gold_second[query]),
+            "labeller": "synthetic" if labeller is not None else "human",
             "true_returns": [gold_first[query], gold_second[query]],
             "validation": bool(rng.random() < validation_fraction),
         })
     return records
+
+
+PERSON_ANSWERS_NAME = "answers.jsonl"
+
+
+def ask_person(records: list[dict], stage_dir: Path, host: str, port: int, task: str, seed: int,
+               announce=print) -> list[dict]:
+    """The unanswered `records` answered by a person on the labelling page (proximal.human),
+    every answer fsynced to STAGE_DIR/answers.jsonl as it comes; returns them answered, in query
+    order. A killed stage asks again only what was not answered (queries.jsonl, answers.jsonl)."""
+    from proximal.human.labeller import HumanLabeller, Query
+    from proximal.human.server import FeedbackServer
+
+    def query_of(record: dict) -> Query:
+        kept = {key: value for key, value in record.items() if key not in ("left", "answer", "answered_at")}
+        left = int(record["left"]) if "left" in record else int(1 + sides.integers(2))
+        return Query(record["query"], {**kept, "label": None}, (), bool(record["validation"]), left)
+
+    sides = np.random.default_rng(seed)  # which response is shown on the left
+    labeller = HumanLabeller(stage_dir, PERSON_ANSWERS_NAME, "wait", len(records), len(records), query_of)
+    server = FeedbackServer(labeller, None, host, port, task=task)
+    server.start()
+    announce(f"label the pairs at {server.url}")
+    try:
+        labeller.submit([query_of(record) for record in records[labeller.asked:]])
+        labeller.wait_until_answered()
+    finally:
+        labeller.finish()
+        server.stop()
+        labeller.close()
+    answered = {record["query"]: record for record in read_records(stage_dir / PERSON_ANSWERS_NAME)}
+    return [answered[record["query"]] for record in records]
 
 
 def teaches_something(record: dict) -> bool:

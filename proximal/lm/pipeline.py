@@ -28,7 +28,7 @@ from proximal.errors import CheckpointError, ConfigError
 from proximal.lm.config import RLHFConfig, prompt_budget
 from proximal.lm.dpo import dpo_loss, implicit_accuracy, reference_pair_logprobs
 from proximal.lm.evaluation import evaluate_policy, gold_scores
-from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, label_records, make_labeller,
+from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, ask_person, label_records, make_labeller,
                                 pairs_from_records, read_records, teaches_something, write_records)
 from proximal.lm.model import (ScalarHeadLM, build_char_tokenizer, build_tiny_gpt2, context_length, encode_prompts,
                                load_pretrained, sample_completions, save_pretrained)
@@ -223,9 +223,14 @@ class Pipeline:
         (first, ended_1), (second, ended_2) = sides
         gold_1 = gold_scores(self.task, prompts, first, ended_1).tolist()
         gold_2 = gold_scores(self.task, prompts, second, ended_2).tolist()
+        person = config.labeller == "human"
         records = label_records(prompts, first, second, ended_1, ended_2, gold_1, gold_2,
-                                make_labeller(config, seed),
+                                None if person else make_labeller(config, seed),
                                 config.validation_fraction, np.random.default_rng(seed + PREFERENCE_PROMPT_SEED))
+        if person:
+            records = ask_person(records, stage_dir, config.host, config.port,
+                                 f"{self.task.name}: {self.task.instructions}", seed,
+                                 announce=lambda line: tqdm.write(line))
         write_records(path, records)
         return records
 

@@ -38,6 +38,7 @@ class AdditionTask:
     """a + b for a, b in [0, 99]; gold = 1 for exactly the sum followed by EOS, else 0."""
 
     name = "addition"
+    instructions = "the sum of the two numbers, and nothing after it, is the right answer."
 
     def __init__(self, carry_noise: float = 0.6):
         if not 0.0 <= carry_noise <= 1.0:
