@@ -187,6 +187,7 @@ class PPOAgent:
                                    log_std_init=ppo.log_std_init)
         self.observation_stats = RunningMeanStd((obs_dim,)) if ppo.normalize_observations else None
         self.optimizer = Adam(self.network.parameters(), learning_rate=ppo.learning_rate, eps=1e-5)
+        self.collective = None  # data-parallel training (proximal.distributed): the other ranks
 
     @classmethod
     def for_spaces(cls, observation_space: gym.spaces.Box, action_space: gym.Space, config: TrainConfig) -> PPOAgent:
@@ -279,7 +280,10 @@ class PPOAgent:
         than configured when target-KL stopped early) and the critic's explained variance.
         """
         ppo = self.config.ppo
-        num_minibatches = max(1, round(batch.size / ppo.minibatch_size))
+        collective = self.collective
+        global_size = batch.size if collective is None else int(collective.sum(torch.tensor(batch.size)))
+        num_minibatches = max(1, round(global_size / ppo.minibatch_size))  # the same on every rank
+        parameters = list(self.network.parameters())
         history: list[torch.Tensor] = []
         epochs_done = 0
         for _ in range(ppo.update_epochs):
@@ -289,8 +293,10 @@ class PPOAgent:
                 _, logp_new, entropy, new_values = self.get_action(
                     batch.observations[indices], batch.actions[indices])
                 advantages = batch.advantages[indices]
-                if ppo.norm_adv:
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                if ppo.norm_adv:  # over the whole minibatch: every rank's share of it
+                    mean, std = (advantages.mean(), advantages.std()) if collective is None else \
+                        collective.moments(advantages)
+                    advantages = (advantages - mean) / (std + 1e-8)
                 policy_loss = clipped_surrogate_loss(logp_new, batch.logprobs[indices], advantages, ppo.clip_coef)
                 # L^VF of Eq. 9 with the customary 1/2, so its gradient is (V - V^targ): c1 = 1 here
                 # weighs the critic like c1 = 0.5 on the paper's (V - V^targ)^2.
@@ -298,22 +304,31 @@ class PPOAgent:
                 entropy_mean = entropy.mean()
                 # Eq. 9, negated: minimise -L^CLIP + c1 L^VF - c2 S.
                 loss = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy_mean
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if collective is None and not finite:
                     raise TrainingDiverged("the PPO loss became NaN or infinite")
                 self.optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(self.network.parameters(), ppo.max_grad_norm)
+                if collective is not None and not collective.average_gradients(parameters, len(indices), loss):
+                    raise TrainingDiverged("the PPO loss became NaN or infinite (on some rank)")
+                nn.utils.clip_grad_norm_(parameters, ppo.max_grad_norm)
                 self.optimizer.step()
                 approx_kl, clip_fraction = ratio_statistics(logp_new, batch.logprobs[indices], ppo.clip_coef)
                 epoch_kls.append(approx_kl)
                 history.append(torch.stack([policy_loss.detach(), value_loss.detach(),
                                             entropy_mean.detach(), approx_kl, clip_fraction]))
-            if ppo.target_kl is not None and torch.stack(epoch_kls).mean() > ppo.target_kl:
-                break
+            if ppo.target_kl is not None:
+                epoch_kl = torch.stack(epoch_kls).mean()
+                if collective is not None:  # every rank stops after the same epoch
+                    epoch_kl = collective.sum(epoch_kl) / collective.world_size
+                if epoch_kl > ppo.target_kl:
+                    break
         means = torch.stack(history).mean(0).tolist()
         stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
-        stats["epochs"] = float(epochs_done)
         stats["explained_variance"] = explained_variance(batch.values, batch.returns)
+        if collective is not None:
+            stats = collective.mean_of(stats)
+        stats["epochs"] = float(epochs_done)
         return stats
 
     # -- saving and loading -----------------------------------------------------------------------

@@ -227,9 +227,10 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
 
     if args.env_id is not None:
         raise ConfigError("--resume continues the run's own environment; drop ENV_ID")
-    changed = sorted(set(overrides) - {"total_timesteps"})
+    changed = sorted(set(overrides) - {"total_timesteps", "dist_timeout"})
     if changed:
-        raise ConfigError(f"--resume keeps the run's config; only --total-timesteps may change, not {', '.join(changed)}")
+        raise ConfigError("--resume keeps the run's config; only --total-timesteps (or --dist-timeout) may change, "
+                          f"not {', '.join(changed)}")
     checkpoint_path = resolve_checkpoint_path(args.resume)
     payload = load_checkpoint(checkpoint_path)
     try:
@@ -250,9 +251,19 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
 
 def _train(args: argparse.Namespace) -> int:
     config, resume, run_dir = _train_config(args)  # validated: nothing is written if this fails
-    from proximal.train import train
+    from proximal.distributed import join, launched_world_size, leave
+    from proximal.train import check_world_size, train
 
-    result = train(config, run_dir=run_dir, resume=resume, show_progress=sys.stderr.isatty())
+    check_world_size(config, launched_world_size())  # every rank says so, before any rank waits
+    collective = join(config.run.dist_timeout)  # None unless launched by torchrun with K > 1
+    try:
+        writer = collective is None or collective.is_writer
+        result = train(config, run_dir=run_dir, resume=resume, show_progress=sys.stderr.isatty() and writer,
+                       collective=collective)
+    finally:
+        leave()
+    if not writer:
+        return 0
     returns = result.eval_returns
     print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.2f} s "
           f"of training ({result.global_step / result.train_seconds:,.0f} steps/s)")
@@ -509,6 +520,12 @@ def _plot(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "train":
+            from proximal.distributed import launched_world_size
+
+            if launched_world_size() > 1:
+                raise ConfigError("only `proximal train` runs on several processes (torchrun) so far; "
+                                  f"run `proximal {args.command}` as one process")
         return args.handler(args)
     except ProximalError as error:
         print(f"proximal {args.command}: error: {error}", file=sys.stderr)

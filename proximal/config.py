@@ -123,11 +123,15 @@ class RunConfig:
     stop_return: float | None = _param(None, "stop once the greedy mean return reaches this")
     eval_every: int = _param(5, "iterations between greedy evaluations when stop_return is set")
     runs_dir: str = _param("runs", "where run directories are created")
+    dist_timeout: float = _param(120.0, "launched by torchrun: seconds a rank waits for the others (to join, "
+                                        "then at each exchange) before it stops with an error")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         for name in ("torch_threads", "checkpoint_every", "eval_episodes", "eval_every"):
             _require_positive_int(name, getattr(self, name))
+        _require_finite("dist_timeout", self.dist_timeout)
+        _require(self.dist_timeout > 0, "dist_timeout", "> 0", self.dist_timeout)
         if self.stop_return is not None:
             _require_finite("stop_return", self.stop_return)
         _require(isinstance(self.runs_dir, str) and self.runs_dir.strip() != "", "runs_dir", "a non-empty path",

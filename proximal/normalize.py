@@ -20,10 +20,13 @@ class RunningMeanStd:
         self.mean = np.zeros(shape)
         self.var = np.ones(shape)  # before any data: the identity transform
         self.count = 0
+        self.gather = None  # data-parallel training: every rank's rows of a batch (`Collective.gather_rows`)
 
     def update(self, batch: np.ndarray) -> None:
-        """Fold in `batch` [B, *shape]."""
+        """Fold in `batch` [B, *shape] (with `gather` set: every rank's batch, in rank order)."""
         batch = np.asarray(batch, dtype=np.float64)
+        if self.gather is not None:
+            batch = self.gather(batch)
         batch_count = batch.shape[0]
         batch_mean, batch_var = batch.mean(axis=0), batch.var(axis=0)
         if self.count == 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -22,12 +22,15 @@ from proximal.agent import PPOAgent, RolloutBatch
 from proximal.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, save_checkpoint
 from proximal.config import PPOConfig, TrainConfig
 from proximal.envs import as_float_observations, make_vector_env
-from proximal.errors import EnvError, TrainingDiverged
+from proximal.errors import ConfigError, EnvError, TrainingDiverged
 from proximal.evaluate import evaluate
 from proximal.metrics import MetricsLogger
 from proximal.normalize import RewardScaler
 from proximal.run import unique_run_dir, write_json_atomic, write_text_atomic
 from proximal.utils import compute_gae
+
+if TYPE_CHECKING:
+    from proximal.distributed import Collective
 
 EVAL_NAME = "eval.json"
 
@@ -152,6 +155,16 @@ def rollout_to_batch(rollout: Rollout, ppo: PPOConfig) -> RolloutBatch:
     )
 
 
+RANK_SEED_STRIDE = 1_000_003  # rank r > 0 samples from torch seed (seed + stride r + step)
+
+
+def check_world_size(config: TrainConfig, world_size: int) -> None:
+    """K ranks share the config's envs evenly (and so its batch): N must be a multiple of K."""
+    if config.env.num_envs % world_size != 0:
+        raise ConfigError(f"--num-envs {config.env.num_envs} does not split over {world_size} processes: "
+                          f"use a multiple of {world_size} (each rank steps num_envs / {world_size} envs)")
+
+
 def new_run_dir(config: TrainConfig) -> Path:
     """runs/<env>__<seed>__<time>/, made unique if two runs start in the same second."""
     return unique_run_dir(config.run.runs_dir, f"{config.env.env_id.replace('/', '-')}__{config.run.seed}")
@@ -182,6 +195,7 @@ def train(
     resume: dict[str, Any] | None = None,
     show_progress: bool = False,
     reward_learner: RewardLearner | None = None,
+    collective: Collective | None = None,
 ) -> TrainResult:
     """Train PPO as `config` says, writing everything into `run_dir` (a new one if None).
 
@@ -196,14 +210,22 @@ def train(
     With a `reward_learner`, PPO never sees the env's reward: each rollout's rewards are
     replaced by the learner's before advantages are computed (learning from preferences,
     `proximal.preferences`); the logged episode returns stay the env's own.
+
+    With a `collective` (launched by torchrun: `proximal.distributed`), this process is one rank
+    of K: it steps its N / K of the config's N envs and shares every update with the others;
+    rank 0 alone writes `run_dir` and evaluates (the other ranks' `TrainResult` has no returns).
     """
     ppo, run = config.ppo, config.run
+    rank, world_size = (0, 1) if collective is None else (collective.rank, collective.world_size)
+    check_world_size(config, world_size)
+    writer = rank == 0
     torch.set_num_threads(run.torch_threads)
-    torch.manual_seed(run.seed)
-    envs = make_vector_env(config.env.env_id, config.env.num_envs)
+    torch.manual_seed(run.seed)  # the same initial weights on every rank
+    local_envs = config.env.num_envs // world_size
+    envs = make_vector_env(config.env.env_id, local_envs)
     try:
         start_iteration, global_step, elapsed_before = 0, 0, 0.0
-        reward_scaler = RewardScaler(config.env.num_envs, ppo.gamma) if ppo.normalize_rewards else None
+        reward_scaler = RewardScaler(local_envs, ppo.gamma) if ppo.normalize_rewards else None
         if resume is None:
             agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
         else:
@@ -213,9 +235,19 @@ def train(
             torch.set_rng_state(resume["torch_rng_state"])
             if reward_scaler is not None:
                 reward_scaler.return_stats.load_state_dict(resume["reward_stats"])
+        if collective is not None:
+            agent.collective = collective
+            for stats in (agent.observation_stats, None if reward_scaler is None else reward_scaler.return_stats):
+                if stats is not None:
+                    stats.gather = collective.gather_rows
+            if rank > 0:  # each rank samples its own actions and minibatches
+                torch.manual_seed(run.seed + RANK_SEED_STRIDE * rank + global_step)
+            run_dir = collective.broadcast_object(
+                (run_dir if run_dir is not None else new_run_dir(config)) if writer else None)
         if run_dir is None:
             run_dir = new_run_dir(config)
-        write_text_atomic(run_dir / CONFIG_NAME, config.to_json())
+        if writer:
+            write_text_atomic(run_dir / CONFIG_NAME, config.to_json())
         checkpoint_path = run_dir / CHECKPOINT_NAME
 
         def write_checkpoint(iteration: int, train_seconds: float, reached: bool) -> None:
@@ -225,10 +257,11 @@ def train(
                 "reward_stats": None if reward_scaler is None else reward_scaler.return_stats.state_dict(),
             })
 
-        state = EnvState.after_reset(envs.reset(seed=run.seed + global_step)[0])
+        # rank r's envs are envs r N/K .. (r + 1) N/K - 1 of one N-env run, seeded as those would be
+        state = EnvState.after_reset(envs.reset(seed=run.seed + global_step + rank * local_envs)[0])
         extra_columns = () if reward_learner is None else reward_learner.metric_columns
         logger = MetricsLogger(run_dir, ppo.total_timesteps, start_iteration, global_step, show_progress,
-                               extra_columns)
+                               extra_columns) if writer else None
         eval_returns: np.ndarray | None = None
         # A resumed run whose training had finished (its budget spent, or --stop-return reached)
         # but that was killed before eval.json was written only completes the evaluation and plot.
@@ -254,14 +287,19 @@ def train(
                     kept = (f"last good checkpoint kept: {checkpoint_path}" if checkpoint_path.exists()
                             else "no checkpoint had been written yet")
                     raise TrainingDiverged(f"{error} at iteration {iteration} (step {global_step}); {kept}") from None
+                episode_returns, episode_lengths = rollout.episode_returns, rollout.episode_lengths
+                if collective is not None:  # every rank's episodes
+                    gathered = collective.gather_objects((episode_returns, episode_lengths))
+                    episode_returns = [value for returns, _ in gathered for value in returns]
+                    episode_lengths = [value for _, lengths in gathered for value in lengths]
                 now = time.perf_counter()
                 train_seconds = elapsed_before + now - start_time - eval_seconds
                 metrics = {
                     "iteration": iteration,
                     "env_steps": global_step,
                     "wall_seconds": train_seconds,
-                    "episodic_return": np.mean(rollout.episode_returns) if rollout.episode_returns else None,
-                    "episodic_length": np.mean(rollout.episode_lengths) if rollout.episode_lengths else None,
+                    "episodic_return": np.mean(episode_returns) if episode_returns else None,
+                    "episodic_length": np.mean(episode_lengths) if episode_lengths else None,
                     **stats,
                     "learning_rate": agent.optimizer.learning_rate,
                     "steps_per_second": config.batch_size / (now - iteration_start),
@@ -270,17 +308,24 @@ def train(
                 last_iteration = iteration == config.num_iterations
                 eval_returns = None
                 if run.stop_return is not None and (iteration % run.eval_every == 0 or last_iteration):
-                    eval_returns = evaluate(agent, config.env.env_id, run.eval_episodes, seed=run.seed)
+                    if writer:
+                        eval_returns = evaluate(agent, config.env.env_id, run.eval_episodes, seed=run.seed)
+                    if collective is not None:  # rank 0's evaluation decides for every rank
+                        eval_returns = collective.broadcast_object(eval_returns)
                     eval_seconds += time.perf_counter() - now
                     metrics["eval_return"] = float(eval_returns.mean())
-                logger.log(metrics)
                 reached = eval_returns is not None and bool(eval_returns.mean() >= run.stop_return)
-                if reached or last_iteration or iteration % run.checkpoint_every == 0:
-                    write_checkpoint(iteration, train_seconds, reached)
+                if writer:
+                    logger.log(metrics)
+                    if reached or last_iteration or iteration % run.checkpoint_every == 0:
+                        write_checkpoint(iteration, train_seconds, reached)
                 if reached:
                     break
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
+        if not writer:
+            return TrainResult(run_dir, global_step, train_seconds, np.zeros(0), reached)
         if eval_returns is None:  # the final policy was not just evaluated: do it now
             eval_returns = evaluate(agent, config.env.env_id, run.eval_episodes, seed=run.seed)
     finally:

@@ -118,7 +118,7 @@ def test_resume_refuses_changed_hyperparameters_and_finished_runs(tmp_path, monk
     assert run_main(["train", *SHORT_RUN], capsys)[0] == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     code, _, err = run_main(["train", "--resume", str(run_dir), "--clip-coef", "0.1"], capsys)
-    assert code == 1 and "only --total-timesteps may change, not clip_coef" in err
+    assert code == 1 and "only --total-timesteps (or --dist-timeout) may change, not clip_coef" in err
     code, _, err = run_main(["train", "--resume", str(run_dir)], capsys)
     assert code == 1 and "already finished its 2048 steps" in err
     code, out, _ = run_main(["train", "--resume", str(run_dir), "--total-timesteps", "4096"], capsys)
