@@ -289,13 +289,16 @@ class PPOAgent:
         for _ in range(ppo.update_epochs):
             epochs_done += 1
             epoch_kls = []
-            for indices in torch.tensor_split(torch.randperm(batch.size), num_minibatches):
+            minibatches = torch.tensor_split(torch.randperm(batch.size), num_minibatches)
+            if ppo.norm_adv and collective is not None:  # over each whole minibatch: every rank's share of it
+                means, stds = collective.moments(batch.advantages, list(minibatches))
+            for minibatch, indices in enumerate(minibatches):
                 _, logp_new, entropy, new_values = self.get_action(
                     batch.observations[indices], batch.actions[indices])
                 advantages = batch.advantages[indices]
-                if ppo.norm_adv:  # over the whole minibatch: every rank's share of it
+                if ppo.norm_adv:
                     mean, std = (advantages.mean(), advantages.std()) if collective is None else \
-                        collective.moments(advantages)
+                        (means[minibatch], stds[minibatch])
                     advantages = (advantages - mean) / (std + 1e-8)
                 policy_loss = clipped_surrogate_loss(logp_new, batch.logprobs[indices], advantages, ppo.clip_coef)
                 # L^VF of Eq. 9 with the customary 1/2, so its gradient is (V - V^targ): c1 = 1 here

@@ -76,6 +76,11 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
+def optional_int(text: str) -> int | None:
+    """A flag value that may be switched off: "none" or "off" -> None, else an int."""
+    return None if text.lower() in ("none", "off") else int(text)
+
+
 def _add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.Field, flag: str, dest: str,
                     help_text: str) -> None:
     """The flag of one config field, defaulting to 'not given': a --x/--no-x switch for a bool, a
@@ -89,6 +94,8 @@ def _add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.F
         parser.add_argument(flag, type=int if is_int else float, nargs="+", metavar=metavar, **kwargs)
     elif config_field.type == "float | None":
         parser.add_argument(flag, type=optional_float, metavar="FLOAT|none", **kwargs)
+    elif config_field.type == "int | None":
+        parser.add_argument(flag, type=optional_int, metavar="N|none", **kwargs)
     else:
         parser.add_argument(flag, type={"int": int, "float": float, "str": str}[config_field.type],
                             metavar={"int": "N", "float": "X", "str": "TEXT"}[config_field.type], **kwargs)

@@ -13,7 +13,8 @@ therefore run the algorithm of one process with N envs (the tests check one upda
     takes the same optimiser step; the global loss's finiteness is decided in the same call;
   - minibatches: the same number on every rank, from the global batch size; each rank's
     minibatch is its share of a global one;
-  - advantage normalisation: each minibatch's mean and std over all ranks' rows (`moments`);
+  - advantage normalisation: each minibatch's mean and std over all ranks' rows (`moments`, one
+    all-reduce per epoch for all its minibatches);
   - observation and reward statistics: every step's rows of all ranks folded in, in rank order
     (`gather_rows`), so each rank's running statistics equal the one-process ones;
   - target-KL early stopping and --stop-return: decided on global values, the same on every rank;
@@ -73,10 +74,13 @@ class Collective:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def moments(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and unbiased std of the union of every rank's `values` [n]."""
-        count, total, squares = self.sum(torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64),
-                                                      values.double().sum(), values.double().pow(2).sum()]))
+    def moments(self, values: torch.Tensor, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased std [P] of each part p of `values`, over the union of every rank's
+        part p (`parts`: index tensors, P of them on every rank), in one all-reduce."""
+        local = torch.stack([torch.stack([torch.tensor(float(len(index)), dtype=torch.float64),
+                                          values[index].double().sum(), values[index].double().pow(2).sum()])
+                             for index in parts])  # [P, 3]
+        count, total, squares = self.sum(local).unbind(-1)
         mean = total / count
         variance = (squares - count * mean ** 2) / (count - 1).clamp_min(1)
         return mean.to(values.dtype), variance.clamp_min(0).sqrt().to(values.dtype)

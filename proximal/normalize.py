@@ -25,8 +25,11 @@ class RunningMeanStd:
     def update(self, batch: np.ndarray) -> None:
         """Fold in `batch` [B, *shape] (with `gather` set: every rank's batch, in rank order)."""
         batch = np.asarray(batch, dtype=np.float64)
-        if self.gather is not None:
-            batch = self.gather(batch)
+        self.fold(batch if self.gather is None else self.gather(batch))
+
+    def fold(self, batch: np.ndarray) -> None:
+        """Fold in `batch` [B, *shape] as it is (already every rank's, when training on several)."""
+        batch = np.asarray(batch, dtype=np.float64)
         batch_count = batch.shape[0]
         batch_mean, batch_var = batch.mean(axis=0), batch.var(axis=0)
         if self.count == 0:
@@ -65,9 +68,19 @@ class RewardScaler:
         self.return_stats = RunningMeanStd(())
 
     def scale(self, rewards: np.ndarray, episode_ended: np.ndarray) -> np.ndarray:
-        """Scaled rewards [N] for one step of N envs; `episode_ended` [N] resets their R."""
-        self.discounted_returns = self.gamma * self.discounted_returns + rewards
-        self.return_stats.update(self.discounted_returns)
-        scaled = rewards / np.sqrt(self.return_stats.var + 1e-8)
-        self.discounted_returns[episode_ended] = 0.0
-        return scaled.astype(np.float32)
+        """Scaled rewards [T, N] for T steps of N envs, in order; `episode_ended` [T, N] resets
+        an env's R after its step. Each step's R of every env is folded into the statistics
+        before that step's rewards are divided. Training on several ranks, one gather brings
+        every rank's R for all T steps (their R depend on their own rewards only)."""
+        returns = np.empty(rewards.shape)  # [T, N] R_t, float64
+        for t in range(rewards.shape[0]):
+            self.discounted_returns = self.gamma * self.discounted_returns + rewards[t]
+            returns[t] = self.discounted_returns
+            self.discounted_returns[episode_ended[t]] = 0.0
+        stats = self.return_stats
+        every_rank = returns if stats.gather is None else stats.gather(returns.T).T  # [T, K N] in rank order
+        scaled = np.empty(rewards.shape, dtype=np.float32)
+        for t in range(rewards.shape[0]):
+            stats.fold(every_rank[t])
+            scaled[t] = rewards[t] / np.sqrt(stats.var + 1e-8)
+        return scaled

@@ -133,8 +133,7 @@ def scale_rewards(rollout: Rollout, reward_scaler: RewardScaler) -> None:
     return (`RewardScaler`), in place."""
     done = (rollout.terminated | rollout.truncated).numpy()  # [T, N]
     rewards = rollout.rewards.numpy()  # [T, N], shares memory with the tensor
-    for t in range(rewards.shape[0]):
-        rewards[t] = reward_scaler.scale(rewards[t], done[t])
+    rewards[:] = reward_scaler.scale(rewards, done)
 
 
 def rollout_to_batch(rollout: Rollout, ppo: PPOConfig) -> RolloutBatch:
@@ -220,6 +219,7 @@ def train(
     check_world_size(config, world_size)
     writer = rank == 0
     torch.set_num_threads(run.torch_threads)
+    update_threads = run.torch_threads if run.update_threads is None else run.update_threads
     torch.manual_seed(run.seed)  # the same initial weights on every rank
     local_envs = config.env.num_envs // world_size
     envs = make_vector_env(config.env.env_id, local_envs)
@@ -281,12 +281,16 @@ def train(
                 if reward_scaler is not None:
                     scale_rewards(rollout, reward_scaler)
                 batch = rollout_to_batch(rollout, ppo)
+                if update_threads != run.torch_threads:  # threads chosen per phase
+                    torch.set_num_threads(update_threads)
                 try:
                     stats = agent.update(batch)
                 except TrainingDiverged as error:
                     kept = (f"last good checkpoint kept: {checkpoint_path}" if checkpoint_path.exists()
                             else "no checkpoint had been written yet")
                     raise TrainingDiverged(f"{error} at iteration {iteration} (step {global_step}); {kept}") from None
+                if update_threads != run.torch_threads:
+                    torch.set_num_threads(run.torch_threads)
                 episode_returns, episode_lengths = rollout.episode_returns, rollout.episode_lengths
                 if collective is not None:  # every rank's episodes
                     gathered = collective.gather_objects((episode_returns, episode_lengths))
