@@ -15,6 +15,7 @@ BAD_VALUES = {
     "int": ["abc", "1.5", "", "nan", "-1", "1e400"],
     "float": ["abc", "", "nan", "inf", "-inf"],
     "optional_float": ["abc", "", "nan", "inf"],
+    "optional_int": ["abc", "1.5", "", "-1", "0"],
     "str": ["", "{tmp}/a_file/below_a_file"],
     "choice": ["no-such-choice"],
     "flag": ["=1"],  # a switch given a value

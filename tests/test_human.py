@@ -425,6 +425,25 @@ def asked_records(run_dir: Path) -> dict[int, dict]:
     return {record["query"]: record for record in read_jsonl(run_dir / QUERIES_NAME)}
 
 
+def answer_next_query(url: str, run_dir: Path) -> int | None:
+    """One step of the simulated person over HTTP: the waiting query answered by its true
+    returns. Its index once the server says saved; None if no query waits (OSError: no server)."""
+    import urllib.request
+
+    base, token = url.split("/?token=")
+
+    def call(path: str, body: bytes | None = None) -> dict:
+        request = urllib.request.Request(base + path, data=body, headers={"X-Token": token})
+        return json.load(urllib.request.urlopen(request, timeout=10))
+
+    query = call("/api/state")["query"]
+    if query is None:
+        return None
+    answer = preferred_answer(asked_records(run_dir)[query["index"]])
+    reply = call("/api/answer", json.dumps({"query": query["index"], "answer": answer}).encode())
+    return query["index"] if reply.get("saved") else None
+
+
 def untrained_greedy_return(env_id: str, seed: int, episodes: int) -> float:
     from proximal.agent import PPOAgent
     from proximal.config import preset_for
@@ -481,7 +500,6 @@ def test_killed_while_a_person_labels_then_resumed_no_answer_is_lost(tmp_path):
     """kill -9 at random moments while answers stream in; `--resume` each time; at the end every
     answer the server acknowledged is in comparisons.jsonl exactly once, and the run finishes."""
     import signal
-    import urllib.request
 
     runs_dir = tmp_path / "runs"
     arguments = ["Pendulum-v1", "--labels", "60", "--total-timesteps", "30000", "--label-rounds", "6",
@@ -492,23 +510,15 @@ def test_killed_while_a_person_labels_then_resumed_no_answer_is_lost(tmp_path):
     process, url = start_prefs(arguments)
     run_dir = next(runs_dir.iterdir())
     while True:
-        base, token = url.split("/?token=")
         killer = threading.Timer(float(rng.uniform(0.5, 3.0)), process.send_signal, (signal.SIGKILL,))
         if kills < 3:  # SIGKILL at a random moment: mid-request, mid-fit or mid-rollout
             killer.start()
         while process.poll() is None:
             try:
-                state = json.load(urllib.request.urlopen(urllib.request.Request(
-                    base + "/api/state", headers={"X-Token": token}), timeout=10))
-                if state["query"] is None:
+                index = answer_next_query(url, run_dir)
+                if index is None:
                     time.sleep(0.02)
-                    continue
-                index = state["query"]["index"]
-                answer = preferred_answer(asked_records(run_dir)[index])
-                reply = json.load(urllib.request.urlopen(urllib.request.Request(
-                    base + "/api/answer", data=json.dumps({"query": index, "answer": answer}).encode(),
-                    headers={"X-Token": token}), timeout=10))
-                if reply.get("saved"):
+                else:
                     acknowledged.append(index)
             except OSError:  # killed mid-request: that answer was never acknowledged
                 time.sleep(0.02)
@@ -572,7 +582,6 @@ def test_a_person_labels_the_reward_stage_and_a_killed_stage_keeps_every_answer(
     import signal
     import subprocess
     import sys
-    import urllib.request
 
     from test_lm_pipeline import TINY
 
@@ -585,20 +594,13 @@ def test_a_person_labels_the_reward_stage_and_a_killed_stage_keeps_every_answer(
     acknowledged: list[int] = []
     for attempt in range(2):
         process, url = start_labelling(["rlhf", "--run-dir", str(run_dir), "--stage", "reward", *flags])
-        base, token = url.split("/?token=")
         while process.poll() is None:
             try:
-                state = json.load(urllib.request.urlopen(urllib.request.Request(
-                    base + "/api/state", headers={"X-Token": token}), timeout=10))
-                if state["query"] is None:
+                index = answer_next_query(url, stage_dir)
+                if index is None:
                     time.sleep(0.02)
-                    continue
-                index = state["query"]["index"]
-                reply = json.load(urllib.request.urlopen(urllib.request.Request(
-                    base + "/api/answer", data=json.dumps(
-                        {"query": index, "answer": preferred_answer(asked_records(stage_dir)[index])}).encode(),
-                    headers={"X-Token": token}), timeout=10))
-                acknowledged.append(reply["query"])
+                else:
+                    acknowledged.append(index)
             except OSError:
                 time.sleep(0.02)
             if attempt == 0 and len(acknowledged) == 15:
