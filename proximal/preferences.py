@@ -395,17 +395,17 @@ def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progres
         oracle = None
     else:
         oracle = make_oracle(prefs, config.run.seed)  # an unreadable replay file fails here
-    continuing = run_dir is not None
-    run_dir = run_dir if continuing else new_run_dir(config)
     server = None
     if renderer is not None:
-        from proximal.human.labeller import HumanLabeller
         from proximal.human.server import FeedbackServer
 
+        server = FeedbackServer(renderer, prefs.host, prefs.port)  # a port in use fails here
+    continuing = run_dir is not None
+    run_dir = run_dir if continuing else new_run_dir(config)
+    if server is not None:
         oracle = HumanLabeller(run_dir, COMPARISONS_NAME, prefs.human_pace, prefs.human_queue_size, prefs.labels,
                                query_from_record)
-        server = FeedbackServer(oracle, renderer, prefs.host, prefs.port)
-        server.start()
+        server.start(oracle)
         announce(f"label the clips at {server.url}")
         if prefs.host not in ("127.0.0.1", "localhost", "::1"):
             announce(f"--host {prefs.host}: the page is reachable from other machines (the token is still required)")

@@ -58,8 +58,8 @@ def serving(tmp_path):
     labeller = make_labeller(tmp_path)
     labeller.submit(make_queries(4))
     renderer = ClipRenderer(ENV_ID)
-    server = FeedbackServer(labeller, renderer, port=0)
-    server.start()
+    server = FeedbackServer(renderer, port=0)
+    server.start(labeller)
     yield labeller, server
     server.stop()
     labeller.close()
@@ -186,6 +186,21 @@ def test_a_film_strip_holds_each_step_drawn_from_its_observation():
     renderer.close()
 
 
+def test_a_port_in_use_is_refused_in_one_line_before_the_run_writes_anything(tmp_path, capsys):
+    import socket
+
+    from proximal.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["prefs", "--oracle", "human", "--port", str(port), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and f"cannot serve the labelling page on 127.0.0.1:{port}" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_clips_of_an_env_that_cannot_be_redrawn_are_refused_in_one_line():
     from proximal.errors import EnvError
 
@@ -251,8 +266,8 @@ def test_a_thousand_fast_answers_from_two_racing_clients_are_recorded_once_in_or
     labeller = make_labeller(tmp_path, queue_size=1000)
     labeller.submit(make_queries(1000, length=2))
     renderer = ClipRenderer(ENV_ID)
-    server = FeedbackServer(labeller, renderer, port=0)
-    server.start()
+    server = FeedbackServer(renderer, port=0)
+    server.start(labeller)
     host, port = server.httpd.server_address[:2]
     outcomes: dict[str, list[int]] = {"first": [], "second": []}
 
@@ -553,8 +568,8 @@ def text_queries(count: int) -> list[Query]:
 def test_the_page_shows_an_lm_pair_as_text_and_records_each_key(browser, tmp_path):
     labeller = HumanLabeller(tmp_path, "answers.jsonl", "wait", 10, 4, None)
     labeller.submit(text_queries(4))
-    server = FeedbackServer(labeller, None, port=0, task="addition: the sum is the right answer.")
-    server.start()
+    server = FeedbackServer(None, port=0, task="addition: the sum is the right answer.")
+    server.start(labeller)
     try:
         browser.get(server.url)
         for index, answer in enumerate(("left", "right", "equal", "cant_tell")):

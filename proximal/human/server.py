@@ -48,11 +48,14 @@ class _QuietServer(ThreadingHTTPServer):
 class FeedbackServer:
     """Serves one run's queries to a person, on a background thread (`start`, `stop`)."""
 
-    def __init__(self, labeller: HumanLabeller, renderer: ClipRenderer | None, host: str = "127.0.0.1",
-                 port: int = 0, task: str | None = None):
-        """`renderer` draws clips (control tasks); None serves text pairs (records with "prompt" and
-        "responses"). `task`: the sentence telling the person what is better (default: the renderer's)."""
-        self.labeller, self.renderer = labeller, renderer
+    def __init__(self, renderer: ClipRenderer | None, host: str = "127.0.0.1", port: int = 0,
+                 task: str | None = None):
+        """Binds the port at once (a port in use fails here, before a run writes anything); `start`
+        serves a labeller's queries. `renderer` draws clips (control tasks); None serves text pairs
+        (records with "prompt" and "responses"). `task`: the sentence telling the person what is
+        better (default: the renderer's)."""
+        self.labeller: HumanLabeller | None = None
+        self.renderer = renderer
         self.task = task if task is not None else renderer.task
         self.token = secrets.token_urlsafe(24)
         self.page = resources.files("proximal.human").joinpath("page.html").read_bytes()
@@ -71,7 +74,8 @@ class FeedbackServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}/?token={self.token}"
 
-    def start(self) -> None:
+    def start(self, labeller: HumanLabeller) -> None:
+        self.labeller = labeller
         self.thread.start()
 
     def stop(self) -> None:

@@ -74,9 +74,9 @@ def ask_person(records: list[dict], stage_dir: Path, host: str, port: int, task:
         return Query(record["query"], {**kept, "label": None}, (), bool(record["validation"]), left)
 
     sides = np.random.default_rng(seed)  # which response is shown on the left
+    server = FeedbackServer(None, host, port, task=task)
     labeller = HumanLabeller(stage_dir, PERSON_ANSWERS_NAME, "wait", len(records), len(records), query_of)
-    server = FeedbackServer(labeller, None, host, port, task=task)
-    server.start()
+    server.start(labeller)
     announce(f"label the pairs at {server.url}")
     try:
         labeller.submit([query_of(record) for record in records[labeller.asked:]])
