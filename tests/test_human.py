@@ -459,6 +459,29 @@ def answer_next_query(url: str, run_dir: Path) -> int | None:
     return query["index"] if reply.get("saved") else None
 
 
+def person_over_http(process, url: str, run_dir: Path) -> list[int]:
+    """Answer every query as the simulated person until the run ends; the acknowledged indices."""
+    acknowledged = []
+    while process.poll() is None:
+        try:
+            index = answer_next_query(url, run_dir)
+        except OSError:
+            index = None
+        if index is None:
+            time.sleep(0.02)
+        else:
+            acknowledged.append(index)
+    return acknowledged
+
+
+def metrics_without_timings(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as file:
+        return [{key: value for key, value in row.items() if key not in ("wall_seconds", "steps_per_second")}
+                for row in csv.DictReader(file)]
+
+
 def untrained_greedy_return(env_id: str, seed: int, episodes: int) -> float:
     from proximal.agent import PPOAgent
     from proximal.config import preset_for
@@ -528,15 +551,7 @@ def test_killed_while_a_person_labels_then_resumed_no_answer_is_lost(tmp_path):
         killer = threading.Timer(float(rng.uniform(0.5, 3.0)), process.send_signal, (signal.SIGKILL,))
         if kills < 3:  # SIGKILL at a random moment: mid-request, mid-fit or mid-rollout
             killer.start()
-        while process.poll() is None:
-            try:
-                index = answer_next_query(url, run_dir)
-                if index is None:
-                    time.sleep(0.02)
-                else:
-                    acknowledged.append(index)
-            except OSError:  # killed mid-request: that answer was never acknowledged
-                time.sleep(0.02)
+        acknowledged += person_over_http(process, url, run_dir)  # a request cut by the kill: not acknowledged
         process.wait()
         killer.cancel()
         if process.returncode == 0:
@@ -575,7 +590,8 @@ def test_the_page_shows_an_lm_pair_as_text_and_records_each_key(browser, tmp_pat
         for index, answer in enumerate(("left", "right", "equal", "cant_tell")):
             wait_for(lambda: shown_query(browser) == index, what=f"pair {index}")
             left, right = (browser.find_element("id", f"{side}-text").text for side in ("left", "right"))
-            first, second = f"{index}+1={index + 1}", f"{index}+1={index}" + ("" if index % 2 == 0 else "  [cut off: no end]")
+            cut = "" if index % 2 == 0 else "  [cut off: no end]"
+            first, second = f"{index}+1={index + 1}", f"{index}+1={index}{cut}"
             assert (left, right) == ((first, second) if index % 2 == 0 else (second, first))  # left: 1 + index % 2
             assert not browser.find_element("id", "clips").is_displayed()
             press(browser, KEYS[answer])
@@ -628,3 +644,35 @@ def test_a_person_labels_the_reward_stage_and_a_killed_stage_keeps_every_answer(
     exact = [0.5 if a == b else float(a > b) for a, b in (r["true_returns"] for r in records)]
     assert [r["label"] for r in records] == exact and all(r["labeller"] == "human" for r in records)
     assert json.loads((stage_dir / "summary.json").read_text())["labels"] == 40
+
+
+@pytest.mark.slow
+def test_a_person_who_answers_like_the_synthetic_labeller_gives_the_synthetic_run_exactly(tmp_path):
+    """With --human-pace wait the queries, the fits and so the whole run are the synthetic
+    labeller's: only who answers differs."""
+    from proximal.cli import main
+
+    flags = ["proximal/FixedHorizonCartPole-v1", "--labels", "30", "--total-timesteps", "6144", "--label-rounds", "3",
+             "--eval-episodes", "2"]
+    assert main(["prefs", *flags, "--runs-dir", str(tmp_path / "synthetic")]) == 0
+    process, url = start_prefs([*flags, "--runs-dir", str(tmp_path / "human")])
+    person_over_http(process, url, next((tmp_path / "human").iterdir()))
+    assert process.wait() == 0
+    synthetic, human = (next((tmp_path / name).iterdir()) for name in ("synthetic", "human"))
+    assert metrics_without_timings(synthetic) == metrics_without_timings(human)
+    assert [r["label"] for r in read_jsonl(synthetic / COMPARISONS_NAME)] == \
+        [r["label"] for r in read_jsonl(human / COMPARISONS_NAME)]
+
+
+@pytest.mark.slow
+def test_with_continue_pace_training_goes_on_while_nobody_answers(tmp_path):
+    process, url = start_prefs(["Pendulum-v1", "--labels", "40", "--total-timesteps", "8192", "--label-rounds", "4",
+                                "--eval-episodes", "1", "--human-pace", "continue", "--human-queue-size", "12",
+                                "--runs-dir", str(tmp_path / "runs")])
+    output, _ = process.communicate(timeout=120)  # nobody opens the page
+    assert process.returncode == 0, output
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert len(read_jsonl(run_dir / QUERIES_NAME)) == 40 and read_jsonl(run_dir / COMPARISONS_NAME) == []
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and all(row.split(",")[1] for row in rows[1:])  # every iteration trained
+    assert json.loads((run_dir / "reward_fit.json").read_text())["labels"] == 0
