@@ -244,16 +244,21 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
         config = TrainConfig.from_dict(json.loads(payload["config"])).with_overrides(overrides)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"{checkpoint_path} holds no readable config ({error})") from None
+    _refuse_finished(args.resume, payload, config, checkpoint_path.parent)
+    return config, payload, checkpoint_path.parent
+
+
+def _refuse_finished(given: str, payload: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    """A run to resume must have training left, or be missing its final evaluation (a kill
+    between the last checkpoint and eval.json: resuming completes the evaluation and plot)."""
     from proximal.train import EVAL_NAME
 
     finished = bool(payload.get("reached", False)) or int(payload["iteration"]) >= config.num_iterations
-    if finished and (checkpoint_path.parent / EVAL_NAME).exists():  # else: complete its evaluation and plot
+    if finished and (run_dir / EVAL_NAME).exists():
         if payload.get("reached", False):
-            raise ConfigError(f"{args.resume} already finished: it reached --stop-return "
-                              f"{config.run.stop_return:g}")
-        raise ConfigError(f"{args.resume} already finished its {config.ppo.total_timesteps} steps; "
+            raise ConfigError(f"{given} already finished: it reached --stop-return {config.run.stop_return:g}")
+        raise ConfigError(f"{given} already finished its {config.ppo.total_timesteps} steps; "
                           "pass a larger --total-timesteps to train on")
-    return config, payload, checkpoint_path.parent
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -305,7 +310,6 @@ def _prefs_config(args: argparse.Namespace) -> tuple[TrainConfig, PrefsConfig, d
 
     from proximal.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_checkpoint
     from proximal.preferences import PREFS_CONFIG_NAME
-    from proximal.train import EVAL_NAME
 
     if args.env_id is not None:
         raise ConfigError("--resume continues the run's own environment; drop ENV_ID")
@@ -332,10 +336,8 @@ def _prefs_config(args: argparse.Namespace) -> tuple[TrainConfig, PrefsConfig, d
     prefs = dataclasses.replace(recorded_prefs, **prefs_given)
     if prefs.oracle == "replay":
         raise ConfigError("a replayed run is reproduced by running it again, not resumed")
-    finished = payload is not None and int(payload["iteration"]) >= config.num_iterations
-    if finished and (run_dir / EVAL_NAME).exists():
-        raise ConfigError(f"{run_dir} already finished its {config.ppo.total_timesteps} steps; "
-                          "pass a larger --total-timesteps to train on")
+    if payload is not None:
+        _refuse_finished(args.resume, payload, config, run_dir)
     return config, prefs, payload, run_dir
 
 

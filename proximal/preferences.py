@@ -26,7 +26,7 @@ from proximal.checkpoint import load_checkpoint, save_checkpoint
 from proximal.config import PrefsConfig, TrainConfig
 from proximal.errors import EnvError, ProximalError
 from proximal.reward_model import RewardModel, rank_correlation
-from proximal.human.labeller import HumanLabeller, Query
+from proximal.human.labeller import HumanLabeller, Query, question_of
 from proximal.run import read_jsonl, write_json_atomic, write_text_atomic
 from proximal.envs import make_vector_env
 from proximal.train import Rollout, TrainResult, new_run_dir, train
@@ -174,8 +174,7 @@ def query_from_record(record: dict[str, Any]) -> Query:
     clips = tuple(torch.cat([torch.tensor(clip["observations"], dtype=torch.float32),
                              torch.tensor(clip["actions"], dtype=torch.float32)], dim=-1)  # [k, D]
                   for clip in record["clips"])
-    kept = {key: value for key, value in record.items() if key not in ("label", "left", "answer", "answered_at")}
-    return Query(record["query"], kept, clips, bool(record["validation"]), int(record.get("left", 1)))
+    return Query(record["query"], question_of(record), clips, bool(record["validation"]), int(record.get("left", 1)))
 
 
 class PreferenceLearner:

@@ -60,6 +60,14 @@ class Query:
         return tuple(self.record["true_returns"])
 
 
+ANSWER_FIELDS = ("label", "left", "answer", "answered_at")  # what answering adds to a query's record
+
+
+def question_of(record: dict[str, Any]) -> dict[str, Any]:
+    """A recorded line without its answer: the query as it was asked."""
+    return {key: value for key, value in record.items() if key not in ANSWER_FIELDS}
+
+
 def label_of(answer: str, left: int) -> float | None:
     """mu(1), the label from clip 1's side: 1.0 clip 1 better, 0.0 clip 2 better, 0.5 equally
     good, None for "can't tell" (recorded, never trained on)."""

@@ -65,13 +65,12 @@ def ask_person(records: list[dict], stage_dir: Path, host: str, port: int, task:
     """The unanswered `records` answered by a person on the labelling page (proximal.human),
     every answer fsynced to STAGE_DIR/answers.jsonl as it comes; returns them answered, in query
     order. A killed stage asks again only what was not answered (queries.jsonl, answers.jsonl)."""
-    from proximal.human.labeller import HumanLabeller, Query
+    from proximal.human.labeller import HumanLabeller, Query, question_of
     from proximal.human.server import FeedbackServer
 
     def query_of(record: dict) -> Query:
-        kept = {key: value for key, value in record.items() if key not in ("left", "answer", "answered_at")}
         left = int(record["left"]) if "left" in record else int(1 + sides.integers(2))
-        return Query(record["query"], {**kept, "label": None}, (), bool(record["validation"]), left)
+        return Query(record["query"], question_of(record), (), bool(record["validation"]), left)
 
     sides = np.random.default_rng(seed)  # which response is shown on the left
     server = FeedbackServer(None, host, port, task=task)
