@@ -8,13 +8,13 @@ the project's torch by installing it into a venv that sees the system packages:
   /tmp/trlenv/bin/pip install trl==1.16.0 torch==2.13.0 transformers==5.24.0
   /tmp/trlenv/bin/python benchmarks/trl_peer.py --run-dir RUN_DIR --out docs/lm_studies
 
-RUN_DIR is a `proximal rlhf` run whose sft and reward stages have finished (`--stage reward`).
+RUN_DIR is a `proximal rlhf` run whose sft and reward stages have finished (`--stages reward`).
 What runs, each from RUN_DIR's SFT model against RUN_DIR's reward model (fixed: no relabelling),
 for --iterations x 256 completions at temperature 1, the same fixed beta, learning rate (constant),
 clip range, gradient-norm clip and 2 passes of minibatch 128 over each batch of 256:
 
-  proximal PPO     value head, GAE over tokens              proximal rlhf --stage ppo
-  proximal RLOO    k = 4 responses per prompt               proximal rlhf --stage ppo --ppo.method rloo
+  proximal PPO     value head, GAE over tokens              proximal rlhf --stages ppo
+  proximal RLOO    k = 4 responses per prompt               proximal rlhf --stages ppo --ppo.method rloo
   TRL RLOOTrainer  k = 4, the same reward (score - beta * sequence k1), advantages normalised
 
 Every result is measured by proximal's own `evaluate_policy` (gold on the held-out prompts, KL to
@@ -36,9 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proximal.lm.config import RLHFConfig  # noqa: E402
-from proximal.lm.evaluation import evaluate_policy  # noqa: E402
 from proximal.lm.model import encode_completions, load_pretrained  # noqa: E402
-from proximal.lm.pipeline import EVAL_SEED, MODEL_DIR, Pipeline, read_summary, run_pipeline  # noqa: E402
+from proximal.lm.pipeline import run_pipeline  # noqa: E402
+from proximal.lm.reward import load_reward_model  # noqa: E402
+from proximal.lm.stage import MODEL_DIR, open_context, read_summary  # noqa: E402
 from proximal.lm.reward import scores_or_missing_eos  # noqa: E402
 
 
@@ -65,8 +66,8 @@ def trl_rloo_run(run_dir: Path, work: Path, overrides: dict, iterations: int, th
     from trl import RLOOConfig, RLOOTrainer
 
     config = RLHFConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    pipeline = Pipeline(config, run_dir, show_progress=False)
-    reward_model = pipeline.load_reward_model()
+    ctx = open_context(config, run_dir)
+    reward_model = load_reward_model(ctx)
     started = time.perf_counter()
     model, tokenizer = load_pretrained(run_dir / "sft" / MODEL_DIR)
     reference, _ = load_pretrained(run_dir / "sft" / MODEL_DIR)
@@ -93,13 +94,12 @@ def trl_rloo_run(run_dir: Path, work: Path, overrides: dict, iterations: int, th
         disable_tqdm=True, dataloader_num_workers=0)
     torch.set_num_threads(threads)
     trainer = RLOOTrainer(model=model, reward_funcs=[reward], args=args, processing_class=trl_tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": pipeline.splits.rl}))
+                          train_dataset=Dataset.from_dict({"prompt": ctx.data.rl}))
     train_started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_started
     model = trainer.model.eval()
-    final = evaluate_policy(model, tokenizer, pipeline.task, pipeline.splits.evaluation, config.ppo.max_new_tokens,
-                            1.0, config.run.seed + EVAL_SEED, "cpu", reference)
+    final = ctx.evaluate(model, tokenizer, reference)
     return {"eval": final, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started}
 
 
@@ -131,7 +131,7 @@ def main() -> None:
             "|---|---|---|---|---|---|---|"]
     for name, result in results.items():
         e = result["eval"]
-        rows.append(f"| {name} | {e['gold_greedy']:.3f} | {e['gold_sampled']:.3f} | {e['gold_hard_greedy']:.3f} | "
+        rows.append(f"| {name} | {e['gold_greedy']:.3f} | {e['gold_sampled']:.3f} | {e['gold_carry_greedy']:.3f} | "
                     f"{e['kl_k1']:.2f} | {result['train_seconds']:.0f} | {result['total_seconds']:.0f} |")
     print("\n".join(rows))
     if args.out is not None:

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from proximal.agent import clipped_surrogate_loss  # noqa: E402
+from proximal.losses import clipped_surrogate_loss  # noqa: E402
 from proximal.config import EnvConfig, PPOConfig, TrainConfig  # noqa: E402
 from proximal.metrics import read_metrics  # noqa: E402
 from proximal.train import train  # noqa: E402

@@ -28,45 +28,7 @@ from proximal.config import TrainConfig
 from proximal.errors import CheckpointError, ConfigError, TrainingDiverged
 from proximal.normalize import RunningMeanStd
 from proximal.optim import Adam
-from proximal.utils import explained_variance, masked_mean
-
-
-def clipped_surrogate_loss(
-    logp_new: torch.Tensor,
-    logp_old: torch.Tensor,
-    advantages: torch.Tensor,
-    clip_coef: float,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The clipped surrogate objective of Eq. 7, negated: the scalar to minimise. The mean runs
-    over every entry, or over those where `mask` is True (a language model's response tokens).
-
-    The min makes it a pessimistic bound: once r A has improved past the clip edge
-    (A > 0 and r > 1 + eps, or A < 0 and r < 1 - eps) the clipped term is the smaller one and
-    is constant in theta, so that sample's gradient is exactly zero. Where the change makes the
-    objective worse, the unclipped term is the smaller one and the gradient flows.
-    """
-    ratio = torch.exp(logp_new - logp_old)  # r_t(theta), Eq. 6
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * advantages
-    # Eq. 7 (Schulman et al. 2017): L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]; we minimise its negative.
-    surrogate = torch.min(unclipped, clipped)
-    return -(surrogate.mean() if mask is None else masked_mean(surrogate, mask))
-
-
-@torch.no_grad()
-def ratio_statistics(logp_new: torch.Tensor, logp_old: torch.Tensor, clip_coef: float,
-                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """How far an update moved the policy, over every entry or those where `mask` is True:
-    approx-KL(old || new) by the k3 estimator E[(r - 1) - log r] (>= 0 for every sample), and the
-    clip fraction, the share of samples whose ratio r left [1 - eps, 1 + eps]."""
-    log_ratio = logp_new - logp_old
-    ratio = log_ratio.exp()
-    approx_kl = (ratio - 1.0) - log_ratio
-    clipped = ((ratio - 1.0).abs() > clip_coef).float()
-    if mask is None:
-        return approx_kl.mean(), clipped.mean()
-    return masked_mean(approx_kl, mask), masked_mean(clipped, mask)
+from proximal.losses import clipped_surrogate_loss, explained_variance, masked_mean, ratio_statistics
 
 
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
@@ -129,13 +91,13 @@ def categorical_policy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(actions [B], log pi(a|s) [B], entropy [B]) of the categorical softmax(logits [B, n]);
     samples the actions when none are given."""
-    log_probs = torch.log_softmax(logits, dim=-1)  # [B, n]
-    probs = log_probs.exp()
+    all_logprobs = torch.log_softmax(logits, dim=-1)  # [B, n]
+    probs = all_logprobs.exp()
     if actions is None:
         actions = torch.multinomial(probs, 1).squeeze(-1)
-    action_logp = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-    entropy = -(probs * log_probs).sum(-1)
-    return actions, action_logp, entropy
+    action_logprobs = all_logprobs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    entropy = -(probs * all_logprobs).sum(-1)
+    return actions, action_logprobs, entropy
 
 
 def gaussian_policy(
@@ -148,9 +110,9 @@ def gaussian_policy(
     std = log_std.exp()
     if actions is None:
         actions = means + std * torch.randn_like(means)
-    action_logp = (-0.5 * ((actions - means) / std).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
+    action_logprobs = (-0.5 * ((actions - means) / std).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
     entropy = (0.5 + 0.5 * LOG_2PI + log_std).sum(-1)
-    return actions, action_logp, entropy
+    return actions, action_logprobs, entropy
 
 
 @dataclass
@@ -216,8 +178,8 @@ class PPOAgent:
         given actions under the current policy (updates).
         """
         actor_output, values = self.network(observations)  # [B, A], [B]
-        actions, action_logp, entropy = self._policy(actor_output, actions)
-        return actions, action_logp, entropy, values
+        actions, action_logprobs, entropy = self._policy(actor_output, actions)
+        return actions, action_logprobs, entropy, values
 
     def _policy(
         self, actor_output: torch.Tensor, actions: torch.Tensor | None = None
@@ -293,14 +255,14 @@ class PPOAgent:
             if ppo.norm_adv and collective is not None:  # over each whole minibatch: every rank's share of it
                 means, stds = collective.moments(batch.advantages, list(minibatches))
             for minibatch, indices in enumerate(minibatches):
-                _, logp_new, entropy, new_values = self.get_action(
+                _, logprobs, entropy, new_values = self.get_action(
                     batch.observations[indices], batch.actions[indices])
                 advantages = batch.advantages[indices]
                 if ppo.norm_adv:
                     mean, std = (advantages.mean(), advantages.std()) if collective is None else \
                         (means[minibatch], stds[minibatch])
                     advantages = (advantages - mean) / (std + 1e-8)
-                policy_loss = clipped_surrogate_loss(logp_new, batch.logprobs[indices], advantages, ppo.clip_coef)
+                policy_loss = clipped_surrogate_loss(logprobs, batch.logprobs[indices], advantages, ppo.clip_coef)
                 # L^VF of Eq. 9 with the customary 1/2, so its gradient is (V - V^targ): c1 = 1 here
                 # weighs the critic like c1 = 0.5 on the paper's (V - V^targ)^2.
                 value_loss = 0.5 * (new_values - batch.returns[indices]).pow(2).mean()
@@ -316,7 +278,7 @@ class PPOAgent:
                     raise TrainingDiverged("the PPO loss became NaN or infinite (on some rank)")
                 nn.utils.clip_grad_norm_(parameters, ppo.max_grad_norm)
                 self.optimizer.step()
-                approx_kl, clip_fraction = ratio_statistics(logp_new, batch.logprobs[indices], ppo.clip_coef)
+                approx_kl, clip_fraction = ratio_statistics(logprobs, batch.logprobs[indices], ppo.clip_coef)
                 epoch_kls.append(approx_kl)
                 history.append(torch.stack([policy_loss.detach(), value_loss.detach(),
                                             entropy_mean.detach(), approx_kl, clip_fraction]))

@@ -124,6 +124,16 @@ def _add_rlhf_flags(parser: argparse.ArgumentParser) -> None:
                             f"{config_field.metadata['help']} (default: {config_field.default})")
 
 
+def _stage_list(text: str) -> tuple[str, ...]:
+    from proximal.lm.pipeline import STAGES
+
+    stages = tuple(part.strip() for part in text.split(","))
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown or len(set(stages)) != len(stages):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of distinct stages from {','.join(STAGES)}")
+    return tuple(stage for stage in STAGES if stage in stages)  # in the order they run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="proximal", description="PPO from scratch in PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
@@ -170,14 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(handler=_presets)
 
     rlhf = commands.add_parser(
-        "rlhf", help="SFT -> reward model -> PPO with a KL penalty, on a tiny language model",
-        description="The InstructGPT pipeline on a task with a gold reward: SFT on noisy demonstrations, a reward "
-                    "model from a labeller's pairwise preferences, PPO against it with a per-token KL penalty to "
-                    "the SFT model. Stage flags are named after their stage: --sft.steps, --ppo.kl-coef.")
-    rlhf.add_argument("task", nargs="?", default="addition", metavar="TASK", help="the task (default: addition)")
-    rlhf.add_argument("--stage", choices=("all", "sft", "reward", "ppo", "dpo"), default="all",
-                      help="run one stage alone, from the previous stage's output in --run-dir (default: all = "
-                           "sft, reward, ppo; dpo runs only when asked, from the reward stage's pairs)")
+        "rlhf", help="SFT -> reward model -> PPO with a KL penalty, on a tiny language model or yours, "
+                     "on a built-in task or your data",
+        description="The InstructGPT pipeline: SFT on demonstrations, a reward model from a labeller's pairwise "
+                    "preferences (or a reward function), PPO against it with a per-token KL penalty to the SFT "
+                    "model. Your own data: --data.prompts, --data.sft, --data.preferences (docs/your_data.md). "
+                    "Stage flags are named after their stage: --sft.steps, --ppo.kl-coef.")
+    rlhf.add_argument("task", nargs="?", default=None, metavar="TASK",
+                      help="the built-in task (default: addition; left out with --data.* files)")
+    rlhf.add_argument("--stages", type=_stage_list, default=None, metavar="LIST",
+                      help="the stages to run, in order, comma-separated from sft,reward,ppo,dpo (default: sft if "
+                           "there are demonstrations, reward unless --reward.function replaces it, ppo; dpo only "
+                           "when asked). A stage reads the earlier stages' output in --run-dir, or starts from "
+                           "--model.path")
     rlhf.add_argument("--run-dir", default=None, metavar="RUN_DIR",
                       help="run (or continue) in RUN_DIR: finished stages are skipped, a killed stage resumes")
     _add_rlhf_flags(rlhf)
@@ -334,7 +349,7 @@ def _prefs_config(args: argparse.Namespace) -> tuple[TrainConfig, PrefsConfig, d
                           f"may change, not {', '.join(_flag(n) for n in changed)}")
     config = recorded_config.with_overrides(train_given)
     prefs = dataclasses.replace(recorded_prefs, **prefs_given)
-    if prefs.oracle == "replay":
+    if prefs.labeller == "replay":
         raise ConfigError("a replayed run is reproduced by running it again, not resumed")
     if payload is not None:
         _refuse_finished(args.resume, payload, config, run_dir)
@@ -439,41 +454,51 @@ def _require_lm_dependencies() -> None:
                           "(after torch==2.13.0)")
 
 
+def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
+    """One line per stage of `proximal rlhf`: its time, and what it measured on held-out prompts."""
+    done = " (finished before; skipped)" if skipped else ""
+    if stage == "reward":
+        validation = summary["validation"] or {}
+        print(f"reward: {summary['labels']:,} labelled pairs ({summary['strict_labels']:,} strict), held-out "
+              f"accuracy {validation.get('accuracy', float('nan')):.3f}, {summary['seconds']:.1f} s{done}", flush=True)
+        return
+    held_out = summary["eval"]
+    slices = [key[len("gold_"):-len("_greedy")] for key in held_out if key.startswith("gold_")
+              and key.endswith("_greedy") and key != "gold_greedy"]
+    parts = [f"{stage}: {summary['seconds']:.1f} s"]
+    if "gold_greedy" in held_out:
+        by_slice = "".join(f" ({name} {held_out[f'gold_{name}_greedy']:.3f})" for name in slices)
+        parts.append(f"held-out gold greedy {held_out['gold_greedy']:.3f}{by_slice}, sampled "
+                     f"{held_out['gold_sampled']:.3f}")
+    else:
+        parts.append(f"held-out responses {held_out['response_length']:.1f} tokens, EOS rate {held_out['eos_rate']:.2f}")
+    if "kl_k1" in held_out:
+        parts.append(f"KL {held_out['kl_k1']:.2f} nats")
+    if stage == "ppo":
+        parts.append(f"beta {summary['final_kl_coef']:.3f}, {summary['labels']:,} labels in all")
+    print("; ".join(parts[:2]) + "".join(f", {part}" for part in parts[2:]) + done, flush=True)
+
+
 def _rlhf(args: argparse.Namespace) -> int:
-    from proximal.lm.config import SECTIONS, RLHFConfig
+    from proximal.lm.config import FILE_TASK, SECTIONS, RLHFConfig
 
     _require_lm_dependencies()
 
     overrides: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
-    overrides["task"]["name"] = args.task
     for dest, value in vars(args).items():
         section, _, name = dest.partition(".")
         if section in SECTIONS and name:
             overrides[section][name] = value
+    has_files = any(value is not None for name, value in overrides["data"].items() if name != "eval_fraction")
+    overrides["task"]["name"] = args.task or (FILE_TASK if has_files else "addition")
     config = RLHFConfig().with_overrides(overrides)  # validated: nothing is written if this fails
-    from proximal.lm.pipeline import STAGES, run_pipeline
-
-    def report(stage: str, summary: dict[str, Any], skipped: bool) -> None:
-        done = " (finished before; skipped)" if skipped else ""
-        if stage == "reward":
-            validation = summary["validation"] or {}
-            print(f"reward: {summary['labels']:,} labelled pairs ({summary['strict_labels']:,} strict), held-out "
-                  f"accuracy {validation.get('accuracy', float('nan')):.3f}, {summary['seconds']:.1f} s{done}",
-                  flush=True)
-            return
-        gold = summary["eval"]
-        extra = f", KL {gold['kl_k1']:.2f} nats" if "kl_k1" in gold else ""
-        if stage == "ppo":
-            extra += f", beta {summary['final_kl_coef']:.3f}, {summary['labels']:,} labels in all"
-        print(f"{stage}: {summary['seconds']:.1f} s; held-out gold greedy {gold['gold_greedy']:.3f} "
-              f"(carry {gold['gold_hard_greedy']:.3f}), sampled {gold['gold_sampled']:.3f}{extra}{done}", flush=True)
+    from proximal.lm.pipeline import run_pipeline
 
     check_output_dir(config.run.runs_dir, "--runs-dir")
     if args.run_dir is not None:
         check_output_dir(args.run_dir, "--run-dir")
-    stages = STAGES if args.stage == "all" else (args.stage,)
-    run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), stages,
-                           show_progress=sys.stderr.isatty(), report=report)
+    run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), args.stages,
+                           show_progress=sys.stderr.isatty(), report=_report_stage)
     print(f"run directory: {run_dir}")
     return 0
 

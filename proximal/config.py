@@ -34,7 +34,7 @@ def _require_positive_int(name: str, value: Any) -> None:
 
 
 def _require_host_and_port(host: Any, port: Any) -> None:
-    """Where a labelling page listens (`--oracle human`, `--reward.labeller human`)."""
+    """Where a labelling page listens (`--labeller human`, `--reward.labeller human`)."""
     _require(isinstance(host, str) and re.fullmatch(r"[A-Za-z0-9.:\-]+", host) is not None, "host",
              "a host name or IP address (127.0.0.1, 0.0.0.0, ::1, myhost.local)", host)
     _require(isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535, "port", "in [0, 65535]",
@@ -117,8 +117,8 @@ class RunConfig:
     """Everything about a run that is not the algorithm: seeding, threads, files."""
 
     seed: int = _param(0, "seeds torch, the environments and evaluation")
-    torch_threads: int = _param(1, "torch.set_num_threads; small MLPs are fastest on 1")
-    update_threads: int | None = _param(None, "torch threads for the update phase alone (none: --torch-threads); "
+    threads: int = _param(1, "torch.set_num_threads; small MLPs are fastest on 1")
+    update_threads: int | None = _param(None, "torch threads for the update phase alone (none: --threads); "
                                               "wide networks update faster on 2 while the rollout stays on 1")
     checkpoint_every: int = _param(10, "write the checkpoint every this many iterations (and at the end)")
     eval_episodes: int = _param(100, "greedy episodes per evaluation (at the end, and for stop_return)")
@@ -130,7 +130,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
-        for name in ("torch_threads", "checkpoint_every", "eval_episodes", "eval_every"):
+        for name in ("threads", "checkpoint_every", "eval_episodes", "eval_every"):
             _require_positive_int(name, getattr(self, name))
         if self.update_threads is not None:
             _require_positive_int("update_threads", self.update_threads)
@@ -202,9 +202,9 @@ class TrainConfig:
 
 
 QUERY_SELECTIONS = ("disagreement", "random")
-ORACLES = ("synthetic", "replay", "human")
+LABELLERS = ("synthetic", "replay", "human")
 HUMAN_PACES = ("wait", "continue")
-ORACLE_NOISES = ("none", "uniform", "boltzmann")
+LABELLER_NOISES = ("none", "uniform", "boltzmann")
 
 
 @dataclass(frozen=True)
@@ -234,22 +234,22 @@ class PrefsConfig:
     learned_reward_std: float = _param(1.0, "standard deviation the learned reward is normalised to")
     reward_input_clip: float | None = _param(10.0, "clip the reward model's standardised inputs to +- this many "
                                                    "standard deviations of the first labelled data (none: no clip)")
-    oracle: str = _param("synthetic", "who labels: synthetic (prefers the clip with the higher true "
+    labeller: str = _param("synthetic", "who labels: synthetic (prefers the clip with the higher true "
                                       "return), replay (the answers recorded in --replay-from) or human "
                                       "(a person, on a local web page whose URL is printed)")
-    oracle_noise: str = _param("none", "synthetic labeller's noise: none, uniform (answers at random "
-                                       "with probability --oracle-error-rate) or boltzmann")
-    oracle_error_rate: float = _param(0.1, "the uniform-noise labeller's chance of a random answer")
-    oracle_temperature: float = _param(1.0, "the Boltzmann labeller's temperature: "
+    labeller_noise: str = _param("none", "synthetic labeller's noise: none, uniform (answers at random "
+                                       "with probability --labeller-error-rate) or boltzmann")
+    labeller_error_rate: float = _param(0.1, "the uniform-noise labeller's chance of a random answer")
+    labeller_temperature: float = _param(1.0, "the Boltzmann labeller's temperature: "
                                             "P[1 > 2] = sigmoid((R1 - R2) / temperature)")
-    replay_from: str = _param("", "a comparisons.jsonl whose answers the replay oracle gives, in order")
-    host: str = _param("127.0.0.1", "--oracle human: the address the page listens on; anything but "
+    replay_from: str = _param("", "a comparisons.jsonl whose answers the replay labeller gives, in order")
+    host: str = _param("127.0.0.1", "--labeller human: the address the page listens on; anything but "
                                     "127.0.0.1 lets other machines reach it (the URL's token is still required)")
-    port: int = _param(8765, "--oracle human: the page's port (0: any free port)")
-    human_pace: str = _param("wait", "--oracle human, when the person is slower than the schedule: wait (training "
+    port: int = _param(8765, "--labeller human: the page's port (0: any free port)")
+    human_pace: str = _param("wait", "--labeller human, when the person is slower than the schedule: wait (training "
                                      "pauses at each label round until every query shown is answered) or "
                                      "continue (training goes on with the reward model fitted so far)")
-    human_queue_size: int = _param(100, "--oracle human: queries waiting at most; when full, wait blocks the "
+    human_queue_size: int = _param(100, "--labeller human: queries waiting at most; when full, wait blocks the "
                                         "round and continue drops the oldest")
 
     def __post_init__(self) -> None:
@@ -257,17 +257,17 @@ class PrefsConfig:
                      "reward_minibatch_size", "reward_steps", "initial_reward_steps"):
             _require_positive_int(name, getattr(self, name))
         for name in ("model_error_rate", "initial_label_fraction", "label_decay", "reward_learning_rate",
-                     "validation_fraction", "learned_reward_std", "oracle_error_rate", "oracle_temperature"):
+                     "validation_fraction", "learned_reward_std", "labeller_error_rate", "labeller_temperature"):
             _require_finite(name, getattr(self, name))
         _require(self.query in QUERY_SELECTIONS, "query", " or ".join(QUERY_SELECTIONS), self.query)
-        _require(self.oracle in ORACLES, "oracle", " or ".join(ORACLES), self.oracle)
-        _require(self.oracle_noise in ORACLE_NOISES, "oracle_noise", " or ".join(ORACLE_NOISES), self.oracle_noise)
+        _require(self.labeller in LABELLERS, "labeller", " or ".join(LABELLERS), self.labeller)
+        _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES), self.labeller_noise)
         _require(0.0 <= self.model_error_rate < 1.0, "model_error_rate", "in [0, 1)", self.model_error_rate)
         _require(0.0 <= self.initial_label_fraction <= 1.0, "initial_label_fraction", "in [0, 1]",
                  self.initial_label_fraction)
         _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)
-        _require(0.0 <= self.oracle_error_rate <= 1.0, "oracle_error_rate", "in [0, 1]", self.oracle_error_rate)
-        for name in ("label_decay", "reward_learning_rate", "learned_reward_std", "oracle_temperature"):
+        _require(0.0 <= self.labeller_error_rate <= 1.0, "labeller_error_rate", "in [0, 1]", self.labeller_error_rate)
+        for name in ("label_decay", "reward_learning_rate", "learned_reward_std", "labeller_temperature"):
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         if self.reward_input_clip is not None:
             _require_finite("reward_input_clip", self.reward_input_clip)
@@ -280,8 +280,8 @@ class PrefsConfig:
         _require(self.human_pace in HUMAN_PACES, "human_pace", " or ".join(HUMAN_PACES), self.human_pace)
         _require_positive_int("human_queue_size", self.human_queue_size)
         _require_host_and_port(self.host, self.port)
-        _require((self.oracle == "replay") == (self.replay_from != ""), "replay_from",
-                 "a comparisons.jsonl exactly when --oracle replay", self.replay_from)
+        _require((self.labeller == "replay") == (self.replay_from != ""), "replay_from",
+                 "a comparisons.jsonl exactly when --labeller replay", self.replay_from)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

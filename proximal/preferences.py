@@ -27,6 +27,7 @@ from proximal.config import PrefsConfig, TrainConfig
 from proximal.errors import EnvError, ProximalError
 from proximal.reward_model import RewardModel, rank_correlation
 from proximal.human.labeller import HumanLabeller, Query, question_of
+from proximal.labellers import ReplayError, SyntheticLabeller, make_labeller
 from proximal.run import read_jsonl, write_json_atomic, write_text_atomic
 from proximal.envs import make_vector_env
 from proximal.train import Rollout, TrainResult, new_run_dir, train
@@ -35,10 +36,6 @@ COMPARISONS_NAME = "comparisons.jsonl"
 PREFS_CONFIG_NAME = "prefs.json"
 REWARD_MODEL_NAME = "reward_model.pt"
 REWARD_FIT_NAME = "reward_fit.json"
-
-
-class ReplayError(ProximalError):
-    """The replayed labels do not match the queries of this run."""
 
 
 def step_features(env_observations: np.ndarray, env_actions: np.ndarray, action_space: gym.Space) -> np.ndarray:
@@ -100,60 +97,6 @@ class LabelSchedule:
         return self.due_by(self.round_steps[self.round_steps.index(steps_before) + 1]) - asked
 
 
-class SyntheticOracle:
-    """Prefers the clip with the higher true return; "equally good" (0.5) on a tie.
-
-    noise "uniform": with probability `error_rate` the answer is a coin flip instead;
-    noise "boltzmann": prefers clip 1 with probability sigmoid((R1 - R2) / temperature).
-    """
-
-    def __init__(self, noise: str, error_rate: float, temperature: float, rng: np.random.Generator):
-        self.noise, self.error_rate, self.temperature, self.rng = noise, error_rate, temperature, rng
-
-    def answer(self, true_return_1: float, true_return_2: float) -> float | None:
-        """mu(1): 1.0 (clip 1 better), 0.0 (clip 2 better), 0.5 (equally good); None would be
-        "can't tell" (the synthetic labeller always can)."""
-        if self.noise == "boltzmann":
-            preference = 1.0 / (1.0 + math.exp(-(true_return_1 - true_return_2) / self.temperature))
-            return 1.0 if self.rng.random() < preference else 0.0
-        if self.noise == "uniform" and self.rng.random() < self.error_rate:
-            return float(self.rng.integers(2))
-        if math.isclose(true_return_1, true_return_2, rel_tol=1e-9, abs_tol=1e-9):
-            return 0.5
-        return 1.0 if true_return_1 > true_return_2 else 0.0
-
-
-class ReplayOracle:
-    """Gives the answers recorded in a comparisons.jsonl, in order, checking that each query
-    is the recorded one (same true returns): a seeded run's labels can be reproduced exactly,
-    or answers recorded elsewhere (by a person) reused."""
-
-    def __init__(self, path: str | Path):
-        try:
-            lines = Path(path).read_text().splitlines()
-            self.records = [json.loads(line) for line in lines if line.strip()]
-        except (OSError, json.JSONDecodeError) as error:
-            raise ReplayError(f"cannot read recorded comparisons {path}: {error}") from None
-        self.position = 0
-
-    def answer(self, true_return_1: float, true_return_2: float) -> float | None:
-        if self.position >= len(self.records):
-            raise ReplayError(f"the replayed file has only {len(self.records)} answers; this run asks for more")
-        record = self.records[self.position]
-        if not np.allclose(record["true_returns"], [true_return_1, true_return_2], rtol=1e-4, atol=1e-4):
-            raise ReplayError(f"query {self.position} differs from the recorded one (true returns "
-                              f"{record['true_returns']} recorded, {[true_return_1, true_return_2]} now)")
-        self.position += 1
-        return record["label"]
-
-
-def make_oracle(prefs: PrefsConfig, seed: int) -> SyntheticOracle | ReplayOracle:
-    if prefs.oracle == "replay":
-        return ReplayOracle(prefs.replay_from)
-    return SyntheticOracle(prefs.oracle_noise, prefs.oracle_error_rate, prefs.oracle_temperature,
-                           np.random.default_rng(seed + 2))
-
-
 @dataclass
 class Comparisons:
     """Every answered query so far ("can't tell" ones dropped)."""
@@ -182,7 +125,7 @@ class PreferenceLearner:
     rollout. Writes comparisons.jsonl (one query and its answer per line) and reward_model.pt
     into the run directory as it goes.
 
-    The labeller is a synthetic or replay oracle, answering each query at once, or a person
+    The labeller is a synthetic or replay labeller, answering each query at once, or a person
     (`proximal.human.HumanLabeller`), answering on a web page while training goes on. The reward
     model is refitted whenever new answers have come in. With `resume`, the answers already in
     comparisons.jsonl are read back and reward_model.pt reloaded: no answer is asked twice.
@@ -192,7 +135,7 @@ class PreferenceLearner:
                       "learned_true_correlation")
 
     def __init__(self, prefs: PrefsConfig, config: TrainConfig, observation_space: gym.spaces.Box,
-                 action_space: gym.Space, run_dir: Path, oracle: SyntheticOracle | ReplayOracle | HumanLabeller,
+                 action_space: gym.Space, run_dir: Path, labeller: SyntheticLabeller | ReplayLabeller | HumanLabeller,
                  resume: bool = False):
         prefs.check_against(config)
         self.prefs = prefs
@@ -213,8 +156,8 @@ class PreferenceLearner:
         self.batch_size = config.batch_size
         self.schedule = LabelSchedule(prefs.labels, prefs.initial_label_fraction, config.num_iterations,
                                       config.batch_size, prefs.label_rounds, prefs.label_decay)
-        self.oracle = oracle
-        self.human = isinstance(oracle, HumanLabeller)
+        self.labeller = labeller
+        self.human = isinstance(labeller, HumanLabeller)
         self.comparisons = Comparisons([], [], [], [], [])
         self.queries_asked = 0
         self.fits = 0
@@ -229,7 +172,7 @@ class PreferenceLearner:
         records = read_jsonl(self.run_dir / COMPARISONS_NAME, repair=True)
         for record in records:
             self._add(query_from_record(record), record["label"])
-        asked = self.oracle.asked if self.human else len(records)
+        asked = self.labeller.asked if self.human else len(records)
         self.queries_asked = max([asked] + [record["query"] + 1 for record in records])
         if (self.run_dir / REWARD_MODEL_NAME).exists():
             saved = load_checkpoint(self.run_dir / REWARD_MODEL_NAME)
@@ -243,19 +186,19 @@ class PreferenceLearner:
             done = (rollout.terminated | rollout.truncated).numpy()
             queries = self._choose(features, rollout.env_rewards, rollout.valid.numpy(), done, due, global_step)
             if self.human:
-                self.oracle.submit(queries)
+                self.labeller.submit(queries)
                 if self.prefs.human_pace == "wait":
-                    self.oracle.wait_until_answered()
+                    self.labeller.wait_until_answered()
             else:
                 for query in queries:
-                    label = self.oracle.answer(*query.true_returns())
+                    label = self.labeller.answer(*query.true_returns())
                     self.comparisons_file.write(json.dumps({**query.record, "label": label}) + "\n")
                     self.comparisons_file.flush()
                     self._add(query, label)
         if self.human:
-            for query, label in self.oracle.take_answers():
+            for query, label in self.labeller.take_answers():
                 self._add(query, label)
-            self.oracle.set_progress(env_steps=global_step)
+            self.labeller.set_progress(env_steps=global_step)
         stats: dict[str, float] = {}
         if len(self.comparisons.labels) > self.fitted_labels and not all(self.comparisons.is_validation):
             stats = self.model.fit(*self.comparisons.tensors(),
@@ -379,7 +322,7 @@ def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progres
     """PPO on a reward learned from preferences, in a new run directory (or, with `resume` and
     `run_dir`, continuing a killed one): everything `proximal train` writes (the checkpoint
     evaluates unchanged) plus prefs.json, comparisons.jsonl, reward_model.pt, reward_fit.json and
-    the preference plots. With `--oracle human` a web page serves the queries to a person while
+    the preference plots. With `--labeller human` a web page serves the queries to a person while
     training runs (`announce` prints its URL). Returns the training result and the reward
     model's fit on held-out clips."""
     prefs.check_against(config)
@@ -387,13 +330,13 @@ def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progres
     observation_space, action_space = probe.single_observation_space, probe.single_action_space
     probe.close()
     renderer = None
-    if prefs.oracle == "human":
+    if prefs.labeller == "human":
         from proximal.human.clips import ClipRenderer
 
         renderer = ClipRenderer(config.env.env_id)  # an env whose clips cannot be drawn fails here
-        oracle = None
+        labeller = None
     else:
-        oracle = make_oracle(prefs, config.run.seed)  # an unreadable replay file fails here
+        labeller = make_labeller(prefs, np.random.default_rng(config.run.seed + 2))  # an unreadable replay file fails here
     server = None
     if renderer is not None:
         from proximal.human.server import FeedbackServer
@@ -402,20 +345,20 @@ def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progres
     continuing = run_dir is not None
     run_dir = run_dir if continuing else new_run_dir(config)
     if server is not None:
-        oracle = HumanLabeller(run_dir, COMPARISONS_NAME, prefs.human_pace, prefs.human_queue_size, prefs.labels,
+        labeller = HumanLabeller(run_dir, COMPARISONS_NAME, prefs.human_pace, prefs.human_queue_size, prefs.labels,
                                query_from_record)
-        server.start(oracle)
+        server.start(labeller)
         announce(f"label the clips at {server.url}")
         if prefs.host not in ("127.0.0.1", "localhost", "::1"):
             announce(f"--host {prefs.host}: the page is reachable from other machines (the token is still required)")
-    learner = PreferenceLearner(prefs, config, observation_space, action_space, run_dir, oracle, resume=continuing)
+    learner = PreferenceLearner(prefs, config, observation_space, action_space, run_dir, labeller, resume=continuing)
     try:
         result = train(config, run_dir=run_dir, resume=resume, show_progress=show_progress, reward_learner=learner)
     finally:
         learner.close()
         if server is not None:
-            oracle.finish()
+            labeller.finish()
             server.stop()
-            oracle.close()
+            labeller.close()
             renderer.close()
     return result, learner.finish()

@@ -26,26 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from proximal.losses import bradley_terry_loss, preference_probability
 from proximal.optim import Adam
-
-
-def preference_probability(returns_1: torch.Tensor, returns_2: torch.Tensor, error_rate: float) -> torch.Tensor:
-    """P[sigma1 > sigma2] from the clips' summed predicted rewards: Eq. 1 mixed with a uniform
-    answer of probability `error_rate` (0 gives Eq. 1 alone)."""
-    return (1.0 - error_rate) * torch.sigmoid(returns_1 - returns_2) + error_rate / 2
-
-
-def bradley_terry_loss(returns_1: torch.Tensor, returns_2: torch.Tensor, labels: torch.Tensor,
-                       error_rate: float) -> torch.Tensor:
-    """The loss of Section 2.2.3 averaged over pairs [..., B] -> [...]: the cross-entropy between the label
-    mu(1) = `labels` (mu(2) = 1 - labels) and the noise-mixed Bradley-Terry probability."""
-    difference = returns_1 - returns_2
-    if error_rate == 0.0:  # log-sigmoid is exact where sigmoid would underflow
-        log_p1, log_p2 = nn.functional.logsigmoid(difference), nn.functional.logsigmoid(-difference)
-    else:  # P >= error_rate / 2 > 0: the logs are safe. P2 from sigmoid(-d), not 1 - P1.
-        log_p1 = torch.log(preference_probability(returns_1, returns_2, error_rate))
-        log_p2 = torch.log(preference_probability(returns_2, returns_1, error_rate))
-    return -(labels * log_p1 + (1.0 - labels) * log_p2).mean(-1)
 
 
 class RewardEnsemble(nn.Module):

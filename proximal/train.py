@@ -27,7 +27,7 @@ from proximal.evaluate import evaluate
 from proximal.metrics import MetricsLogger
 from proximal.normalize import RewardScaler
 from proximal.run import unique_run_dir, write_json_atomic, write_text_atomic
-from proximal.utils import compute_gae
+from proximal.losses import compute_gae
 
 if TYPE_CHECKING:
     from proximal.distributed import Collective
@@ -218,8 +218,8 @@ def train(
     rank, world_size = (0, 1) if collective is None else (collective.rank, collective.world_size)
     check_world_size(config, world_size)
     writer = rank == 0
-    torch.set_num_threads(run.torch_threads)
-    update_threads = run.torch_threads if run.update_threads is None else run.update_threads
+    torch.set_num_threads(run.threads)
+    update_threads = run.threads if run.update_threads is None else run.update_threads
     torch.manual_seed(run.seed)  # the same initial weights on every rank
     local_envs = config.env.num_envs // world_size
     envs = make_vector_env(config.env.env_id, local_envs)
@@ -281,7 +281,7 @@ def train(
                 if reward_scaler is not None:
                     scale_rewards(rollout, reward_scaler)
                 batch = rollout_to_batch(rollout, ppo)
-                if update_threads != run.torch_threads:  # threads chosen per phase
+                if update_threads != run.threads:  # threads chosen per phase
                     torch.set_num_threads(update_threads)
                 try:
                     stats = agent.update(batch)
@@ -289,8 +289,8 @@ def train(
                     kept = (f"last good checkpoint kept: {checkpoint_path}" if checkpoint_path.exists()
                             else "no checkpoint had been written yet")
                     raise TrainingDiverged(f"{error} at iteration {iteration} (step {global_step}); {kept}") from None
-                if update_threads != run.torch_threads:
-                    torch.set_num_threads(run.torch_threads)
+                if update_threads != run.threads:
+                    torch.set_num_threads(run.threads)
                 episode_returns, episode_lengths = rollout.episode_returns, rollout.episode_lengths
                 if collective is not None:  # every rank's episodes
                     gathered = collective.gather_objects((episode_returns, episode_lengths))

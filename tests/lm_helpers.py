@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from proximal.lm.model import Completions, build_char_tokenizer, build_tiny_gpt2, encode_completions
+from proximal.lm.tasks import AdditionTask
 
 
 def tiny_model(seed: int = 0, width: int = 32):
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(AdditionTask.alphabet)
     torch.manual_seed(seed)
     return build_tiny_gpt2(tokenizer, width=width, layers=2, heads=2, context=16).eval(), tokenizer
 
@@ -25,7 +26,7 @@ def tiny_llama(seed: int = 0):
     """Another architecture (rotary positions, RMSNorm, gated MLP) behind the same interface."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(AdditionTask.alphabet)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,

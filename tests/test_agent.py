@@ -6,17 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from proximal.agent import ActorCritic, PPOAgent, RolloutBatch, clipped_surrogate_loss, gaussian_policy
+from proximal.agent import ActorCritic, PPOAgent, RolloutBatch, gaussian_policy
+from proximal.losses import clipped_surrogate_loss
 from proximal.config import EnvConfig, PPOConfig, TrainConfig
 from proximal.errors import TrainingDiverged
 
 EPS = 0.2
 
 
-def eq7_reference(logp_new, logp_old, advantages, eps):
+def eq7_reference(logprobs, old_logprobs, advantages, eps):
     """-mean_t min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t), one sample at a time in Python floats."""
     terms = []
-    for new, old, advantage in zip(logp_new, logp_old, advantages):
+    for new, old, advantage in zip(logprobs, old_logprobs, advantages):
         ratio = math.exp(new - old)
         clipped_ratio = min(max(ratio, 1 - eps), 1 + eps)
         terms.append(min(ratio * advantage, clipped_ratio * advantage))
@@ -25,11 +26,11 @@ def eq7_reference(logp_new, logp_old, advantages, eps):
 
 def test_loss_matches_eq7_on_random_inputs():
     generator = torch.Generator().manual_seed(0)
-    logp_old = torch.randn(200, generator=generator, dtype=torch.float64)
-    logp_new = logp_old + 0.5 * torch.randn(200, generator=generator, dtype=torch.float64)
+    old_logprobs = torch.randn(200, generator=generator, dtype=torch.float64)
+    logprobs = old_logprobs + 0.5 * torch.randn(200, generator=generator, dtype=torch.float64)
     advantages = torch.randn(200, generator=generator, dtype=torch.float64)
-    loss = clipped_surrogate_loss(logp_new, logp_old, advantages, EPS)
-    expected = eq7_reference(logp_new.tolist(), logp_old.tolist(), advantages.tolist(), EPS)
+    loss = clipped_surrogate_loss(logprobs, old_logprobs, advantages, EPS)
+    expected = eq7_reference(logprobs.tolist(), old_logprobs.tolist(), advantages.tolist(), EPS)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -47,15 +48,15 @@ REGIONS = [
 def test_gradient_is_exactly_zero_where_clipped_and_r_times_a_elsewhere():
     ratios = torch.tensor([r for r, _, _ in REGIONS], dtype=torch.float64)
     advantages = torch.tensor([a for _, a, _ in REGIONS], dtype=torch.float64)
-    logp_old = torch.zeros(len(REGIONS), dtype=torch.float64)
-    logp_new = torch.log(ratios).requires_grad_(True)
-    clipped_surrogate_loss(logp_new, logp_old, advantages, EPS).backward()
+    old_logprobs = torch.zeros(len(REGIONS), dtype=torch.float64)
+    logprobs = torch.log(ratios).requires_grad_(True)
+    clipped_surrogate_loss(logprobs, old_logprobs, advantages, EPS).backward()
     n = len(REGIONS)
-    for (ratio, advantage, zero), gradient in zip(REGIONS, logp_new.grad.tolist()):
+    for (ratio, advantage, zero), gradient in zip(REGIONS, logprobs.grad.tolist()):
         if zero:
             assert gradient == 0.0, (ratio, advantage)
         else:
-            # d/dlogp of -(1/n) r A, with r = exp(logp - logp_old): -(1/n) r A, never zero here
+            # d/dlogp of -(1/n) r A, with r = exp(logp - old_logprobs): -(1/n) r A, never zero here
             assert gradient == pytest.approx(-ratio * advantage / n, rel=1e-12), (ratio, advantage)
             assert gradient != 0.0
 
@@ -314,15 +315,15 @@ def test_observation_statistics_are_frozen_when_acting_and_restored_on_load(tmp_
 
 
 def test_ratio_statistics_by_hand():
-    from proximal.agent import ratio_statistics
+    from proximal.losses import ratio_statistics
 
-    logp_old = torch.zeros(4)
-    logp_new = torch.log(torch.tensor([1.0, 1.1, 1.5, 0.5]))  # ratios
-    approx_kl, clip_fraction = ratio_statistics(logp_new, logp_old, clip_coef=0.2)
+    old_logprobs = torch.zeros(4)
+    logprobs = torch.log(torch.tensor([1.0, 1.1, 1.5, 0.5]))  # ratios
+    approx_kl, clip_fraction = ratio_statistics(logprobs, old_logprobs, clip_coef=0.2)
     k3 = [(r - 1) - math.log(r) for r in (1.0, 1.1, 1.5, 0.5)]
     assert math.isclose(float(approx_kl), sum(k3) / 4, rel_tol=1e-5)
     assert float(clip_fraction) == 0.5  # 1.5 and 0.5 left [0.8, 1.2]
     mask = torch.tensor([True, True, False, False])
-    approx_kl, clip_fraction = ratio_statistics(logp_new, logp_old, 0.2, mask)
+    approx_kl, clip_fraction = ratio_statistics(logprobs, old_logprobs, 0.2, mask)
     assert math.isclose(float(approx_kl), sum(k3[:2]) / 2, rel_tol=1e-5)
     assert float(clip_fraction) == 0.0

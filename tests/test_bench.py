@@ -22,7 +22,7 @@ def test_the_protocol_is_the_preset_with_one_thread_and_a_greedy_stop():
     config = bench_config("CartPole-v1", seed=3, threshold=475.0, eval_every=5, runs_dir="somewhere")
     preset = preset_for("CartPole-v1")
     assert config.ppo == preset.ppo and config.env == preset.env
-    assert (config.run.seed, config.run.torch_threads, config.run.stop_return) == (3, 1, 475.0)
+    assert (config.run.seed, config.run.threads, config.run.stop_return) == (3, 1, 475.0)
     assert (config.run.eval_every, config.run.eval_episodes) == (5, 100)
 
 

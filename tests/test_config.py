@@ -29,7 +29,7 @@ from proximal.errors import ConfigError
     (EnvConfig, "num_envs", 0, "num_envs must be a positive integer"),
     (EnvConfig, "env_id", "", "env_id must be a non-empty Gymnasium id"),
     (RunConfig, "seed", -1, "seed must be an integer >= 0"),
-    (RunConfig, "torch_threads", 0, "torch_threads must be a positive integer"),
+    (RunConfig, "threads", 0, "threads must be a positive integer"),
     (RunConfig, "eval_episodes", 0, "eval_episodes must be a positive integer"),
 ])
 def test_invalid_values_are_named_with_their_range(section, field, value, message):

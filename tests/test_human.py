@@ -1,4 +1,4 @@
-"""A person as the labeller (`proximal prefs --oracle human`): the answer's label, the queue and
+"""A person as the labeller (`proximal prefs --labeller human`): the answer's label, the queue and
 its files, the server's refusals, 1,000 fast answers, and the page itself in a real headless
 Chromium (Debian's chromium + chromium-driver, installed by the README's test command)."""
 
@@ -195,7 +195,7 @@ def test_a_port_in_use_is_refused_in_one_line_before_the_run_writes_anything(tmp
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code = main(["prefs", "--oracle", "human", "--port", str(port), "--runs-dir", str(tmp_path / "runs")])
+        code = main(["prefs", "--labeller", "human", "--port", str(port), "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and f"cannot serve the labelling page on 127.0.0.1:{port}" in err
     assert not (tmp_path / "runs").exists()
@@ -422,8 +422,8 @@ def start_labelling(argv: list[str]):
 
 
 def start_prefs(arguments: list[str]):
-    """`proximal prefs ... --oracle human --port 0`; returns the process and the page's URL."""
-    return start_labelling(["prefs", *arguments, "--oracle", "human", "--port", "0"])
+    """`proximal prefs ... --labeller human --port 0`; returns the process and the page's URL."""
+    return start_labelling(["prefs", *arguments, "--labeller", "human", "--port", "0"])
 
 
 def preferred_answer(record: dict) -> str:
@@ -619,12 +619,12 @@ def test_a_person_labels_the_reward_stage_and_a_killed_stage_keeps_every_answer(
     run_dir = tmp_path / "run"
     flags = [*TINY, "--reward.labels", "40", "--ppo.relabel-every", "0", "--reward.labeller", "human",
              "--reward.port", "0"]
-    subprocess.run([sys.executable, "-m", "proximal", "rlhf", "--run-dir", str(run_dir), "--stage", "sft", *flags],
+    subprocess.run([sys.executable, "-m", "proximal", "rlhf", "--run-dir", str(run_dir), "--stages", "sft", *flags],
                    check=True, capture_output=True)
     stage_dir = run_dir / "reward"
     acknowledged: list[int] = []
     for attempt in range(2):
-        process, url = start_labelling(["rlhf", "--run-dir", str(run_dir), "--stage", "reward", *flags])
+        process, url = start_labelling(["rlhf", "--run-dir", str(run_dir), "--stages", "reward", *flags])
         while process.poll() is None:
             try:
                 index = answer_next_query(url, stage_dir)

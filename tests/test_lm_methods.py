@@ -10,11 +10,12 @@ import torch
 from test_lm_pipeline import TINY, run_cli
 
 from lm_helpers import completions_for, tiny_model
-from proximal.lm.config import PPOConfig
+from proximal.lm.config import PPOStageConfig
 from proximal.lm.dpo import dpo_loss, implicit_accuracy, reference_pair_logprobs, sequence_logprobs
 from proximal.lm.labels import pairs_from_records
 from proximal.lm.model import ScalarHeadLM
 from proximal.lm.ppo import collect_rollout
+from proximal.lm.reward import RewardModelScorer
 from proximal.lm.rollout import leave_one_out_advantages
 
 
@@ -34,9 +35,10 @@ def test_rloo_rollout_gives_each_response_one_advantage_from_its_own_prompts_gro
     prompts = ["12+34=", "12+34=", "12+34=", "5+5=", "5+5=", "5+5="]
     responses, ended = ["46", "4", "463", "10", "1", "10"], [True, True, False, True, True, True]
     completions = completions_for(tokenizer, prompts, responses, ended)
-    config = PPOConfig(method="rloo", rloo_samples=3, prompts_per_iteration=6, minibatch_size=3, kl_coef=0.2)
+    config = PPOStageConfig(method="rloo", rloo_samples=3, prompts_per_iteration=6, minibatch_size=3, kl_coef=0.2)
     minibatches = [torch.tensor([0, 4, 2]), torch.tensor([1, 3, 5])]
-    rollout = collect_rollout(policy, model, reward_model, completions, minibatches, config, config.kl_coef)
+    scorer = RewardModelScorer(reward_model, config.missing_eos_score)
+    rollout = collect_rollout(policy, model, scorer, prompts, completions, tokenizer, minibatches, config, config.kl_coef)
     mask = completions.response_mask
     returns = rollout.rewards.sum(-1)  # [6]: score - beta * k1 of each response
     k1 = torch.where(mask, rollout.logprobs - rollout.ref_logprobs, torch.zeros(())).sum(-1)
@@ -117,7 +119,7 @@ def test_the_rloo_and_dpo_stages_run_end_to_end(tmp_path, capsys):
     assert len(rows) == 1 + 4
     rloo = [*TINY, "--ppo.method", "rloo", "--ppo.rloo-samples", "4"]
     # DPO with settings of its own on the finished run's pairs: the dpo section need not match...
-    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *rloo, "--stage", "dpo", "--dpo.beta", "0.5"], capsys)
+    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *rloo, "--stages", "dpo", "--dpo.beta", "0.5"], capsys)
     assert code == 0, err
     assert out.startswith("dpo: ") and "KL" in out
     assert json.loads((run_dir / "config.json").read_text())["dpo"]["beta"] == 0.5
@@ -125,7 +127,7 @@ def test_the_rloo_and_dpo_stages_run_end_to_end(tmp_path, capsys):
     assert run_cli(["rlhf", "--run-dir", str(run_dir), *rloo], capsys)[0] == 0
     assert json.loads((run_dir / "config.json").read_text())["dpo"]["beta"] == 0.5
     # once the dpo stage has run, it is continued only with its own settings
-    code, _, err = run_cli(["rlhf", "--run-dir", str(run_dir), *rloo, "--stage", "dpo", "--dpo.beta", "2"], capsys)
+    code, _, err = run_cli(["rlhf", "--run-dir", str(run_dir), *rloo, "--stages", "dpo", "--dpo.beta", "2"], capsys)
     assert code != 0 and "was run with another config" in err
     summary = json.loads((run_dir / "dpo" / "summary.json").read_text())
     assert summary["eval"]["kl_k3"] >= 0 and 0 <= summary["eval"]["gold_greedy"] <= 1
@@ -136,7 +138,7 @@ def test_rloo_needs_a_batch_its_groups_divide():
     from proximal.errors import ConfigError
 
     with pytest.raises(ConfigError, match="multiple of rloo_samples"):
-        PPOConfig(method="rloo", rloo_samples=3, prompts_per_iteration=256)
+        PPOStageConfig(method="rloo", rloo_samples=3, prompts_per_iteration=256)
 
 
 def test_best_of_n_probabilities_by_hand_and_with_ties():
@@ -174,7 +176,7 @@ def test_response_support_finds_exact_probabilities_that_sum_to_at_most_one():
 
     model, tokenizer = tiny_model(0)
     reward_model = ScalarHeadLM(tiny_model(1)[0])
-    supports = response_support(model, reward_model, tokenizer, AdditionTask(), ["12+34=", "5+5="], 64, 3, -3.0,
+    supports = response_support(model, reward_model, tokenizer, AdditionTask().gold, ["12+34=", "5+5="], 64, 3, -3.0,
                                 torch.Generator().manual_seed(0), "cpu")
     for support in supports:
         assert math.isclose(support.probabilities.sum(), 1.0) and (support.probabilities >= 0).all()

@@ -11,11 +11,12 @@ import torch
 from lm_helpers import completions_for, tiny_model
 from proximal.cli import main
 from proximal.lm.config import RewardConfig
-from proximal.lm.labels import label_records, make_labeller, pairs_from_records
+from proximal.labellers import make_labeller
+from proximal.lm.labels import label_records, pairs_from_records
 from proximal.lm.sft import encode_demonstrations, sft_loss
-from proximal.lm.tasks import AdditionTask
-from proximal.preferences import ReplayOracle
-from proximal.reward_model import bradley_terry_loss
+from proximal.lm.tasks import AdditionTask, DataSizes
+from proximal.labellers import ReplayLabeller
+from proximal.losses import bradley_terry_loss
 
 TINY = ["--task.demonstrations", "500", "--task.eval-prompts", "40", "--model.width", "32", "--model.heads", "2",
         "--sft.steps", "30", "--sft.batch-size", "32", "--reward.labels", "120", "--reward.epochs", "1",
@@ -26,11 +27,9 @@ TINY = ["--task.demonstrations", "500", "--task.eval-prompts", "40", "--model.wi
 
 def test_gold_reward_by_hand():
     task = AdditionTask()
-    assert task.gold("47+38=", "85", ended=True) == 1.0
-    assert task.gold("47+38=", "85", ended=False) == 0.0  # never stopped
-    assert task.gold("47+38=", "75", ended=True) == 0.0
-    assert task.gold("0+0=", "0", ended=True) == 1.0
-    assert [task.is_hard(p) for p in ("47+38=", "41+38=", "5+5=", "99+0=")] == [True, False, True, False]
+    assert task.gold(["47+38=", "47+38=", "47+38=", "0+0="], ["85", "85", "75", "0"],
+                     [True, False, True, True]).tolist() == [1.0, 0.0, 0.0, 1.0]  # the second never stopped
+    assert task.slices(["47+38=", "41+38=", "5+5=", "99+0="])["carry"].tolist() == [True, False, True, False]
 
 
 def test_demonstrations_drop_the_carry_at_the_set_rate_and_only_on_carry_prompts():
@@ -43,10 +42,11 @@ def test_demonstrations_drop_the_carry_at_the_set_rate_and_only_on_carry_prompts
 
 def test_evaluation_prompts_are_held_out_and_splits_repeat_by_seed():
     task = AdditionTask()
-    splits = task.splits(3, 2000, 300, 300, 500)
-    assert not set(splits.evaluation) & set(splits.sft + splits.preference + splits.rl)
-    assert len(set(splits.evaluation)) == 500
-    assert task.splits(3, 2000, 300, 300, 500) == splits
+    sizes = DataSizes(2000, 300, 300, 500, 0.2)
+    data = task.data(3, sizes)
+    assert not set(data.evaluation) & set(data.sft_prompts + data.preference_prompts + data.rl)
+    assert len(set(data.evaluation)) == 500
+    assert task.data(3, sizes) == data
 
 
 def test_sft_loss_counts_response_tokens_only():
@@ -80,14 +80,14 @@ def test_label_records_use_the_prefs_vocabulary_and_replay_exactly():
     task = AdditionTask()
     prompts, first, second = ["47+38=", "1+2=", "5+5="], ["85", "3", "11"], ["75", "3", "10"]
     ended = [True, True, True]
-    gold_1 = [task.gold(p, r, True) for p, r in zip(prompts, first)]
-    gold_2 = [task.gold(p, r, True) for p, r in zip(prompts, second)]
-    records = label_records(prompts, first, second, ended, ended, gold_1, gold_2, make_labeller(RewardConfig(), 0),
+    gold_1, gold_2 = task.gold(prompts, first, ended), task.gold(prompts, second, ended)
+    records = label_records(prompts, first, second, ended, ended, gold_1, gold_2,
+                            make_labeller(RewardConfig(), np.random.default_rng(0)),
                             0.0, np.random.default_rng(0))
     assert [r["label"] for r in records] == [1.0, 0.5, 0.0]
     assert records[0] == {"query": 0, "prompt": "47+38=", "responses": ["85", "75"], "ended": [True, True],
                           "label": 1.0, "labeller": "synthetic", "true_returns": [1.0, 0.0], "validation": False}
-    replay = ReplayOracle.__new__(ReplayOracle)
+    replay = ReplayLabeller.__new__(ReplayLabeller)
     replay.records, replay.position = json.loads(json.dumps(records)), 0
     assert [replay.answer(*r["true_returns"]) for r in records] == [1.0, 0.5, 0.0]
     _, tokenizer = tiny_model()
@@ -171,24 +171,24 @@ def test_the_whole_pipeline_runs_and_each_stage_writes_its_files(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_a_stage_runs_alone_and_a_killed_ppo_stage_resumes_to_the_same_result(tmp_path, capsys):
+def test_a_stage_runs_alone_and_a_killed_ppo_stage_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
-    assert run_cli(["rlhf", "--run-dir", str(run_dir), "--stage", "sft", *TINY], capsys)[0] == 0
-    assert run_cli(["rlhf", "--run-dir", str(run_dir), "--stage", "reward", *TINY], capsys)[0] == 0
+    assert run_cli(["rlhf", "--run-dir", str(run_dir), "--stages", "sft", *TINY], capsys)[0] == 0
+    assert run_cli(["rlhf", "--run-dir", str(run_dir), "--stages", "reward", *TINY], capsys)[0] == 0
     reference = tmp_path / "reference"
     reference.mkdir()
     for stage in ("sft", "reward"):
         import shutil
         shutil.copytree(run_dir / stage, reference / stage)
     (reference / "config.json").write_text((run_dir / "config.json").read_text())
-    assert run_cli(["rlhf", "--run-dir", str(reference), "--stage", "ppo", *TINY], capsys)[0] == 0
+    assert run_cli(["rlhf", "--run-dir", str(reference), "--stages", "ppo", *TINY], capsys)[0] == 0
     # the "killed" run: the PPO stage stopped after its checkpoint at iteration 2 (eval_every)
+    import proximal.lm.ppo as ppo_module
     from proximal.lm.config import RLHFConfig
-    from proximal.lm.pipeline import Pipeline
+    from proximal.lm.stage import open_context
 
     config = RLHFConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    short = Pipeline(config.with_overrides({"ppo": {"iterations": 3}}), run_dir, show_progress=False)
-    original_save = __import__("proximal.lm.pipeline", fromlist=["save_pretrained"]).save_pretrained
+    short = open_context(config.with_overrides({"ppo": {"iterations": 3}}), run_dir)
 
     class Killed(Exception):
         pass
@@ -196,13 +196,10 @@ def test_a_stage_runs_alone_and_a_killed_ppo_stage_resumes_to_the_same_result(tm
     def kill(*_args, **_kwargs):
         raise Killed
 
-    import proximal.lm.pipeline as pipeline_module
-    pipeline_module.save_pretrained = kill  # dies at the end of training, before the stage is marked done
-    try:
-        with pytest.raises(Killed):
-            short.run_ppo()
-    finally:
-        pipeline_module.save_pretrained = original_save
+    monkeypatch.setattr(ppo_module, "save_pretrained", kill)  # dies at the end of training, before it is marked done
+    with pytest.raises(Killed):
+        ppo_module.run_ppo(short)
+    monkeypatch.undo()
     assert (run_dir / "ppo" / "checkpoint.pt").exists()
     assert len((run_dir / "ppo" / "metrics.csv").read_text().splitlines()) == 1 + 3
     code, _, err = run_cli(["rlhf", "--run-dir", str(run_dir), *TINY], capsys)
@@ -243,8 +240,8 @@ BAD_INPUTS = {  # case -> arguments, given the test's directory
     "not a model": lambda d: ["rlhf", "--model.path", str(d / "not_a_model")],
     "model dir missing": lambda d: ["rlhf", "--model.path", str(d / "nowhere")],
     "prompt longer than the context": lambda d: ["rlhf", "--model.context", "8"],
-    "stage without its predecessor": lambda d: ["rlhf", "--stage", "ppo", "--run-dir", str(d / "empty")],
-    "reward without sft": lambda d: ["rlhf", "--stage", "reward"],
+    "stage without its predecessor": lambda d: ["rlhf", "--stages", "ppo", "--run-dir", str(d / "empty")],
+    "reward without sft": lambda d: ["rlhf", "--stages", "reward"],
     "corrupt checkpoint": lambda d: ["rlhf", "--run-dir", str(d / "corrupt"), *TINY],
     "wrong type": lambda d: ["rlhf", "--sft.steps", "many"],
     "unknown device": lambda d: ["rlhf", "--device", "tpu"],

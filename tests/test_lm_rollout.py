@@ -7,12 +7,12 @@ import torch
 import pytest
 
 from lm_helpers import DEVICES, completions_for, tiny_model
-from proximal.agent import clipped_surrogate_loss
-from proximal.lm.config import PPOConfig
+from proximal.losses import clipped_surrogate_loss, masked_mean, masked_whiten
+from proximal.lm.config import PPOStageConfig
 from proximal.lm.model import ScalarHeadLM, sample_completions, token_logprobs
 from proximal.lm.ppo import collect_rollout, policy_outputs, ppo_update
+from proximal.lm.reward import RewardModelScorer
 from proximal.lm.rollout import AdaptiveKLController, sequence_kls, token_advantages, token_rewards
-from proximal.utils import masked_mean, masked_whiten
 
 PROMPTS = ["7+5=", "47+38=", "1+99=", "30+4="]
 RESPONSES = ["12", "85", "10000", "3"]
@@ -34,8 +34,9 @@ def test_policy_equal_to_reference_gives_exactly_zero_kl_and_the_bare_score_at_e
     batch = completions_for(tokenizer, PROMPTS, RESPONSES, ENDED, device)
     minibatches = list(torch.arange(4, device=device).split(2))
     for temperature in (1.0, 0.6):
-        config = PPOConfig(temperature=temperature, prompts_per_iteration=4, minibatch_size=2, missing_eos_score=-3.0)
-        rollout = collect_rollout(policy, reference, reward_model, batch, minibatches, config, kl_coef=0.5)
+        config = PPOStageConfig(temperature=temperature, prompts_per_iteration=4, minibatch_size=2, missing_eos_score=-3.0)
+        rollout = collect_rollout(policy, reference, RewardModelScorer(reward_model, config.missing_eos_score), PROMPTS,
+                                  batch, tokenizer, minibatches, config, kl_coef=0.5)
         assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
         assert torch.count_nonzero(rollout.kl_penalty) == 0
         expected = torch.zeros_like(rollout.rewards)
@@ -51,8 +52,9 @@ def test_the_score_lands_on_each_eos_and_a_cut_response_gets_the_missing_eos_sco
     for row, end in enumerate(ENDED):  # last_index is the EOS token where there is one
         if end:
             assert batch.response_ids[row, batch.last_index[row]] == eos
-    config = PPOConfig(prompts_per_iteration=4, minibatch_size=4, missing_eos_score=-3.0)
-    rollout = collect_rollout(policy, reference, reward_model, batch, [torch.arange(4)], config, kl_coef=0.0)
+    config = PPOStageConfig(prompts_per_iteration=4, minibatch_size=4, missing_eos_score=-3.0)
+    rollout = collect_rollout(policy, reference, RewardModelScorer(reward_model, config.missing_eos_score), PROMPTS, batch,
+                              tokenizer, [torch.arange(4)], config, kl_coef=0.0)
     assert rollout.scores[2] == -3.0
     # score by hand: the reward model's scalar at the EOS column of a forward pass over that row alone
     for row in (0, 1, 3):
@@ -105,12 +107,14 @@ def test_gae_over_tokens_matches_a_hand_recursion_for_lambda_below_one():
 def test_on_the_first_minibatch_of_an_update_the_ratio_is_exactly_one(device):
     policy, reference, reward_model, tokenizer = models(policy_seed=5, device=device)
     torch.manual_seed(0)
-    config = PPOConfig(prompts_per_iteration=16, minibatch_size=4, epochs=2)
-    completions = sample_completions(policy.lm, tokenizer, ["12+34=", "5+6=", "99+1=", "40+44="] * 4, 5, 1.0,
+    config = PPOStageConfig(prompts_per_iteration=16, minibatch_size=4, epochs=2)
+    prompts = ["12+34=", "5+6=", "99+1=", "40+44="] * 4
+    completions = sample_completions(policy.lm, tokenizer, prompts, 5, 1.0,
                                      torch.Generator(device=device).manual_seed(0), device)
     generator = torch.Generator(device=device).manual_seed(1)
     first = list(torch.randperm(16, generator=generator, device=device).split(4))
-    rollout = collect_rollout(policy, reference, reward_model, completions, first, config, kl_coef=0.1)
+    rollout = collect_rollout(policy, reference, RewardModelScorer(reward_model, config.missing_eos_score), prompts,
+                              completions, tokenizer, first, config, kl_coef=0.1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     stats = ppo_update(policy, optimizer, rollout, first, config, generator)
     assert stats["first_ratio_error"] == 0.0  # so the first minibatch's clip fraction is 0 too

@@ -12,8 +12,9 @@ import torch
 from proximal.cli import main
 from proximal.config import PrefsConfig, preset_for
 from proximal.fixed_horizon import FIXED_HORIZON_CARTPOLE_ID, FixedHorizonCartPole
-from proximal.preferences import (COMPARISONS_NAME, LabelSchedule, PreferenceLearner, SyntheticOracle, clip_starts,
-                                  make_oracle, step_features, train_from_preferences)
+from proximal.labellers import SyntheticLabeller, make_labeller
+from proximal.preferences import (COMPARISONS_NAME, LabelSchedule, PreferenceLearner, clip_starts,
+                                  step_features, train_from_preferences)
 from proximal.train import EnvState, collect_rollout
 from proximal.envs import make_vector_env
 from proximal.agent import PPOAgent
@@ -71,37 +72,37 @@ def test_label_schedule_front_loads_then_decays_and_ends_exactly_at_the_budget()
     assert LabelSchedule(10, 0.5, iterations=4, batch_size=8, rounds=50, decay=1.0).round_steps == [0, 8, 16, 24, 32]
 
 
-def test_oracle_prefers_the_higher_true_return_and_calls_ties_equal():
-    oracle = SyntheticOracle("none", 0.1, 1.0, np.random.default_rng(0))
-    assert oracle.answer(3.0, 1.0) == 1.0
-    assert oracle.answer(-5.0, -2.0) == 0.0
-    assert oracle.answer(7.0, 7.0) == 0.5
+def test_labeller_prefers_the_higher_true_return_and_calls_ties_equal():
+    labeller = SyntheticLabeller("none", 0.1, 1.0, np.random.default_rng(0))
+    assert labeller.answer(3.0, 1.0) == 1.0
+    assert labeller.answer(-5.0, -2.0) == 0.0
+    assert labeller.answer(7.0, 7.0) == 0.5
 
 
-def test_uniform_noise_oracle_errs_at_half_its_error_rate():
-    oracle = SyntheticOracle("uniform", 0.2, 1.0, np.random.default_rng(0))
-    answers = np.array([oracle.answer(1.0, 0.0) for _ in range(20_000)])
+def test_uniform_noise_labeller_errs_at_half_its_error_rate():
+    labeller = SyntheticLabeller("uniform", 0.2, 1.0, np.random.default_rng(0))
+    answers = np.array([labeller.answer(1.0, 0.0) for _ in range(20_000)])
     # a random answer is right half of the time: wrong with probability 0.2 / 2
     assert abs((answers == 0.0).mean() - 0.1) < 0.01
 
 
-def test_boltzmann_oracle_matches_its_choice_probability():
-    oracle = SyntheticOracle("boltzmann", 0.0, 2.0, np.random.default_rng(0))
-    answers = np.array([oracle.answer(1.0, 0.0) for _ in range(20_000)])
+def test_boltzmann_labeller_matches_its_choice_probability():
+    labeller = SyntheticLabeller("boltzmann", 0.0, 2.0, np.random.default_rng(0))
+    answers = np.array([labeller.answer(1.0, 0.0) for _ in range(20_000)])
     assert abs(answers.mean() - 1 / (1 + math.exp(-0.5))) < 0.01
 
 
-def test_oracle_labels_constructed_clips_by_their_true_rewards():
-    """Clips cut from a constructed rollout: the oracle's label follows the summed true reward."""
+def test_labeller_labels_constructed_clips_by_their_true_rewards():
+    """Clips cut from a constructed rollout: the labeller's label follows the summed true reward."""
     true_rewards = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # [T, N]
     valid, done = np.ones((4, 2), dtype=bool), np.zeros((4, 2), dtype=bool)
     starts = clip_starts(valid, done, 2)
     returns = {(int(t), int(n)): true_rewards[t:t + 2, n].sum() for t, n in starts}
     assert returns == {(0, 0): 2.0, (1, 0): 2.0, (2, 0): 1.0, (0, 1): 0.0, (1, 1): 1.0, (2, 1): 2.0}
-    oracle = SyntheticOracle("none", 0.0, 1.0, np.random.default_rng(0))
-    assert oracle.answer(returns[(0, 0)], returns[(0, 1)]) == 1.0
-    assert oracle.answer(returns[(2, 0)], returns[(1, 1)]) == 0.5
-    assert oracle.answer(returns[(2, 0)], returns[(2, 1)]) == 0.0
+    labeller = SyntheticLabeller("none", 0.0, 1.0, np.random.default_rng(0))
+    assert labeller.answer(returns[(0, 0)], returns[(0, 1)]) == 1.0
+    assert labeller.answer(returns[(2, 0)], returns[(1, 1)]) == 0.5
+    assert labeller.answer(returns[(2, 0)], returns[(2, 1)]) == 0.0
 
 
 def test_discrete_actions_are_one_hot_in_the_reward_features():
@@ -155,7 +156,7 @@ def test_learned_reward_replaces_the_env_reward_in_the_rollout(tmp_path):
     envs = make_vector_env("Pendulum-v1", 2)
     agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
     learner = PreferenceLearner(PrefsConfig(labels=20, initial_reward_steps=5), config, envs.single_observation_space,
-                                envs.single_action_space, tmp_path, make_oracle(PrefsConfig(), 0))
+                                envs.single_action_space, tmp_path, make_labeller(PrefsConfig(), np.random.default_rng(2)))
     state = EnvState.after_reset(envs.reset(seed=0)[0])
     rollout = collect_rollout(agent, envs, state, 64)
     env_rewards = rollout.env_rewards.copy()
@@ -183,7 +184,7 @@ def test_disagreement_asks_the_pairs_the_ensemble_disagrees_on_most(tmp_path, mo
     agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
     prefs = PrefsConfig(labels=20, initial_reward_steps=5, candidates_per_query=10)
     learner = PreferenceLearner(prefs, config, envs.single_observation_space, envs.single_action_space,
-                                tmp_path, make_oracle(prefs, 0))
+                                tmp_path, make_labeller(prefs, np.random.default_rng(2)))
     seen = {}
     member_preferences = learner.model.member_preferences
 
@@ -214,7 +215,7 @@ def test_smoke_run_of_the_whole_loop_writes_everything_and_replays_exactly(tmp_p
     assert len(records) == 40 and [r["query"] for r in records] == list(range(40))
     assert fit["labels"] == 40 and fit["held_out_clips"] == 2 * sum(r["validation"] for r in records)
     # Replaying the recorded answers reproduces the run: same queries, same labels, same policy.
-    replayed, _ = small_run(tmp_path / "replay", oracle="replay", replay_from=str(run_dir / COMPARISONS_NAME))
+    replayed, _ = small_run(tmp_path / "replay", labeller="replay", replay_from=str(run_dir / COMPARISONS_NAME))
     replayed_records = [json.loads(line) for line in (replayed.run_dir / COMPARISONS_NAME).read_text().splitlines()]
     assert replayed_records == records
     original = PPOAgent.load(run_dir).network.state_dict()
@@ -224,13 +225,13 @@ def test_smoke_run_of_the_whole_loop_writes_everything_and_replays_exactly(tmp_p
 
 def test_replay_refuses_answers_to_different_queries(tmp_path):
     result, _ = small_run(tmp_path / "first")
-    from proximal.preferences import ReplayError
+    from proximal.labellers import ReplayError
 
     with pytest.raises(ReplayError, match="query 0 differs from the recorded one"):
         config = preset_for("Pendulum-v1").with_overrides(
             {"total_timesteps": 4096, "eval_episodes": 3, "runs_dir": str(tmp_path / "runs"), "seed": 1})
         train_from_preferences(config, PrefsConfig(labels=40, initial_reward_steps=30, reward_steps=10,
-                                                   oracle="replay",
+                                                   labeller="replay",
                                                    replay_from=str(result.run_dir / COMPARISONS_NAME)))
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from proximal.reward_model import (RewardEnsemble, RewardModel, bradley_terry_loss, preference_probability,
-                                   rank_correlation)
+from proximal.losses import bradley_terry_loss, preference_probability
+from proximal.reward_model import RewardEnsemble, RewardModel, rank_correlation
 
 
 def sigmoid(x):

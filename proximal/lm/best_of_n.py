@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from proximal.lm.dpo import sequence_logprobs
-from proximal.lm.evaluation import gold_scores
+from proximal.lm.evaluation import Gold
 from proximal.lm.model import ScalarHeadLM, encode_completions, sample_completions
 from proximal.lm.reward import scores_or_missing_eos
-from proximal.lm.tasks import AdditionTask
 
 
 def analytic_kl_bound(n: int) -> float:
@@ -69,7 +68,7 @@ class PromptSupport:
 
 
 @torch.no_grad()
-def response_support(reference: nn.Module, reward_model: ScalarHeadLM, tokenizer, task: AdditionTask,
+def response_support(reference: nn.Module, reward_model: ScalarHeadLM, tokenizer, gold: Gold,
                      prompts: list[str], samples: int, max_new_tokens: int, missing_eos_score: float,
                      generator: torch.Generator, device: str) -> list[PromptSupport]:
     """`samples` SFT samples (temperature 1) per prompt, reduced to each prompt's distinct
@@ -90,7 +89,7 @@ def response_support(reference: nn.Module, reward_model: ScalarHeadLM, tokenizer
         scores.append(scores_or_missing_eos(reward_model, part, missing_eos_score))
     probabilities = torch.cat(logprobs).double().exp().cpu().numpy()
     all_scores = torch.cat(scores).double().cpu().numpy()
-    gold = gold_scores(task, row_prompts, row_texts, row_ended)
+    gold_of_rows = gold(row_prompts, row_texts, row_ended)
     supports, start = [], 0
     for found in drawn:
         span = slice(start, start + len(found))
@@ -99,7 +98,7 @@ def response_support(reference: nn.Module, reward_model: ScalarHeadLM, tokenizer
         unseen = max(0.0, 1.0 - float(seen.sum()))
         supports.append(PromptSupport(np.append(seen, unseen) / (seen.sum() + unseen),
                                       np.append(all_scores[span], all_scores[span].min() - 1.0),
-                                      np.append(gold[span], 0.0)))
+                                      np.append(gold_of_rows[span], 0.0)))
     return supports
 
 

@@ -18,6 +18,8 @@ from proximal.config import _param, _require, _require_finite, _require_host_and
 from proximal.errors import ConfigError
 from proximal.lm.tasks import TASKS
 
+FILE_TASK = "files"  # the task's name when the data comes from the user's files
+
 
 def _require_probability(name: str, value: float) -> None:
     _require_finite(name, value)
@@ -28,24 +30,53 @@ def _require_probability(name: str, value: float) -> None:
 class TaskConfig:
     """What the model learns and how the data is drawn."""
 
-    name: str = _param("addition", f"the task: {', '.join(TASKS)}")
+    name: str = _param("addition", f"the task: {', '.join(TASKS)}, or {FILE_TASK} (set by the --data.* files)")
     carry_noise: float = _param(0.6, "share of the carry prompts' demonstrations that drop the carry, in [0, 1]")
     demonstrations: int = _param(20_000, "noisy demonstrations SFT imitates")
     eval_prompts: int = _param(500, "held-out prompts every stage is evaluated on (gold reward)")
 
     def __post_init__(self) -> None:
-        _require(self.name in TASKS, "task", " or ".join(TASKS), self.name)
+        _require(self.name in (*TASKS, FILE_TASK), "task", " or ".join(TASKS), self.name)
         _require_probability("carry_noise", self.carry_noise)
         for name in ("demonstrations", "eval_prompts"):
             _require_positive_int(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """A user's own data: JSON-lines files in the formats of TRL's dataset documentation, standard
+    or conversational (docs/your_data.md). Any file given makes the run's task these files."""
+
+    prompts: str = _param("", 'prompts PPO samples from: {"prompt": "..."} or {"prompt": [{"role": "user", '
+                              '"content": "..."}]} per line')
+    sft: str = _param("", 'demonstrations SFT imitates: {"prompt": ..., "completion": ...} or {"messages": [...]}')
+    preferences: str = _param("", 'labelled pairs for the reward model and DPO: {"prompt": ..., "chosen": ..., '
+                                  '"rejected": ...} (or conversational chosen/rejected with the prompt inside)')
+    eval_prompts: str = _param("", "held-out prompts to evaluate on, in the prompts format (empty: a seeded "
+                                   "--data.eval-fraction of --data.prompts)")
+    eval_preferences: str = _param("", "held-out labelled pairs (empty: a seeded --reward.validation-fraction "
+                                       "of --data.preferences)")
+    eval_fraction: float = _param(0.1, "share of --data.prompts held out for evaluation when no "
+                                       "--data.eval-prompts is given, in (0, 1)")
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "sft", "preferences", "eval_prompts", "eval_preferences"):
+            _require(isinstance(getattr(self, name), str), name, "a path", getattr(self, name))
+        _require_finite("eval_fraction", self.eval_fraction)
+        _require(0.0 < self.eval_fraction < 1.0, "eval_fraction", "in (0, 1)", self.eval_fraction)
+
+    @property
+    def has_files(self) -> bool:
+        return any((self.prompts, self.sft, self.preferences, self.eval_prompts, self.eval_preferences))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The policy's network: a local Hugging Face directory, or a tiny GPT-2 trained from scratch."""
 
-    path: str = _param("", "a local directory with a Hugging Face causal LM and tokenizer to start SFT from "
-                           "(empty: a tiny GPT-2 from a local config)")
+    path: str = _param("", "a local directory with a Hugging Face causal LM and its tokenizer: SFT starts from "
+                           "it, or, when the run has no SFT stage (--stages reward,ppo), every later stage "
+                           "does (empty: a tiny GPT-2 from a local config)")
     width: int = _param(64, "tiny GPT-2: embedding width")
     layers: int = _param(2, "tiny GPT-2: transformer blocks")
     heads: int = _param(4, "tiny GPT-2: attention heads (must divide width)")
@@ -63,20 +94,29 @@ class SFTConfig:
 
     steps: int = _param(1600, "AdamW steps")
     batch_size: int = _param(128, "demonstrations per step")
-    learning_rate: float = _param(3e-3, "peak AdamW step size (linear warm-up over 100 steps, linear decay to 0)")
+    learning_rate: float = _param(3e-3, "peak AdamW step size (linear warm-up, then linear decay to 0)")
+    warmup_steps: int = _param(100, "steps of linear warm-up (at most a tenth of --sft.steps, plus one)")
+    adam_beta1: float = _param(0.9, "AdamW beta1")
+    adam_beta2: float = _param(0.98, "AdamW beta2")
     weight_decay: float = _param(0.0, "AdamW weight decay")
+    max_grad_norm: float = _param(1.0, "clip the global gradient norm to this")
+    checkpoint_every: int = _param(200, "steps between checkpoints a killed stage resumes from")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "warmup_steps", "checkpoint_every"):
             _require_positive_int(name, getattr(self, name))
-        _require_finite("learning_rate", self.learning_rate)
-        _require(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
-        _require_finite("weight_decay", self.weight_decay)
+        for name in ("learning_rate", "adam_beta1", "adam_beta2", "weight_decay", "max_grad_norm"):
+            _require_finite(name, getattr(self, name))
+        for name in ("learning_rate", "max_grad_norm"):
+            _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)", getattr(self, name))
         _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
 
 
 LABELLER_NOISES = ("none", "boltzmann", "uniform")
 LABELLERS = ("synthetic", "human")
+FUNCTION_ROLES = ("reward", "labeller")
 
 
 @dataclass(frozen=True)
@@ -84,6 +124,11 @@ class RewardConfig:
     """The labelled pairs and the reward model fitted to them."""
 
     labels: int = _param(20_000, "pairs of SFT samples the labeller compares (one prompt per pair)")
+    function: str = _param("", "a reward function, module:callable or path/to/file.py:callable, taking (prompts, "
+                               "completions) and returning one float each (see --reward.function-role)")
+    function_role: str = _param("reward", "reward (PPO/RLOO optimise the function itself; no reward model is "
+                                          "fitted) or labeller (the synthetic labeller prefers the completion the "
+                                          "function scores higher, and a reward model is fitted to its answers)")
     labeller: str = _param("synthetic", "synthetic (the gold reward decides, with --reward.labeller-noise) or human "
                                         "(a person on a local web page whose URL is printed; needs "
                                         "--ppo.relabel-every 0, and a --reward.labels a person can answer)")
@@ -116,6 +161,10 @@ class RewardConfig:
         _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES),
                  self.labeller_noise)
         _require(self.labeller in LABELLERS, "labeller", " or ".join(LABELLERS), self.labeller)
+        _require(self.function_role in FUNCTION_ROLES, "function_role", " or ".join(FUNCTION_ROLES),
+                 self.function_role)
+        _require(isinstance(self.function, str) and (self.function == "" or ":" in self.function), "function",
+                 "module:callable or path/to/file.py:callable", self.function)
         _require_host_and_port(self.host, self.port)
         _require_probability("labeller_error_rate", self.labeller_error_rate)
         _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)
@@ -125,7 +174,7 @@ RL_METHODS = ("ppo", "rloo")
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOStageConfig:
     """The RL stage: PPO on the reward model's score with a per-token KL penalty to the SFT model
     (or RLOO, the critic-free alternative, with the same penalty, samples and update)."""
 
@@ -205,7 +254,7 @@ DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class LMRunConfig:
     """Seeding, device, threads and where the run goes."""
 
     seed: int = _param(0, "seeds the data, every model's initialisation and every sample")
@@ -221,8 +270,8 @@ class RunConfig:
                  self.runs_dir)
 
 
-SECTIONS: dict[str, type] = {"task": TaskConfig, "model": ModelConfig, "sft": SFTConfig, "reward": RewardConfig,
-                             "ppo": PPOConfig, "dpo": DPOConfig, "run": RunConfig}
+SECTIONS: dict[str, type] = {"task": TaskConfig, "data": DataConfig, "model": ModelConfig, "sft": SFTConfig, "reward": RewardConfig,
+                             "ppo": PPOStageConfig, "dpo": DPOConfig, "run": LMRunConfig}
 
 
 @dataclass(frozen=True)
@@ -230,14 +279,18 @@ class RLHFConfig:
     """A whole `proximal rlhf` run, one section per stage."""
 
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: LMRunConfig = field(default_factory=LMRunConfig)
 
     def __post_init__(self) -> None:
+        _require((self.task.name == FILE_TASK) == self.data.has_files, "task",
+                 f"left out when --data.* files are given (the task is then your data), and not {FILE_TASK} "
+                 "without them", self.task.name)
         _require(self.reward.labeller == "synthetic" or self.ppo.relabel_every == 0, "ppo.relabel_every",
                  "0 with --reward.labeller human (a person labels the reward stage's pairs; the rounds "
                  "during PPO are the synthetic labeller's)", self.ppo.relabel_every)
@@ -264,11 +317,6 @@ class RLHFConfig:
         """A copy with `{section: {field: value}}` applied."""
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)
                                             for section, values in overrides.items() if values})
-
-
-def prompt_budget(config: RLHFConfig) -> int:
-    """Prompts the RL stage draws from (enough that a prompt rarely repeats within an iteration)."""
-    return max(4 * config.ppo.prompts_per_iteration, 2000)
 
 
 STUDIES = ("overoptimisation", "best-of-n", "methods", "label-noise")

@@ -11,19 +11,24 @@ very function the reward model is fitted with, applied to the implicit rewards:
 so a tie (mu = 0.5) pulls the two responses' implicit rewards together. The policy is fitted by
 `reward.fit_reward_model` with this loss: "your language model is secretly a reward model".
 
-Data flow: comparisons.jsonl -> PairBatch -> reference log-probs of both sides, once -> minibatches
--> dpo_loss -> AdamW.
+Data flow (`run_dpo`): the reward stage's comparisons.jsonl, or the user's --data.preferences
+-> PairBatch -> reference log-probs of both sides, once -> minibatches -> dpo_loss -> AdamW ->
+RUN_DIR/dpo/model.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import torch
 from torch import nn
 
-from proximal.lm.labels import PairBatch
-from proximal.lm.model import Completions, response_logprobs
-from proximal.lm.reward import pair_agreement
-from proximal.reward_model import bradley_terry_loss
+from proximal.lm.labels import COMPARISONS_NAME, PairBatch, read_records
+from proximal.lm.model import Completions, load_pretrained, response_logprobs, save_pretrained
+from proximal.lm.reward import fit_on_pairs, labelled_pairs, pair_agreement
+from proximal.lm.stage import MODEL_DIR, StageContext, finish
+from proximal.losses import bradley_terry_loss
 
 
 def sequence_logprobs(model: nn.Module, completions: Completions) -> torch.Tensor:
@@ -62,3 +67,32 @@ def implicit_accuracy(policy: nn.Module, pairs: PairBatch, reference_logprobs: t
     """`reward.pair_accuracy` of the implicit reward: agreement with the labeller and with gold on
     strict pairs, and the loss."""
     return pair_agreement(*implicit_rewards(policy, pairs, reference_logprobs, beta), pairs)
+
+
+def run_dpo(ctx: StageContext) -> dict[str, Any]:
+    config, stage_dir = ctx.config.dpo, ctx.stage_dir("dpo")
+    stage_dir.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    reference, tokenizer = ctx.load_start_model()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    policy, _ = load_pretrained(ctx.start_model_dir(), ctx.device)
+    comparisons = ctx.stage_dir("reward") / COMPARISONS_NAME
+    records = read_records(comparisons) if comparisons.exists() else ctx.data.preferences
+    train_pairs, val_pairs = labelled_pairs(ctx, records, tokenizer)
+    train_reference = reference_pair_logprobs(reference, train_pairs)  # [M, 2], once
+    val_reference = reference_pair_logprobs(reference, val_pairs)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    validation = fit_on_pairs(
+        ctx, "dpo", policy, optimizer, train_pairs, config.epochs, config.batch_size,
+        (lambda: implicit_accuracy(policy, val_pairs, val_reference, config.beta)) if val_pairs.size else None,
+        lambda index: dpo_loss(policy, train_pairs.select(index), train_reference[index], config.beta))
+    seconds = time.perf_counter() - started
+    policy.eval()
+    save_pretrained(policy, tokenizer, stage_dir / MODEL_DIR)
+    summary = {"seconds": seconds, "train_pairs": train_pairs.size, "validation_pairs": val_pairs.size,
+               "validation": validation, "eval": ctx.evaluate(policy, tokenizer, reference)}
+    from proximal.lm.plots import plot_reward
+
+    plot_reward(stage_dir, "dpo.png")
+    return finish(stage_dir, summary)

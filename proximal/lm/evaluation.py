@@ -1,9 +1,10 @@
-"""How good a policy is, by the gold reward, on the held-out prompts: greedy and sampled, over
-all prompts and over the task's hard slice (the prompts the demonstrations' noise hits)."""
+"""How good a policy is on the held-out prompts: greedy and sampled responses, their gold score
+(when the task has one) overall and on each of the task's named slices, their length, EOS rate
+and KL to a reference."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -11,33 +12,28 @@ from torch import nn
 
 from proximal.lm.model import response_logprobs, sample_completions
 from proximal.lm.rollout import sequence_kls
-from proximal.lm.tasks import AdditionTask
 
-
-def gold_scores(task: AdditionTask, prompts: list[str], texts: list[str], ended: Sequence[bool] | torch.Tensor
-                ) -> np.ndarray:
-    """The gold reward [B] of each response (`ended`: it emitted EOS)."""
-    ended = ended.tolist() if isinstance(ended, torch.Tensor) else ended
-    return np.array([task.gold(prompt, text, bool(end)) for prompt, text, end in zip(prompts, texts, ended)])
+Gold = Callable[[list[str], list[str], torch.Tensor], np.ndarray]  # (prompts, texts, ended) -> gold [B]
 
 
 @torch.no_grad()
-def evaluate_policy(model: nn.Module, tokenizer, task: AdditionTask, prompts: list[str], max_new_tokens: int,
-                    temperature: float, seed: int, device: str, reference: nn.Module | None = None
-                    ) -> dict[str, float]:
-    """Gold reward of greedy and sampled (one sample per prompt at `temperature`) responses,
-    overall and on the hard slice; the sampled responses' length (EOS included) and EOS rate;
-    with a `reference`, the sampled responses' KL to it (k1 and k3 per response, averaged): the
-    one KL measurement every method (PPO, RLOO, DPO, best-of-n) is compared on."""
-    hard = np.array([task.is_hard(prompt) for prompt in prompts])
+def evaluate_policy(model: nn.Module, tokenizer, prompts: list[str], gold: Gold | None,
+                    slices: dict[str, np.ndarray], max_new_tokens: int, temperature: float, seed: int, device: str,
+                    reference: nn.Module | None = None) -> dict[str, float]:
+    """Gold of greedy and sampled (one sample per prompt at `temperature`) responses, overall and
+    on each slice (`gold_{slice}_{mode}`); the sampled responses' length (EOS included) and EOS
+    rate; with a `reference`, the sampled responses' KL to it (k1 and k3 per response, averaged):
+    the one KL measurement every method (PPO, RLOO, DPO, best-of-n) is compared on."""
     stats: dict[str, float] = {}
     generator = torch.Generator(device=device).manual_seed(seed)
     for mode in ("greedy", "sampled"):
         completions = sample_completions(model, tokenizer, prompts, max_new_tokens, temperature, generator, device,
                                          greedy=mode == "greedy")
-        gold = gold_scores(task, prompts, completions.texts(tokenizer), completions.ended)
-        stats[f"gold_{mode}"] = float(gold.mean())
-        stats[f"gold_hard_{mode}"] = float(gold[hard].mean()) if hard.any() else float("nan")
+        if gold is not None:
+            scores = gold(prompts, completions.texts(tokenizer), completions.ended)
+            stats[f"gold_{mode}"] = float(scores.mean())
+            for name, members in slices.items():
+                stats[f"gold_{name}_{mode}"] = float(scores[members].mean()) if members.any() else float("nan")
         if mode == "sampled":
             stats["response_length"] = float(completions.response_mask.sum(-1).float().mean())
             stats["eos_rate"] = float(completions.ended.float().mean())

@@ -1,7 +1,7 @@
 """Pairs of completions and the labeller's answers, kept as plain JSON lines.
 
 For each prompt two responses are sampled from a model; the labeller compares them. The
-synthetic labeller is the control side's `SyntheticOracle` fed the two responses' gold scores:
+synthetic labeller is the control side's `SyntheticLabeller` fed the two responses' gold scores:
 exact (the higher gold wins, a tie is "equally good") or Boltzmann-noisy. The answer vocabulary
 is `proximal prefs`'s: label = mu(1) = 1.0 (first better), 0.0 (second better), 0.5 (equally
 good), null (can't tell: recorded, never trained on). One query per line of comparisons.jsonl:
@@ -9,7 +9,7 @@ good), null (can't tell: recorded, never trained on). One query per line of comp
   {"query": 0, "prompt": "47+38=", "responses": ["85", "75"], "ended": [true, true],
    "label": 1.0, "labeller": "synthetic", "true_returns": [1.0, 0.0], "validation": false}
 
-`true_returns` holds the gold scores (the name `ReplayOracle` checks a replayed query against);
+`true_returns` holds the gold scores (the name `ReplayLabeller` checks a replayed query against);
 a person labelling through the page (`--reward.labeller human`, `ask_person`) writes the same
 lines with "labeller": "human", plus which response was shown on the left and the answer given.
 """
@@ -17,6 +17,7 @@ lines with "labeller": "human", plus which response was shown on the left and th
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,33 +26,28 @@ import numpy as np
 import torch
 
 from proximal.errors import CheckpointError
-from proximal.lm.config import RewardConfig
 from proximal.lm.model import Completions, encode_completions
-from proximal.preferences import SyntheticOracle
+from proximal.labellers import SyntheticLabeller
 from proximal.run import write_text_atomic
 
 COMPARISONS_NAME = "comparisons.jsonl"
 
 
-def make_labeller(config: RewardConfig, seed: int) -> SyntheticOracle:
-    """The synthetic labeller `config` describes (exact, Boltzmann or uniform noise)."""
-    return SyntheticOracle(config.labeller_noise, error_rate=config.labeller_error_rate,
-                           temperature=config.labeller_temperature, rng=np.random.default_rng(seed))
-
-
 def label_records(prompts: list[str], first: list[str], second: list[str], ended_first: list[bool],
-                  ended_second: list[bool], gold_first: list[float], gold_second: list[float],
-                  labeller: SyntheticOracle | None, validation_fraction: float, rng: np.random.Generator) -> list[dict]:
+                  ended_second: list[bool], gold_first: np.ndarray | None, gold_second: np.ndarray | None,
+                  labeller: SyntheticLabeller | None, validation_fraction: float, rng: np.random.Generator) -> list[dict]:
     """One query per prompt, as the dicts written to comparisons.jsonl, answered by the synthetic
-    `labeller` (None: unanswered, "labeller": "human", for `ask_person`)."""
+    `labeller` from the gold scores (None: unanswered, "labeller": "human", for `ask_person`;
+    a task without gold has gold None, and only a person can answer)."""
     records = []
     for query, prompt in enumerate(prompts):
+        gold = None if gold_first is None else [float(gold_first[query]), float(gold_second[query])]
         records.append({
             "query": query, "prompt": prompt, "responses": [first[query], second[query]],
             "ended": [bool(ended_first[query]), bool(ended_second[query])],
-            "label": None if labeller is None else labeller.answer(gold_first[query], gold_second[query]),
+            "label": None if labeller is None else labeller.answer(*gold),
             "labeller": "synthetic" if labeller is not None else "human",
-            "true_returns": [gold_first[query], gold_second[query]],
+            "true_returns": gold,
             "validation": bool(rng.random() < validation_fraction),
         })
     return records
@@ -123,7 +119,7 @@ class PairBatch:
     first: Completions
     second: Completions
     labels: torch.Tensor  # [M] mu(1)
-    gold: torch.Tensor  # [M, 2]
+    gold: torch.Tensor  # [M, 2], NaN where the task has no gold
     is_validation: torch.Tensor  # [M] bool
 
     def select(self, index: torch.Tensor) -> PairBatch:
@@ -145,5 +141,5 @@ def pairs_from_records(records: list[dict], tokenizer, device: str) -> PairBatch
                                   [record["ended"][index] for record in answered], device)
 
     return PairBatch(side(0), side(1), torch.tensor([float(r["label"]) for r in answered], device=device),
-                     torch.tensor([r["true_returns"] for r in answered], device=device),
+                     torch.tensor([r["true_returns"] or [math.nan, math.nan] for r in answered], device=device),
                      torch.tensor([bool(r["validation"]) for r in answered], device=device))

@@ -26,20 +26,20 @@ import torch
 from torch import nn
 
 from proximal.errors import CheckpointError
-from proximal.lm.tasks import ALPHABET
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 
 
-def build_char_tokenizer():
-    """A character tokenizer over ALPHABET plus <pad>, <bos>, <eos>, as a Hugging Face fast
-    tokenizer (so it saves and loads with save_pretrained / from_pretrained like any other)."""
+def build_char_tokenizer(alphabet: str):
+    """A character tokenizer over `alphabet` (a task's characters) plus <pad>, <bos>, <eos>, as a
+    Hugging Face fast tokenizer (so it saves and loads with save_pretrained / from_pretrained like
+    any other)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS.values(), *ALPHABET])}
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS.values(), *alphabet])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     tokenizer.decoder = decoders.Fuse()  # and joined back without spaces
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
@@ -64,25 +64,42 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_pretrained(path: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a local directory holding a Hugging Face causal LM and its tokenizer.
-    Never reaches a hub: a missing or foreign directory is a CheckpointError."""
+def _unloadable(path: Path, error: Exception) -> CheckpointError:
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"{path} holds no loadable causal LM and tokenizer ({reason})")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local Hugging Face model directory (never a hub, never its code): it
+    must have an EOS token; a missing pad token becomes EOS (padding is masked by lengths)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} holds no Hugging Face model (no config.json in it)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     _quiet_transformers()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} holds no loadable causal LM and tokenizer ({reason})") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
+        raise _unloadable(path, error) from None
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"the tokenizer in {path} has no EOS token; a response could never end")
     if tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_pretrained(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a local directory holding a Hugging Face causal LM and its tokenizer.
+    Never reaches a hub: a missing or foreign directory is a CheckpointError."""
+    path = Path(path)
+    tokenizer = load_tokenizer(path)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
+        raise _unloadable(path, error) from None
     return model.to(device).eval(), tokenizer
 
 
@@ -92,9 +109,15 @@ def save_pretrained(model: nn.Module, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model's position embeddings allow (None: no fixed limit)."""
-    config = model.config
+def model_context_length(path: str | Path) -> int | None:
+    """The longest sequence a local model's position embeddings allow (None: no fixed limit),
+    read from its config alone."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _unloadable(Path(path), error) from None
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
@@ -166,10 +189,17 @@ def _padded(rows: list[list[int]], pad_id: int, left: bool, device: str) -> tupl
     return ids.to(device), mask.to(device)
 
 
+def prompt_tokens(tokenizer, prompt: str) -> list[int]:
+    """BOS (if the tokenizer has one and the text does not begin with it, as a chat template's
+    rendering may) + the prompt's tokens."""
+    bos = tokenizer.bos_token_id
+    starts_with_bos = bos is not None and tokenizer.bos_token and prompt.startswith(tokenizer.bos_token)
+    return ([] if bos is None or starts_with_bos else [bos]) + encode(tokenizer, prompt)
+
+
 def encode_prompts(tokenizer, prompts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_ids [B, P], prompt_mask [B, P]): BOS (if the tokenizer has one) + prompt, left-padded."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return _padded([bos + encode(tokenizer, prompt) for prompt in prompts], tokenizer.pad_token_id, True, device)
+    """(prompt_ids [B, P], prompt_mask [B, P]): each prompt's `prompt_tokens`, left-padded."""
+    return _padded([prompt_tokens(tokenizer, prompt) for prompt in prompts], tokenizer.pad_token_id, True, device)
 
 
 def encode_responses(tokenizer, responses: list[str], ended: list[bool], device: str

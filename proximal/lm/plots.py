@@ -20,15 +20,18 @@ def _series(rows: list[dict], x: str, y: str) -> tuple[list[float], list[float]]
 
 
 def _grid(stage_dir: Path, x: str, panels: list[tuple[str, list[tuple[str, str]]]], out_name: str) -> Path:
-    """One panel per (title, [(column, label), ...]), all against column `x`."""
+    """One panel per (title, [(column, label), ...]), all against column `x`; a panel none of
+    whose columns hold a value (a task without gold has no gold columns) is left out."""
     rows = read_csv_rows(stage_dir / "metrics.csv")
-    columns = min(3, len(panels))
-    figure_rows = -(-len(panels) // columns)
+    panels = [(title, series) for title, series in panels if any(_series(rows, x, column)[0] for column, _ in series)]
+    columns = max(1, min(3, len(panels)))
+    figure_rows = max(1, -(-len(panels) // columns))
     figure, axes = plt.subplots(figure_rows, columns, figsize=(4.2 * columns, 3.0 * figure_rows), squeeze=False)
     for axis, (title, series) in zip(axes.flat, panels):
         for column, label in series:
             xs, ys = _series(rows, x, column)
-            axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+            if xs:
+                axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel(x)
         axis.grid(alpha=0.3)
@@ -56,10 +59,14 @@ def plot_reward(stage_dir: Path, file_name: str = "reward.png") -> Path:
 
 
 def plot_ppo(stage_dir: Path) -> Path:
+    header = (stage_dir / "metrics.csv").read_text().split("\n", 1)[0].split(",")
+    slices = [c[len("eval_gold_"):-len("_greedy")] for c in header if c.startswith("eval_gold_") and
+              c.endswith("_greedy") and c != "eval_gold_greedy"]
     return _grid(stage_dir, "iteration", [
-        ("reward-model score (sampled)", [("score", "score")]),
+        ("score (sampled): reward model or function", [("score", "score")]),
         ("gold reward", [("gold", "rollout (sampled)"), ("eval_gold_sampled", "held-out sampled"),
-                         ("eval_gold_greedy", "held-out greedy"), ("eval_gold_hard_greedy", "held-out greedy, carry")]),
+                         ("eval_gold_greedy", "held-out greedy"),
+                         *((f"eval_gold_{name}_greedy", f"held-out greedy, {name}") for name in slices)]),
         ("KL(pi || SFT) per response", [("kl_k1", "k1"), ("kl_k3", "k3"), ("eval_kl_k1", "held-out k1")]),
         ("beta (KL coefficient)", [("kl_coef", "beta")]),
         ("entropy per token", [("entropy", "entropy")]),
@@ -71,17 +78,29 @@ def plot_ppo(stage_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def write_samples(path: Path, prompts: list[str], before: torch.nn.Module, after: torch.nn.Module, tokenizer, task,
-                  max_new_tokens: int, device: str) -> None:
-    """A markdown table: each prompt's greedy completion by the SFT model and by the PPO policy."""
-    answers = [sample_completions(model, tokenizer, prompts, max_new_tokens, 1.0, None, device, greedy=True)
-               for model in (before, after)]
-    lines = ["| prompt | carry | SFT (greedy) | PPO (greedy) |", "|---|---|---|---|"]
+def write_samples(path: Path, ctx, before: torch.nn.Module, after: torch.nn.Module, tokenizer,
+                  count: int = 12) -> None:
+    """A markdown table: the first `count` held-out prompts' greedy completions by the start
+    model and by the trained policy, with their gold score and slices where the task has them."""
+    prompts = ctx.data.evaluation[:count]
+    slices = ctx.task.slices(prompts)
+    answers = []
+    for model in (before, after):
+        completions = sample_completions(model, tokenizer, prompts, ctx.config.ppo.max_new_tokens, 1.0, None,
+                                         ctx.device, greedy=True)
+        texts, ended = completions.texts(tokenizer), completions.ended.tolist()
+        answers.append((texts, ended, ctx.gold(prompts, texts, ended) if ctx.has_gold else None))
+    header = ["prompt", *slices, "start model (greedy)", "trained (greedy)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for index, prompt in enumerate(prompts):
-        cells = []
-        for completions in answers:
-            text, ended = completions.texts(tokenizer)[index], bool(completions.ended[index])
-            mark = "right" if task.gold(prompt, text, ended) else "wrong"
-            cells.append(f"`{text}`{'' if ended else ' (no EOS)'} {mark}")
-        lines.append(f"| `{prompt}` | {'yes' if task.is_hard(prompt) else 'no'} | {cells[0]} | {cells[1]} |")
+        cells = [_code(prompt), *("yes" if members[index] else "no" for members in slices.values())]
+        for texts, ended, gold in answers:
+            score = "" if gold is None else f" ({gold[index]:g})"
+            cells.append(f"{_code(texts[index])}{'' if ended[index] else ' (no EOS)'}{score}")
+        lines.append("| " + " | ".join(cells) + " |")
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _code(text: str) -> str:
+    """Text in a markdown table cell: in backticks, newlines and pipes kept visible."""
+    return "`" + text.replace("\n", "\\n").replace("|", "\\|").replace("`", "'") + "`"

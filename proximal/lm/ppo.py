@@ -2,7 +2,8 @@
 Ouyang et al. 2022), one iteration read top to bottom in `ppo_iteration`:
 
   sample B responses from the policy (KV cache)                  model.sample_completions
-  old log-probs, values, reference log-probs, scores             collect_rollout
+  old log-probs, values, reference log-probs, scores             collect_rollout (a reward model's
+                                                                 score, or --reward.function's)
   per-token rewards: -beta * k1 everywhere, the score at EOS     rollout.token_rewards
   GAE over the response tokens, gamma = 1                        rollout.token_advantages -> compute_gae
   K epochs of minibatches: Eq. 7 + value loss                    ppo_update -> clipped_surrogate_loss
@@ -22,18 +23,30 @@ minibatch's ratio is exactly 1.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from proximal.agent import clipped_surrogate_loss, ratio_statistics
-from proximal.lm.config import PPOConfig
-from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logprobs, sample_completions,
-                               token_entropy, token_logprobs)
-from proximal.lm.reward import scores_or_missing_eos
-from proximal.lm.rollout import LMRollout, leave_one_out_advantages, sequence_kls, token_advantages, token_rewards
-from proximal.utils import explained_variance, masked_mean, masked_whiten
+from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from proximal.lm.config import PPOStageConfig
+from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
+from proximal.lm.model import (Completions, ScalarHeadLM, load_pretrained, response_logits, response_logprobs,
+                               sample_completions, save_pretrained, token_entropy, token_logprobs)
+from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
+from proximal.lm.rollout import (AdaptiveKLController, LMRollout, leave_one_out_advantages, sequence_kls,
+                                 token_advantages, token_rewards)
+from proximal.lm.stage import MODEL_DIR, RL_SEED, StageContext, finish
+from proximal.losses import clipped_surrogate_loss, explained_variance, masked_mean, masked_whiten, ratio_statistics
+from proximal.run import CsvLog, restore_states
+
+
+class Scorer(Protocol):
+    """What scores a response for PPO: `RewardModelScorer` or a `RewardFunction`."""
+
+    def scores(self, prompts: list[str], completions: Completions, tokenizer) -> torch.Tensor: ...
 
 
 def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: float
@@ -48,11 +61,11 @@ def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: 
 
 
 @torch.no_grad()
-def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, reward_model: ScalarHeadLM,
-                    completions: Completions, minibatches: list[torch.Tensor], config: PPOConfig,
+def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, prompts: list[str],
+                    completions: Completions, tokenizer, minibatches: list[torch.Tensor], config: PPOStageConfig,
                     kl_coef: float) -> LMRollout:
-    """Score sampled `completions` and build their per-token rewards and advantages. The forward
-    passes run on `minibatches` (index tensors covering the batch): the first epoch's."""
+    """Score sampled `completions` of `prompts` and build their per-token rewards and advantages.
+    The forward passes run on `minibatches` (index tensors covering the batch): the first epoch's."""
     batch, length = completions.response_ids.shape
     logprobs = torch.zeros(batch, length, device=completions.response_ids.device)
     ref_logprobs, values = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
@@ -61,7 +74,7 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, reward_model: Sc
         part = completions.select(index)
         logprobs[index], values[index], _ = policy_outputs(policy, part, config.temperature)
         ref_logprobs[index] = response_logprobs(reference, part, config.temperature)
-        scores[index] = scores_or_missing_eos(reward_model, part, config.missing_eos_score)
+        scores[index] = scorer.scores([prompts[i] for i in index.tolist()], part, tokenizer)
     mask, last_index = completions.response_mask, completions.last_index
     kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, kl_coef)
     if config.method == "ppo":
@@ -76,7 +89,7 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, reward_model: Sc
 
 
 def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: LMRollout,
-               first_minibatches: list[torch.Tensor], config: PPOConfig, generator: torch.Generator
+               first_minibatches: list[torch.Tensor], config: PPOStageConfig, generator: torch.Generator
                ) -> dict[str, float]:
     """`config.epochs` passes over the rollout; returns the statistics averaged over minibatches,
     plus `first_ratio_error` (max |ratio - 1| on the very first minibatch: 0 when the old
@@ -122,8 +135,8 @@ class IterationResult:
     stats: dict[str, float]
 
 
-def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, reward_model: ScalarHeadLM, tokenizer,
-                  optimizer: torch.optim.Optimizer, prompts: list[str], config: PPOConfig, kl_coef: float,
+def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, tokenizer,
+                  optimizer: torch.optim.Optimizer, prompts: list[str], config: PPOStageConfig, kl_coef: float,
                   generator: torch.Generator, device: str) -> IterationResult:
     """Sample, score, update: one iteration on B = len(`prompts`) responses: one per prompt
     (ppo), or k for each of the first B / k prompts (rloo)."""
@@ -134,10 +147,113 @@ def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, reward_model: Scal
                                      generator, device)
     first_minibatches = torch.randperm(len(prompts), generator=generator,
                                        device=generator.device).to(device).split(config.minibatch_size)
-    rollout = collect_rollout(policy, reference, reward_model, completions, first_minibatches, config, kl_coef)
+    rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer, first_minibatches, config,
+                              kl_coef)
     stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator)
     k1, k3 = sequence_kls(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
     stats.update(score=float(rollout.scores.mean()), kl_k1=float(k1.mean()), kl_k3=float(k3.mean()),
                  kl_coef=kl_coef, response_length=float(rollout.mask.sum(-1).float().mean()),
                  eos_rate=float(completions.ended.float().mean()))
     return IterationResult(prompts, rollout, stats)
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+BASE_COLUMNS = ("iteration", "responses", "score", "gold", "kl_k1", "kl_k3", "kl_coef", "entropy", "response_length",
+                "eos_rate", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "explained_variance",
+                "labels", "rm_policy_accuracy", "win_rate")
+
+
+def metrics_columns(ctx: StageContext) -> tuple[str, ...]:
+    """metrics.csv's columns: the gold ones only where there is a gold score, one pair per slice."""
+    gold = [f"eval_gold_{name}{mode}" for name in ("", *(f"{s}_" for s in ctx.task.slices(ctx.data.evaluation)))
+            for mode in ("greedy", "sampled")] if ctx.has_gold else []
+    base = BASE_COLUMNS if ctx.has_gold else tuple(c for c in BASE_COLUMNS if c != "gold")
+    return (*base, *gold, "eval_kl_k1", "eval_kl_k3", "wall_seconds")
+
+
+def run_ppo(ctx: StageContext) -> dict[str, Any]:
+    """PPO (or RLOO) from the start model against the reward model, or the reward function."""
+    config, stage_dir = ctx.config.ppo, ctx.stage_dir("ppo")
+    stage_dir.mkdir(exist_ok=True)
+    learned = ctx.reward_function is None or ctx.config.reward.function_role != "reward"
+    reward_model = load_reward_model(ctx) if learned else None
+    scorer = RewardModelScorer(reward_model, config.missing_eos_score) if learned else ctx.reward_function
+    reference, tokenizer = ctx.load_start_model()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    policy_lm, _ = load_pretrained(ctx.start_model_dir(), ctx.device)
+    policy = ScalarHeadLM(policy_lm).to(ctx.device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    reward_optimizer = (torch.optim.AdamW(reward_model.parameters(), lr=ctx.config.reward.learning_rate,
+                                          weight_decay=0.0) if learned else None)
+    relabel_every = config.relabel_every if learned and ctx.has_gold else 0  # relabelling needs a labeller
+    kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + RL_SEED)
+    records = read_records(ctx.stage_dir("reward") / COMPARISONS_NAME) if learned else []
+    sft_samples = ctx.sft_samples(reference, tokenizer) if relabel_every else None
+    checkpoint_path = stage_dir / CHECKPOINT_NAME
+    stateful = {"policy": policy, "optimizer": optimizer, "generator": generator}
+    if learned:
+        stateful.update(reward_model=reward_model, reward_optimizer=reward_optimizer)
+    state = restore_states(checkpoint_path, **stateful)
+    start, elapsed = (0, 0.0) if state is None else (int(state["iteration"]), float(state["wall_seconds"]))
+    if state is not None:
+        kl_controller.value = float(state["kl_coef"])
+    policy_records_path = stage_dir / COMPARISONS_NAME
+    if relabel_every:
+        policy_records = ([record for record in read_records(policy_records_path) if record["iteration"] <= start]
+                          if start and policy_records_path.exists() else [])
+        write_records(policy_records_path, policy_records)  # drops answers a killed run gave after its checkpoint
+        records.extend(policy_records)
+    log = CsvLog(stage_dir / "metrics.csv", metrics_columns(ctx), "iteration", start if start else None)
+    started = time.perf_counter() - elapsed
+    prompts = ctx.data.rl
+    with ctx.progress("ppo", config.iterations, start) as progress:
+        for iteration in range(start + 1, config.iterations + 1):
+            index = torch.randint(len(prompts), (config.prompts_per_iteration,), generator=generator,
+                                  device=generator.device).tolist()
+            batch_prompts = [prompts[i] for i in index]
+            policy.train()
+            result = ppo_iteration(policy, reference, scorer, tokenizer, optimizer, batch_prompts, config,
+                                   kl_controller.value, generator, ctx.device)
+            stats, batch_prompts = result.stats, result.prompts
+            if config.adaptive_kl:
+                kl_controller.update(stats["kl_k1"], config.prompts_per_iteration)
+            completions = result.rollout.completions
+            texts, ended = completions.texts(tokenizer), completions.ended
+            if ctx.has_gold:
+                stats["gold"] = float(ctx.gold(batch_prompts, texts, ended).mean())
+            stats.update(iteration=iteration, responses=iteration * config.prompts_per_iteration)
+            if relabel_every and iteration % relabel_every == 0:
+                pairs = min(config.relabel_pairs, config.prompts_per_iteration)
+                stats.update(refit_on_policy_samples(ctx, iteration, batch_prompts[:pairs], texts[:pairs],
+                                                     ended[:pairs].tolist(), reference, tokenizer, reward_model,
+                                                     reward_optimizer, records, sft_samples, generator))
+            if iteration % config.eval_every == 0 or iteration == config.iterations:
+                policy.eval()
+                stats.update({f"eval_{key}": value
+                              for key, value in ctx.evaluate(policy.lm, tokenizer, reference).items()})
+            stats["wall_seconds"] = time.perf_counter() - started
+            log.log(stats)
+            progress.update()
+            progress.set_postfix(score=f"{stats['score']:.2f}", kl=f"{stats['kl_k1']:.2f}", refresh=False)
+            if iteration % config.eval_every == 0 and iteration < config.iterations:
+                save_checkpoint(checkpoint_path, {
+                    **{name: obj.state_dict() for name, obj in stateful.items() if name != "generator"},
+                    "generator": generator.get_state(), "kl_coef": kl_controller.value, "iteration": iteration,
+                    "wall_seconds": time.perf_counter() - started})
+    log.close()
+    seconds = time.perf_counter() - started
+    policy.eval()
+    save_pretrained(policy.lm, tokenizer, stage_dir / MODEL_DIR)
+    final = ctx.evaluate(policy.lm, tokenizer, reference)
+    summary = {"seconds": seconds, "iterations": config.iterations, "final_kl_coef": kl_controller.value,
+               "labels": len(records), "eval": final, "last_iteration": stats}
+    from proximal.lm.plots import plot_ppo, write_samples
+
+    plot_ppo(stage_dir)
+    write_samples(stage_dir / "samples.md", ctx, reference, policy.lm, tokenizer)
+    finish(stage_dir, summary)
+    checkpoint_path.unlink(missing_ok=True)
+    return summary

@@ -1,22 +1,38 @@
-"""The reward model: the SFT network with a scalar head, read at the response's last token (its
-EOS), fitted to the labelled pairs with the Bradley-Terry loss of `proximal.reward_model`.
+"""The reward model: the start (SFT) network with a scalar head, read at the response's last
+token (its EOS), fitted to the labelled pairs with the Bradley-Terry loss (`proximal.losses`).
 
   P[response 1 > response 2] = sigmoid(r(prompt, response 1) - r(prompt, response 2))
 
 After fitting, the head is shifted and scaled so that the scores of SFT samples have mean 0 and
 standard deviation 1: the KL coefficient then means the same thing on every seed, and a fixed
 score for a response that never ends sits at a known distance below the SFT average.
+
+The stage (`run_reward`): the pairs (the user's --data.preferences, or pairs of SFT samples the
+labeller answers) -> `fit_on_pairs` -> standardise -> RUN_DIR/reward/model + head.pt. During PPO,
+`refit_on_policy_samples` labels the policy's own samples and refits.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Any
 
+import numpy as np
 import torch
 
-from proximal.lm.labels import PairBatch
-from proximal.lm.model import Completions, ScalarHeadLM
-from proximal.reward_model import bradley_terry_loss
+from proximal.checkpoint import load_checkpoint, save_checkpoint
+from proximal.errors import CheckpointError, ConfigError
+from proximal.labellers import make_labeller
+from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, ask_person, label_records,
+                                pairs_from_records, read_records, teaches_something, write_records)
+from proximal.lm.model import Completions, ScalarHeadLM, load_pretrained, sample_completions, save_pretrained
+from proximal.lm.stage import MODEL_DIR, PREFERENCE_PROMPT_SEED, StageContext, finish
+from proximal.losses import bradley_terry_loss
+from proximal.run import CsvLog
+
+HEAD_NAME = "head.pt"
+COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_accuracy", "val_gold_accuracy", "wall_seconds")
 
 
 def reward_scores(model: ScalarHeadLM, completions: Completions) -> torch.Tensor:
@@ -30,6 +46,16 @@ def scores_or_missing_eos(model: ScalarHeadLM, completions: Completions, missing
     """`reward_scores` [B], with `missing_eos_score` for a response cut at the length limit."""
     scores = reward_scores(model, completions)
     return torch.where(completions.ended, scores, torch.full_like(scores, missing_eos_score))
+
+
+class RewardModelScorer:
+    """PPO's score [B] from a reward model (what `RewardFunction.scores` is for a function)."""
+
+    def __init__(self, model: ScalarHeadLM, missing_eos_score: float):
+        self.model, self.missing_eos_score = model, missing_eos_score
+
+    def scores(self, prompts: list[str], completions: Completions, tokenizer) -> torch.Tensor:
+        return scores_or_missing_eos(self.model, completions, self.missing_eos_score)
 
 
 def pair_scores(model: ScalarHeadLM, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +73,7 @@ def pair_agreement(score_1: torch.Tensor, score_2: torch.Tensor, pairs: PairBatc
     and the Bradley-Terry loss."""
     prefers_first = score_1 > score_2
     strict = pairs.labels != 0.5
-    gold_strict = pairs.gold[:, 0] != pairs.gold[:, 1]
+    gold_strict = (pairs.gold[:, 0] != pairs.gold[:, 1]) & torch.isfinite(pairs.gold).all(-1)  # NaN: no gold
     return {
         "accuracy": float((prefers_first == (pairs.labels == 1.0))[strict].float().mean()) if strict.any() else math.nan,
         "gold_accuracy": (float((prefers_first == (pairs.gold[:, 0] > pairs.gold[:, 1]))[gold_strict].float().mean())
@@ -95,3 +121,167 @@ def fit_reward_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
         if on_step is not None:
             on_step(step, loss.item())
     model.eval()
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+def labelled_pairs(ctx: StageContext, records: list[dict], tokenizer) -> tuple[PairBatch, PairBatch]:
+    """(training pairs, validation pairs) of the records that teach something."""
+    pairs = pairs_from_records([record for record in records if teaches_something(record)], tokenizer, ctx.device)
+    train_pairs = pairs.select(torch.nonzero(~pairs.is_validation).squeeze(-1))
+    if train_pairs.size == 0:
+        raise ConfigError("no labelled pair is left to train on; raise --reward.labels")
+    return train_pairs, pairs.select(torch.nonzero(pairs.is_validation).squeeze(-1))
+
+
+def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 train_pairs: PairBatch, epochs: int, batch_size: int, validate, loss_of=None
+                 ) -> dict[str, float] | None:
+    """`epochs` passes of `fit_reward_model` (its loss, or `loss_of`) with the training loss
+    logged to the stage's metrics.csv and `validate()` (None: no held-out pairs) 20 times;
+    returns the last validation. Minutes of work: a killed fit is redone from the start."""
+    generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + PREFERENCE_PROMPT_SEED)
+    steps_per_epoch = -(-train_pairs.size // batch_size)
+    total = epochs * steps_per_epoch
+    log = CsvLog(ctx.stage_dir(stage) / "metrics.csv", COLUMNS, "step", None)
+    started = time.perf_counter()
+    validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal validation
+        row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
+               "wall_seconds": time.perf_counter() - started}
+        if validate is not None and (step % max(1, total // 20) == 0 or step == total):
+            model.eval()
+            validation = validate()
+            model.train()
+            row.update(val_loss=validation["loss"], val_accuracy=validation["accuracy"],
+                       val_gold_accuracy=validation["gold_accuracy"])
+        log.log(row)
+        progress.update()
+
+    with ctx.progress(stage, total) as progress:
+        fit_reward_model(model, optimizer, train_pairs, total, batch_size, generator, on_step, loss_of)
+    log.close()
+    return validation
+
+
+def _sampled_pairs(ctx: StageContext, model, tokenizer) -> list[dict]:
+    """Pairs of start-model samples for the preference prompts, answered by the synthetic
+    labeller (or a person). Of `samples_per_prompt` samples, the first and the first one that
+    differs from it are compared: two identical responses would teach the reward model nothing."""
+    config, seed = ctx.config.reward, ctx.config.run.seed
+    prompts = ctx.data.preference_prompts
+    generator = torch.Generator(device=ctx.device).manual_seed(seed + PREFERENCE_PROMPT_SEED)
+    samples = []  # samples_per_prompt rounds of one sample per prompt: (texts, ended)
+    for _ in range(config.samples_per_prompt):
+        completions = sample_completions(model, tokenizer, prompts, ctx.config.ppo.max_new_tokens,
+                                         config.sample_temperature, generator, ctx.device)
+        samples.append((completions.texts(tokenizer), completions.ended.tolist()))
+    sides: list[tuple[list[str], list[bool]]] = [([], []), ([], [])]
+    for query in range(len(prompts)):
+        candidates = [(texts[query], ended[query]) for texts, ended in samples]
+        second = next((c for c in candidates[1:] if c != candidates[0]), candidates[1 % len(candidates)])
+        for side, (text, end) in zip(sides, (candidates[0], second)):
+            side[0].append(text)
+            side[1].append(end)
+    (first, ended_1), (second, ended_2) = sides
+    person = config.labeller == "human"
+    records = label_records(prompts, first, second, ended_1, ended_2, ctx.judge(prompts, first, ended_1),
+                            ctx.judge(prompts, second, ended_2),
+                            None if person else make_labeller(config, np.random.default_rng(seed)),
+                            config.validation_fraction, np.random.default_rng(seed + PREFERENCE_PROMPT_SEED))
+    if person:
+        from tqdm import tqdm
+
+        records = ask_person(records, ctx.stage_dir("reward"), config.host, config.port,
+                             f"{ctx.task.name}: {ctx.task.instructions}", seed, announce=tqdm.write)
+    return records
+
+
+def comparison_records(ctx: StageContext, model, tokenizer) -> list[dict]:
+    """The reward stage's labelled pairs, written to reward/comparisons.jsonl once (read back when
+    there): the user's own (--data.preferences), or sampled and labelled here."""
+    path = ctx.stage_dir("reward") / COMPARISONS_NAME
+    if path.exists():
+        return read_records(path)
+    if ctx.data.preferences is not None:
+        records = [dict(record) for record in ctx.data.preferences]
+        if ctx.has_gold:  # a reward function given beside the pairs: how far it agrees with them
+            for record in records:
+                record["true_returns"] = ctx.gold([record["prompt"]] * 2, record["responses"], [True, True]).tolist()
+    else:
+        records = _sampled_pairs(ctx, model, tokenizer)
+    write_records(path, records)
+    return records
+
+
+def run_reward(ctx: StageContext) -> dict[str, Any]:
+    config, stage_dir = ctx.config.reward, ctx.stage_dir("reward")
+    stage_dir.mkdir(exist_ok=True)
+    lm, tokenizer = ctx.load_start_model()
+    started = time.perf_counter()
+    records = comparison_records(ctx, lm, tokenizer)
+    sft_samples = ctx.sft_samples(lm, tokenizer)  # before training: the reward model shares lm's weights
+    train_pairs, val_pairs = labelled_pairs(ctx, records, tokenizer)
+    model = ScalarHeadLM(lm).to(ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    validation = fit_on_pairs(ctx, "reward", model, optimizer, train_pairs, config.epochs, config.batch_size,
+                              (lambda: pair_accuracy(model, val_pairs)) if val_pairs.size else None)
+    mean, std = standardise_scores(model, sft_samples, 256)
+    save_pretrained(model.lm, tokenizer, stage_dir / MODEL_DIR)
+    save_checkpoint(stage_dir / HEAD_NAME, {"head": model.head.state_dict()})
+    labels = torch.tensor([r["label"] if r["label"] is not None else float("nan") for r in records])
+    summary = {
+        "seconds": time.perf_counter() - started, "labels": len(records),
+        "strict_labels": int(((labels == 0) | (labels == 1)).sum()), "equal_labels": int((labels == 0.5).sum()),
+        "train_pairs": train_pairs.size, "validation_pairs": val_pairs.size,
+        "validation": validation,  # before standardising, which keeps the ranking (accuracy)
+        "score_shift": {"mean": mean, "std": std},
+    }
+    from proximal.lm.plots import plot_reward
+
+    plot_reward(stage_dir)
+    return finish(stage_dir, summary)
+
+
+def load_reward_model(ctx: StageContext) -> ScalarHeadLM:
+    stage_dir = ctx.stage_dir("reward")
+    lm, _ = load_pretrained(stage_dir / MODEL_DIR, ctx.device)
+    model = ScalarHeadLM(lm).to(ctx.device)
+    try:
+        model.head.load_state_dict(load_checkpoint(stage_dir / HEAD_NAME)["head"])
+    except (KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{stage_dir / HEAD_NAME} holds no reward head ({error})") from None
+    return model.eval()
+
+
+def refit_on_policy_samples(ctx: StageContext, iteration: int, prompts: list[str], policy_texts: list[str],
+                            policy_ended: list[bool], reference, tokenizer, reward_model: ScalarHeadLM,
+                            reward_optimizer, records: list[dict], sft_samples: Completions,
+                            generator: torch.Generator) -> dict[str, float]:
+    """One round of labels on the policy's own samples: each compared with an SFT sample for
+    the same prompt. The reward model's accuracy on these fresh answers is measured before it
+    sees them (a held-out check on the distribution it is now scoring), then it is refitted
+    on every label so far and its scores re-standardised on the SFT samples; the new records
+    are appended to ppo/comparisons.jsonl."""
+    config = ctx.config
+    sft = sample_completions(reference, tokenizer, prompts, config.ppo.max_new_tokens,
+                             config.reward.sample_temperature, generator, ctx.device)
+    sft_texts, sft_ended = sft.texts(tokenizer), sft.ended.tolist()
+    new = label_records(prompts, policy_texts, sft_texts, policy_ended, sft_ended,
+                        ctx.judge(prompts, policy_texts, policy_ended), ctx.judge(prompts, sft_texts, sft_ended),
+                        make_labeller(config.reward, np.random.default_rng(config.run.seed + 1000 * iteration)),
+                        0.0, np.random.default_rng(0))
+    for offset, record in enumerate(new):
+        record.update(query=len(records) + offset, iteration=iteration, responses_from=["policy", "sft"])
+    check = pair_accuracy(reward_model, pairs_from_records(new, tokenizer, ctx.device))
+    records.extend(new)
+    append_records(ctx.stage_dir("ppo") / COMPARISONS_NAME, new)
+    training = [record for record in records if not record["validation"] and teaches_something(record)]
+    fit_reward_model(reward_model, reward_optimizer, pairs_from_records(training, tokenizer, ctx.device),
+                     config.ppo.refit_steps, config.reward.batch_size, generator)
+    standardise_scores(reward_model, sft_samples, 256)
+    answered = [record["label"] for record in new if record["label"] is not None]
+    return {"rm_policy_accuracy": check["accuracy"], "labels": len(records),
+            "win_rate": sum(answered) / len(answered) if answered else None}  # ties count half

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from proximal.lm.model import Completions
-from proximal.utils import compute_gae
+from proximal.losses import compute_gae
 
 
 @dataclass

@@ -2,16 +2,27 @@
 response tokens only (the prompt is given, not something to imitate).
 
 Data flow: demonstrations (prompt, response) -> one padded tensor batch (`encode_prompts` +
-`encode_responses`) -> minibatches -> `sft_loss` -> AdamW.
+`encode_responses`) -> random minibatches -> `sft_loss` -> AdamW (linear warm-up, linear decay)
+-> RUN_DIR/sft/model. `run_sft` is the stage: resumable from checkpoint.pt every
+--sft.checkpoint-every steps.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import torch
 from torch import nn
 
-from proximal.lm.model import Completions, encode_prompts, encode_responses, response_logprobs
-from proximal.utils import masked_mean
+from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from proximal.lm.model import (Completions, build_tiny_gpt2, encode_prompts, encode_responses, load_pretrained,
+                               response_logprobs, save_pretrained)
+from proximal.lm.stage import MODEL_DIR, StageContext, finish, start_tokenizer
+from proximal.losses import masked_mean
+from proximal.run import CsvLog, restore_states
+
+COLUMNS = ("step", "loss", "learning_rate", "wall_seconds")
 
 
 def sft_loss(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -28,3 +39,67 @@ def encode_demonstrations(tokenizer, prompts: list[str], responses: list[str], d
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     response_ids, response_mask = encode_responses(tokenizer, responses, [True] * len(responses), device)
     return prompt_ids, prompt_mask, response_ids, response_mask
+
+
+def initial_model(ctx: StageContext):
+    """The model SFT starts from: the user's local HF directory, or a fresh tiny GPT-2 over the
+    task's characters."""
+    model_config = ctx.config.model
+    if model_config.path:
+        return load_pretrained(model_config.path, ctx.device)
+    tokenizer = start_tokenizer(ctx.config, ctx.task)
+    torch.manual_seed(ctx.config.run.seed)
+    model = build_tiny_gpt2(tokenizer, model_config.width, model_config.layers, model_config.heads,
+                            model_config.context).to(ctx.device)
+    return model, tokenizer
+
+
+def run_sft(ctx: StageContext) -> dict[str, Any]:
+    config, stage_dir = ctx.config.sft, ctx.stage_dir("sft")
+    stage_dir.mkdir(exist_ok=True)
+    model, tokenizer = initial_model(ctx)
+    data = encode_demonstrations(tokenizer, ctx.data.sft_prompts, ctx.data.sft_completions, ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    warmup = min(config.warmup_steps, config.steps // 10 + 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1.0 - step / config.steps))
+    generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed)
+    checkpoint_path = stage_dir / CHECKPOINT_NAME
+    state = restore_states(checkpoint_path, model=model, optimizer=optimizer, schedule=schedule, generator=generator)
+    start, elapsed = (0, 0.0) if state is None else (int(state["step"]), float(state["wall_seconds"]))
+    log = CsvLog(stage_dir / "metrics.csv", COLUMNS, "step", start if start else None)
+    model.train()
+    started = time.perf_counter() - elapsed
+    with ctx.progress("sft", config.steps, start) as progress:
+        for step in range(start, config.steps):
+            index = torch.randint(len(ctx.data.sft_prompts), (config.batch_size,), generator=generator,
+                                  device=generator.device)
+            loss = sft_loss(model, *(tensor[index] for tensor in data))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            progress.update()
+            if (step + 1) % 10 == 0 or step + 1 == config.steps:
+                log.log({"step": step + 1, "loss": loss.item(), "learning_rate": schedule.get_last_lr()[0],
+                         "wall_seconds": time.perf_counter() - started})
+                progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                save_checkpoint(checkpoint_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step + 1,
+                    "wall_seconds": time.perf_counter() - started})
+    log.close()
+    seconds = time.perf_counter() - started
+    model.eval()
+    save_pretrained(model, tokenizer, stage_dir / MODEL_DIR)
+    summary = {"seconds": seconds, "steps": config.steps, "demonstrations": len(ctx.data.sft_prompts),
+               "eval": ctx.evaluate(model, tokenizer)}
+    from proximal.lm.plots import plot_sft
+
+    plot_sft(stage_dir)
+    finish(stage_dir, summary)
+    checkpoint_path.unlink(missing_ok=True)
+    return summary

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from proximal.lm.config import RLHFConfig, StudyConfig
-from proximal.lm.pipeline import MODEL_DIR, Pipeline, is_finished, read_summary, run_pipeline
+from proximal.lm.pipeline import run_pipeline
+from proximal.lm.stage import MODEL_DIR, is_finished, open_context, read_summary
 from proximal.run import read_csv_rows, save_figure_atomic, write_json_atomic, write_text_atomic
 
 
@@ -217,6 +218,7 @@ def best_of_n(study: Study) -> dict[str, Any]:
 
     from proximal.lm.best_of_n import best_of_n_curve, response_support
     from proximal.lm.model import load_pretrained
+    from proximal.lm.reward import load_reward_model
 
     config = study.config
     results: dict[str, Any] = {}
@@ -227,10 +229,10 @@ def best_of_n(study: Study) -> dict[str, Any]:
         marker = MARKERS[index % len(MARKERS)] + "-"
         rm = study.reward_model(labels)
         run_config = study.base.with_overrides({"reward": reward_settings(labels)})
-        pipeline = Pipeline(run_config, study.study_dir / rm, show_progress=False)
-        reference, tokenizer = load_pretrained(pipeline.stage_dir("sft") / MODEL_DIR, run_config.run.device)
-        supports = response_support(reference, pipeline.load_reward_model(), tokenizer, pipeline.task,
-                                    pipeline.splits.evaluation[:config.best_of_n_prompts], config.best_of_n_samples,
+        ctx = open_context(run_config, study.study_dir / rm)
+        reference, tokenizer = load_pretrained(ctx.stage_dir("sft") / MODEL_DIR, run_config.run.device)
+        supports = response_support(reference, load_reward_model(ctx), tokenizer, ctx.gold,
+                                    ctx.data.evaluation[:config.best_of_n_prompts], config.best_of_n_samples,
                                     run_config.ppo.max_new_tokens, run_config.ppo.missing_eos_score,
                                     torch.Generator().manual_seed(config.seed), run_config.run.device)
         curve = best_of_n_curve(supports, list(config.best_of_n))
@@ -278,7 +280,7 @@ def methods(study: Study) -> dict[str, Any]:
             "|---|---|---|---|---|---|"]
     results: dict[str, Any] = {}
     sft = read_summary(study.study_dir / "sft" / "sft")["eval"]
-    rows.append(f"| SFT | {sft['gold_greedy']:.3f} | {sft['gold_sampled']:.3f} | {sft['gold_hard_greedy']:.3f} | 0 | |")
+    rows.append(f"| SFT | {sft['gold_greedy']:.3f} | {sft['gold_sampled']:.3f} | {sft['gold_carry_greedy']:.3f} | 0 | |")
     for label, run_dir in runs.items():
         points = trajectory(run_dir)
         summary = read_summary(run_dir / "ppo")
@@ -292,7 +294,7 @@ def methods(study: Study) -> dict[str, Any]:
                   markersize=8, label=f"DPO, beta {beta:g}")
     for label, result in results.items():
         e = result["eval"]
-        rows.append(f"| {label} | {e['gold_greedy']:.3f} | {e['gold_sampled']:.3f} | {e['gold_hard_greedy']:.3f} | "
+        rows.append(f"| {label} | {e['gold_greedy']:.3f} | {e['gold_sampled']:.3f} | {e['gold_carry_greedy']:.3f} | "
                     f"{e['kl_k1']:.2f} | {result['seconds']:.0f} |")
     axis.set_xlabel("d = sqrt(KL(pi || SFT))")
     axis.set_ylabel("gold reward (held-out, sampled)")

@@ -1,9 +1,14 @@
-"""Tasks with a programmatic gold reward: prompts, noisy demonstrations, and the gold score.
+"""What the model learns: the `Task` protocol, and the built-in task (two-digit addition).
 
-A task is plain text in, plain text out. It generates, deterministically from a seed, the
-demonstrations SFT imitates and the prompts the later stages use; `gold` scores a response and
-is the truth every stage is measured against. The gold reward never reaches the policy or the
-reward model: it drives the synthetic labeller and the evaluation, nothing else.
+A task is plain text in, plain text out. It gives every stage its data (`TaskData`: the
+demonstrations SFT imitates, the prompts whose samples a labeller compares or the labelled pairs
+themselves, the prompts PPO samples from, the held-out prompts every stage is evaluated on), and
+optionally a gold score: the truth a stage is measured against. The gold never reaches the
+policy or the reward model: it drives the synthetic labeller and the evaluation, nothing else.
+Named evaluation slices (a bool per held-out prompt) get their own gold columns.
+
+To add a task: a class with the members of `Task`, and an entry in `TASKS`. A user's own data
+in files is the task `proximal.lm.data.FileTask` (`--data.prompts`, `--data.sft`, ...).
 
 `addition` (the default): two-digit addition, prompt "47+38=", answer "85" then EOS. The noise is
 systematic, as a careless annotator's would be: in `carry_noise` of the demonstrations whose sum
@@ -15,23 +20,56 @@ and only preferences can say what is right.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from proximal.errors import ConfigError
 
-ALPHABET = "0123456789+="  # every character a prompt or an answer of these tasks uses
+
+@dataclass(frozen=True)
+class DataSizes:
+    """How much of each kind a generated task draws (a task read from files has what it has)."""
+
+    demonstrations: int
+    preference_prompts: int
+    rl_prompts: int
+    eval_prompts: int
+    validation_fraction: float  # share of labelled pairs held out to measure a reward model
 
 
 @dataclass(frozen=True)
-class PromptSplits:
+class TaskData:
     """Disjoint sets of prompts, one per use: SFT never sees an evaluation prompt."""
 
-    sft: list[str]  # prompts of the demonstrations (with repeats: one per demonstration)
-    preference: list[str]  # prompts whose SFT samples are compared by the labeller
+    sft_prompts: list[str]  # the prompt of each demonstration (with repeats); empty: nothing to imitate
+    sft_completions: list[str]  # the demonstrations, aligned with sft_prompts
+    preference_prompts: list[str]  # prompts whose samples the labeller compares
     rl: list[str]  # prompts PPO samples from
-    evaluation: list[str]  # held-out prompts for the gold evaluation of every stage
+    evaluation: list[str]  # held-out prompts for the evaluation of every stage
+    preferences: list[dict] | None = None  # labelled pairs given as data (comparisons.jsonl records), or None
+    origins: dict[str, list[str]] = field(default_factory=dict)  # where each record of a kind came from, if a file
+
+    def origin(self, kind: str, index: int, text: str) -> str:
+        """How an error names record `index` of `kind`: its file and line, or its text."""
+        where = self.origins.get(kind)
+        return where[index] if where else f"the {kind} prompt {text!r}"
+
+
+class Task(Protocol):
+    name: str
+    instructions: str  # what "better" means, one sentence: shown to a person labelling
+    alphabet: str  # the characters the tiny model's character tokenizer must cover
+    has_gold: bool  # whether `gold` scores responses (else it returns None)
+
+    def data(self, seed: int, sizes: DataSizes, tokenizer) -> TaskData: ...
+
+    def gold(self, prompts: list[str], responses: list[str], ended: list[bool]) -> np.ndarray | None:
+        """The gold score [B] of each response (`ended`: it emitted EOS), or None: no gold."""
+
+    def slices(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Named subsets of the held-out prompts [B] bool, each evaluated on its own."""
 
 
 class AdditionTask:
@@ -39,6 +77,8 @@ class AdditionTask:
 
     name = "addition"
     instructions = "the sum of the two numbers, and nothing after it, is the right answer."
+    alphabet = "0123456789+="
+    has_gold = True
 
     def __init__(self, carry_noise: float = 0.6):
         if not 0.0 <= carry_noise <= 1.0:
@@ -51,44 +91,46 @@ class AdditionTask:
         return int(left), int(right)
 
     @staticmethod
-    def is_hard(prompt: str) -> bool:
+    def carries(prompt: str) -> bool:
         """The slice the noise hits: the units digits carry."""
         a, b = AdditionTask.operands(prompt)
         return a % 10 + b % 10 >= 10
 
-    def gold(self, prompt: str, response: str, ended: bool) -> float:
+    def slices(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        return {"carry": np.array([self.carries(prompt) for prompt in prompts], dtype=bool)}
+
+    def score(self, prompt: str, response: str, ended: bool) -> float:
         """1.0 for the exact sum followed by EOS (`ended`), else 0.0."""
         a, b = self.operands(prompt)
         return float(ended and response == str(a + b))
+
+    def gold(self, prompts: list[str], responses: list[str], ended: list[bool]) -> np.ndarray:
+        return np.array([self.score(p, r, bool(e)) for p, r, e in zip(prompts, responses, ended)])
 
     def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
         """What the noisy annotator writes: the sum, or on a carry prompt with probability
         `carry_noise`, the sum with the carry dropped (10 too small)."""
         a, b = self.operands(prompt)
-        if self.is_hard(prompt) and rng.random() < self.carry_noise:
+        if self.carries(prompt) and rng.random() < self.carry_noise:
             return str(a + b - 10)
         return str(a + b)
 
-    def splits(self, seed: int, num_demonstrations: int, num_preference: int, num_rl: int,
-               num_evaluation: int) -> PromptSplits:
-        """All 10,000 prompts shuffled by `seed`; the first `num_evaluation` are held out for
+    def data(self, seed: int, sizes: DataSizes, tokenizer=None) -> TaskData:
+        """All 10,000 prompts shuffled by `seed`; the first `eval_prompts` are held out for
         evaluation, the rest feed SFT (drawn with replacement), preferences and RL."""
         rng = np.random.default_rng(seed)
         every_prompt = [f"{a}+{b}=" for a in range(100) for b in range(100)]
         order = rng.permutation(len(every_prompt))
-        evaluation = [every_prompt[i] for i in order[:num_evaluation]]
-        pool = [every_prompt[i] for i in order[num_evaluation:]]
+        evaluation = [every_prompt[i] for i in order[:sizes.eval_prompts]]
+        pool = [every_prompt[i] for i in order[sizes.eval_prompts:]]
         if not pool:
-            raise ConfigError(f"num_evaluation must leave prompts to train on (< {len(every_prompt)})")
+            raise ConfigError(f"eval_prompts must leave prompts to train on (< {len(every_prompt)})")
         pick = lambda count: [pool[i] for i in rng.integers(len(pool), size=count)]  # noqa: E731
-        return PromptSplits(sft=pick(num_demonstrations), preference=pick(num_preference), rl=pick(num_rl),
-                            evaluation=evaluation)
+        sft_prompts, preference_prompts, rl = pick(sizes.demonstrations), pick(sizes.preference_prompts), \
+            pick(sizes.rl_prompts)
+        annotator = np.random.default_rng(seed)  # the noisy annotator's own stream
+        return TaskData(sft_prompts, [self.demonstration(prompt, annotator) for prompt in sft_prompts],
+                        preference_prompts, rl, evaluation)
 
 
 TASKS = {"addition": AdditionTask}
-
-
-def make_task(name: str, carry_noise: float) -> AdditionTask:
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    return TASKS[name](carry_noise)

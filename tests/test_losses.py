@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from proximal.utils import compute_gae, explained_variance
+from proximal.losses import compute_gae, explained_variance
 
 
 def brute_force_gae(rewards, values, next_values, terminated, truncated, gamma, lam):

@@ -1,0 +1,95 @@
+"""A reward written as a plain Python function instead of learned from preferences (what
+GRPO-style "verifiable rewards" use): `--reward.function module:callable` or
+`--reward.function path/to/file.py:callable`.
+
+The callable takes (prompts, completions), two lists of strings, and returns one float per
+completion. PPO/RLOO then optimise it in place of a reward model's score (the score sits at the
+response's last token, the KL penalty on every token, exactly as with a reward model), or the
+synthetic labeller answers by it (`--reward.function-role labeller`). Whatever it returns is
+checked: a wrong count, a non-number or a NaN stops the run with one line naming the prompt.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from proximal.errors import ConfigError, ProximalError
+from proximal.lm.model import Completions
+
+
+class RewardFunctionError(ProximalError):
+    """The user's reward function could not be imported, raised, or returned something unusable."""
+
+
+def import_callable(spec: str):
+    """The callable that `module:name` or `path/to/file.py:name` names."""
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise ConfigError(f"--reward.function {spec!r}: expected module:callable or path/to/file.py:callable")
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise RewardFunctionError(f"--reward.function {spec!r}: no file {path}")
+            module_spec = importlib.util.spec_from_file_location(f"proximal_user_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")  # a module beside the user's working directory, as `python -m` finds it
+            module = importlib.import_module(module_name)
+    except RewardFunctionError:
+        raise
+    except Exception as error:  # noqa: BLE001  (any error in the user's module is reported in one line)
+        raise RewardFunctionError(f"--reward.function {spec!r}: importing {module_name} failed "
+                                  f"({type(error).__name__}: {error})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise RewardFunctionError(f"--reward.function {spec!r}: {module_name} has no callable {name!r}")
+    return function
+
+
+class RewardFunction:
+    """The user's function, called on text and checked; also a scorer for PPO (`scores`)."""
+
+    def __init__(self, spec: str, missing_eos_score: float):
+        self.spec, self.function, self.missing_eos_score = spec, import_callable(spec), missing_eos_score
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        """One checked float per completion [B]."""
+        try:
+            values = self.function(list(prompts), list(completions))
+        except Exception as error:  # noqa: BLE001
+            raise RewardFunctionError(f"--reward.function {self.spec} raised {type(error).__name__}: {error} "
+                                      f"(on prompt {prompts[0]!r} and {len(prompts) - 1} more)") from None
+        try:
+            values = [float(value) for value in values]
+        except (TypeError, ValueError):
+            raise RewardFunctionError(f"--reward.function {self.spec} must return one number per completion, "
+                                      f"got {str(values)[:80]}") from None
+        if len(values) != len(completions):
+            raise RewardFunctionError(f"--reward.function {self.spec} returned {len(values)} values for "
+                                      f"{len(completions)} completions")
+        bad = next((index for index, value in enumerate(values) if not math.isfinite(value)), None)
+        if bad is not None:
+            raise RewardFunctionError(f"--reward.function {self.spec} returned {values[bad]} for the completion "
+                                      f"{completions[bad]!r} of the prompt {prompts[bad]!r}")
+        return np.array(values, dtype=float)
+
+    def gold(self, prompts: list[str], responses: list[str], ended) -> np.ndarray:
+        """The function as a task's gold score: it sees the text, cut or not."""
+        return self(prompts, responses)
+
+    def scores(self, prompts: list[str], completions: Completions, tokenizer) -> torch.Tensor:
+        """PPO's score [B]: the function's value, or the missing-EOS score for a response cut at
+        the length limit (as for a reward model)."""
+        values = torch.tensor(self(prompts, completions.texts(tokenizer)), dtype=torch.float32,
+                              device=completions.ended.device)
+        return torch.where(completions.ended, values, torch.full_like(values, self.missing_eos_score))

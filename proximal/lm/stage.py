@@ -1,0 +1,142 @@
+"""What an LM stage receives (`StageContext`) and what it leaves behind.
+
+Each stage (sft.py, reward.py, ppo.py, dpo.py) is a function `run_<stage>(ctx) -> summary` that
+owns its loop. It reads the config, the task and its data, and the folders of the stages
+before it through the context, writes only into its own folder, and is finished when its
+summary.json exists; while it runs, checkpoint.pt (written atomically) holds where it is.
+
+  RUN_DIR/STAGE/model/         the stage's model, a plain Hugging Face directory
+  RUN_DIR/STAGE/metrics.csv    one row per step or iteration; STAGE.png drawn from it
+  RUN_DIR/STAGE/summary.json   written last: the stage is finished
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from proximal.lm.config import RLHFConfig
+from proximal.lm.data import FileTask
+from proximal.lm.evaluation import evaluate_policy
+from proximal.lm.model import Completions, build_char_tokenizer, load_pretrained, load_tokenizer, sample_completions
+from proximal.lm.reward_function import RewardFunction
+from proximal.lm.tasks import TASKS, DataSizes, Task, TaskData
+from proximal.run import write_json_atomic
+
+SUMMARY_NAME = "summary.json"
+MODEL_DIR = "model"
+PREFERENCE_PROMPT_SEED, RL_SEED, EVAL_SEED = 1, 2, 3  # offsets from the run's seed, one per random stream
+
+
+def is_finished(stage_dir: Path) -> bool:
+    return (stage_dir / SUMMARY_NAME).is_file()
+
+
+def read_summary(stage_dir: Path) -> dict[str, Any]:
+    return json.loads((stage_dir / SUMMARY_NAME).read_text())
+
+
+def finish(stage_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the stage's summary: from now on the stage counts as finished."""
+    write_json_atomic(stage_dir / SUMMARY_NAME, summary)
+    return summary
+
+
+def prompt_budget(config: RLHFConfig) -> int:
+    """Prompts the RL stage draws from (enough that a prompt rarely repeats within an iteration)."""
+    return max(4 * config.ppo.prompts_per_iteration, 2000)
+
+
+def make_task(config: RLHFConfig) -> Task:
+    """The built-in task the config names, or the user's files (`--data.*`)."""
+    return FileTask(config.data) if config.data.has_files else TASKS[config.task.name](config.task.carry_noise)
+
+
+@dataclass
+class StageContext:
+    config: RLHFConfig
+    task: Task
+    data: TaskData
+    run_dir: Path | None
+    show_progress: bool = False
+    reward_function: RewardFunction | None = None
+
+    @property
+    def device(self) -> str:
+        return self.config.run.device
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def progress(self, stage: str, total: int, initial: int = 0) -> tqdm:
+        return tqdm(total=total, initial=initial, desc=stage, unit="step", disable=not self.show_progress,
+                    dynamic_ncols=True, leave=False)
+
+    def gold(self, prompts: list[str], texts: list[str], ended) -> np.ndarray | None:
+        """What a stage is measured by: the task's gold score, else the reward function; None
+        when there is neither."""
+        ended = ended.tolist() if isinstance(ended, torch.Tensor) else list(ended)
+        gold = self.task.gold(prompts, texts, ended)
+        if gold is None and self.reward_function is not None:
+            return self.reward_function.gold(prompts, texts, ended)
+        return gold
+
+    @property
+    def has_gold(self) -> bool:
+        return self.task.has_gold or self.reward_function is not None
+
+    def judge(self, prompts: list[str], texts: list[str], ended) -> np.ndarray | None:
+        """What the synthetic labeller compares by: the reward function when one is given (it is
+        what "better" means to the user), else the task's gold."""
+        if self.reward_function is not None:
+            return self.reward_function.gold(prompts, texts, ended)
+        return self.gold(prompts, texts, ended)
+
+    def evaluate(self, model: torch.nn.Module, tokenizer, reference: torch.nn.Module | None = None
+                 ) -> dict[str, float]:
+        prompts = self.data.evaluation
+        return evaluate_policy(model, tokenizer, prompts, self.gold if self.has_gold else None,
+                               self.task.slices(prompts), self.config.ppo.max_new_tokens, self.config.ppo.temperature,
+                               self.config.run.seed + EVAL_SEED, self.device, reference)
+
+    def start_model_dir(self) -> Path | None:
+        """The model the stages after SFT start from: the SFT stage's, or the user's (--model.path)
+        when this run has no finished SFT stage."""
+        if self.run_dir is not None and is_finished(self.stage_dir("sft")):
+            return self.stage_dir("sft") / MODEL_DIR
+        return Path(self.config.model.path) if self.config.model.path else None
+
+    def load_start_model(self):
+        """(model, tokenizer) of `start_model_dir`, on the run's device."""
+        return load_pretrained(self.start_model_dir(), self.device)
+
+    def sft_samples(self, start_model: torch.nn.Module, tokenizer) -> Completions:
+        """1,024 samples of the start model at the PPO temperature: the scores' reference point."""
+        generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed + EVAL_SEED)
+        return sample_completions(start_model, tokenizer, self.data.rl[:1024], self.config.ppo.max_new_tokens,
+                                  self.config.ppo.temperature, generator, self.device)
+
+
+def start_tokenizer(config: RLHFConfig, task: Task):
+    """The tokenizer every stage shares: the user's model's, or a character tokenizer over the task."""
+    return load_tokenizer(config.model.path) if config.model.path else build_char_tokenizer(task.alphabet)
+
+
+def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool = False, tokenizer=None
+                 ) -> StageContext:
+    """The task, its data and the reward function of `config`: everything a stage reads besides
+    the folders of the stages before it. Reads files only; writes nothing."""
+    task = make_task(config)
+    tokenizer = tokenizer if tokenizer is not None else start_tokenizer(config, task)
+    sizes = DataSizes(config.task.demonstrations, config.reward.labels, prompt_budget(config),
+                      config.task.eval_prompts, config.reward.validation_fraction)
+    data = task.data(config.run.seed, sizes, tokenizer)
+    function = (RewardFunction(config.reward.function, config.ppo.missing_eos_score)
+                if config.reward.function else None)
+    return StageContext(config, task, data, None if run_dir is None else Path(run_dir), show_progress, function)

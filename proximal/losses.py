@@ -1,0 +1,131 @@
+"""The math both trainers share, on the ground floor: the control tasks' PPO and the language
+model's PPO, RLOO, reward model and DPO all call these, and nothing here knows about
+environments, tokens or files.
+
+  clipped_surrogate_loss   Eq. 7 of Schulman et al. 2017 (with Eq. 6's ratio), optionally masked
+  ratio_statistics         approx-KL(old || new) and the clip fraction of an update
+  compute_gae              Generalized Advantage Estimation (Schulman et al. 2016, Eq. 16)
+  explained_variance       how much of the returns' variance the critic explains
+  masked_mean, masked_whiten   reductions over the entries a mask keeps (response tokens)
+  bradley_terry_loss       the preference loss of Christiano et al. 2017 (Eq. 1), also DPO's
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+def clipped_surrogate_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_coef: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The clipped surrogate objective of Eq. 7, negated: the scalar to minimise. The mean runs
+    over every entry, or over those where `mask` is True (a language model's response tokens).
+
+    The min makes it a pessimistic bound: once r A has improved past the clip edge
+    (A > 0 and r > 1 + eps, or A < 0 and r < 1 - eps) the clipped term is the smaller one and
+    is constant in theta, so that sample's gradient is exactly zero. Where the change makes the
+    objective worse, the unclipped term is the smaller one and the gradient flows.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)  # r_t(theta), Eq. 6
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * advantages
+    # Eq. 7 (Schulman et al. 2017): L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]; we minimise its negative.
+    surrogate = torch.min(unclipped, clipped)
+    return -(surrogate.mean() if mask is None else masked_mean(surrogate, mask))
+
+
+@torch.no_grad()
+def ratio_statistics(logprobs: torch.Tensor, old_logprobs: torch.Tensor, clip_coef: float,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far an update moved the policy, over every entry or those where `mask` is True:
+    approx-KL(old || new) by the k3 estimator E[(r - 1) - log r] (>= 0 for every sample), and the
+    clip fraction, the share of samples whose ratio r left [1 - eps, 1 + eps]."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    approx_kl = (ratio - 1.0) - log_ratio
+    clipped = ((ratio - 1.0).abs() > clip_coef).float()
+    if mask is None:
+        return approx_kl.mean(), clipped.mean()
+    return masked_mean(approx_kl, mask), masked_mean(clipped, mask)
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016, Eq. 16), all tensors [T, N].
+
+    delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)        (TD residual, Eq. 10)
+    A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1},  done = terminated or truncated
+
+    `next_values[t]` is V of the state reached after step t. At a time-limit truncation that is
+    V(final observation): the episode was cut, not finished, so the TD target still bootstraps
+    from it; at a termination the future is truly zero. The recursion itself stops at every
+    episode end either way, since the next row belongs to another episode.
+
+    Returns (advantages, returns), returns = advantages + values: the lambda-return that the
+    critic regresses on.
+    """
+    not_terminated = 1.0 - terminated.to(rewards.dtype)
+    not_done = 1.0 - torch.logical_or(terminated.bool(), truncated.bool()).to(rewards.dtype)
+    deltas = rewards + gamma * not_terminated * next_values - values  # [T, N]
+    advantages = torch.zeros_like(rewards)  # [T, N]
+    next_advantage = torch.zeros_like(rewards[0])  # [N]
+    for t in reversed(range(rewards.shape[0])):
+        next_advantage = deltas[t] + gamma * lam * not_done[t] * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var[targets - predictions] / Var[targets]: 1 is a perfect critic, 0 predicts the mean,
+    negative is worse than predicting the mean. NaN when the targets have no variance."""
+    target_variance = targets.var(unbiased=False)
+    if target_variance == 0:
+        return float("nan")
+    return float(1.0 - (targets - predictions).var(unbiased=False) / target_variance)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is True (over `dim`, or everything). Selects with `where`
+    rather than multiplying, so a NaN or inf in a masked-out entry (padding) cannot leak in."""
+    selected = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if dim is None:
+        return selected.sum() / mask.sum().clamp_min(1)
+    return selected.sum(dim) / mask.sum(dim).clamp_min(1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`values` shifted and scaled to zero mean and unit variance over the entries where `mask`
+    is True; entries outside the mask are returned as 0."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean).pow(2), mask)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    return torch.where(mask, whitened, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def preference_probability(returns_1: torch.Tensor, returns_2: torch.Tensor, error_rate: float) -> torch.Tensor:
+    """P[sigma1 > sigma2] from the clips' summed predicted rewards: Eq. 1 mixed with a uniform
+    answer of probability `error_rate` (0 gives Eq. 1 alone)."""
+    return (1.0 - error_rate) * torch.sigmoid(returns_1 - returns_2) + error_rate / 2
+
+
+def bradley_terry_loss(returns_1: torch.Tensor, returns_2: torch.Tensor, labels: torch.Tensor,
+                       error_rate: float) -> torch.Tensor:
+    """The loss of Section 2.2.3 averaged over pairs [..., B] -> [...]: the cross-entropy between the label
+    mu(1) = `labels` (mu(2) = 1 - labels) and the noise-mixed Bradley-Terry probability."""
+    difference = returns_1 - returns_2
+    if error_rate == 0.0:  # log-sigmoid is exact where sigmoid would underflow
+        log_p1, log_p2 = nn.functional.logsigmoid(difference), nn.functional.logsigmoid(-difference)
+    else:  # P >= error_rate / 2 > 0: the logs are safe. P2 from sigmoid(-d), not 1 - P1.
+        log_p1 = torch.log(preference_probability(returns_1, returns_2, error_rate))
+        log_p2 = torch.log(preference_probability(returns_2, returns_1, error_rate))
+    return -(labels * log_p1 + (1.0 - labels) * log_p2).mean(-1)
