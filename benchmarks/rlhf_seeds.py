@@ -51,11 +51,11 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         sft, ppo = r["sft"], r["ppo"]
-        lines.append(f"| {r['seed']} | SFT | {sft['gold_greedy']:.3f} ({sft['gold_hard_greedy']:.3f}) | "
-                     f"{sft['gold_sampled']:.3f} ({sft['gold_hard_sampled']:.3f}) | | 0 (by construction) | 0 | "
+        lines.append(f"| {r['seed']} | SFT | {sft['gold_greedy']:.3f} ({sft['gold_carry_greedy']:.3f}) | "
+                     f"{sft['gold_sampled']:.3f} ({sft['gold_carry_sampled']:.3f}) | | 0 (by construction) | 0 | "
                      f"{sft['response_length']:.2f} | {sft['eos_rate']:.3f} | | | |")
-        lines.append(f"| {r['seed']} | RLHF | {ppo['gold_greedy']:.3f} ({ppo['gold_hard_greedy']:.3f}) | "
-                     f"{ppo['gold_sampled']:.3f} ({ppo['gold_hard_sampled']:.3f}) | "
+        lines.append(f"| {r['seed']} | RLHF | {ppo['gold_greedy']:.3f} ({ppo['gold_carry_greedy']:.3f}) | "
+                     f"{ppo['gold_sampled']:.3f} ({ppo['gold_carry_sampled']:.3f}) | "
                      f"{gap_closed(sft['gold_greedy'], ppo['gold_greedy']):.0%} / "
                      f"{gap_closed(sft['gold_sampled'], ppo['gold_sampled']):.0%} | {r['score']:.2f} | "
                      f"{r['kl_k1']:.2f} / {r['kl_k3']:.2f} | {ppo['response_length']:.2f} | {ppo['eos_rate']:.3f} | "

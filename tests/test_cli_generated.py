@@ -19,8 +19,10 @@ BAD_VALUES = {
     "str": ["", "{tmp}/a_file/below_a_file"],
     "choice": ["no-such-choice"],
     "flag": ["=1"],  # a switch given a value
+    "_stage_list": ["", "nope", "ppo,ppo", "sft,,ppo", "all"],
 }
-EMPTY_MEANS_UNSET = {"--replay-from", "--model.path"}  # their documented default is "" (not given)
+EMPTY_MEANS_UNSET = {"--replay-from", "--model.path", "--reward.function", "--data.prompts", "--data.sft",
+                     "--data.preferences", "--data.eval-prompts", "--data.eval-preferences"}  # default "": not given
 # Arguments that get each subcommand past its positionals (or fail there, which is also one line).
 BASE = {
     "train": ["train"], "prefs": ["prefs"], "bench": ["bench"], "rlhf": ["rlhf"], "presets": ["presets"],
@@ -90,8 +92,8 @@ def no_real_work(monkeypatch):
     monkeypatch.setattr(proximal.bench, "run_bench", refuse)
     monkeypatch.setattr(proximal.evaluate, "evaluate", refuse)
     monkeypatch.setattr(proximal.lm.model, "sample_completions", refuse)
-    for stage in ("run_sft", "run_reward", "run_ppo", "run_dpo"):
-        monkeypatch.setattr(proximal.lm.pipeline.Pipeline, stage, refuse)
+    for stage in proximal.lm.pipeline.STAGES:
+        monkeypatch.setitem(proximal.lm.pipeline.STAGES, stage, refuse)
 
 
 def test_the_generated_table_covers_every_subcommand_and_hundreds_of_cases():

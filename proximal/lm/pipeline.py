@@ -100,12 +100,12 @@ def _check_lengths(ctx: StageContext, tokenizer) -> None:
 
 
 def check(ctx: StageContext, stages: tuple[str, ...]) -> RLHFConfig:
-    """Everything about the input that can be wrong, checked before any file is written: the
-    order of the stages, lengths against the context, the reward function on two prompts, the
+    """Everything about the input that can be wrong, checked before any file is written: lengths
+    against the context, the order of the stages, the reward function on two prompts, the
     checkpoints a resumed stage would read, and an existing run's config. Returns the config to
     record in the run's config.json."""
-    _check_order(ctx, stages)
     _check_lengths(ctx, start_tokenizer(ctx.config, ctx.task))
+    _check_order(ctx, stages)
     if ctx.reward_function is not None:
         prompts = (ctx.data.rl or ctx.data.evaluation)[:2]
         ctx.reward_function(prompts, (ctx.data.sft_completions[:2] + ["", ""])[:len(prompts)])

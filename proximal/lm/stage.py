@@ -55,7 +55,7 @@ def prompt_budget(config: RLHFConfig) -> int:
 
 def make_task(config: RLHFConfig) -> Task:
     """The built-in task the config names, or the user's files (`--data.*`)."""
-    return FileTask(config.data) if config.data.has_files else TASKS[config.task.name](config.task.carry_noise)
+    return FileTask(config.data) if config.data.has_files else TASKS[config.task.name].from_config(config.task)
 
 
 @dataclass

@@ -7,7 +7,8 @@ optionally a gold score: the truth a stage is measured against. The gold never r
 policy or the reward model: it drives the synthetic labeller and the evaluation, nothing else.
 Named evaluation slices (a bool per held-out prompt) get their own gold columns.
 
-To add a task: a class with the members of `Task`, and an entry in `TASKS`. A user's own data
+To add a task: a class with the members of `Task`, and an entry in `TASKS` (docs/your_data.md
+shows one); the command line, the config and every stage take it from there. A user's own data
 in files is the task `proximal.lm.data.FileTask` (`--data.prompts`, `--data.sft`, ...).
 
 `addition` (the default): two-digit addition, prompt "47+38=", answer "85" then EOS. The noise is
@@ -63,6 +64,10 @@ class Task(Protocol):
     alphabet: str  # the characters the tiny model's character tokenizer must cover
     has_gold: bool  # whether `gold` scores responses (else it returns None)
 
+    @classmethod
+    def from_config(cls, task_config) -> Task:
+        """The task from the run's `TaskConfig` (its own settings, such as addition's carry_noise)."""
+
     def data(self, seed: int, sizes: DataSizes, tokenizer) -> TaskData: ...
 
     def gold(self, prompts: list[str], responses: list[str], ended: list[bool]) -> np.ndarray | None:
@@ -84,6 +89,10 @@ class AdditionTask:
         if not 0.0 <= carry_noise <= 1.0:
             raise ConfigError(f"carry_noise must be in [0, 1], got {carry_noise!r}")
         self.carry_noise = carry_noise
+
+    @classmethod
+    def from_config(cls, task_config) -> AdditionTask:
+        return cls(task_config.carry_noise)
 
     @staticmethod
     def operands(prompt: str) -> tuple[int, int]:

@@ -1,0 +1,298 @@
+"""A user's own data and reward: the file formats (standard and conversational, through a chat
+template), a reward function reaching PPO, the shipped example end to end, a user's model as the
+start, and every bad input as one line naming the file, the line and the field."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm_helpers import tiny_llama
+from proximal.cli import main
+from proximal.lm.config import DataConfig
+from proximal.lm.data import FileTask
+from proximal.lm.model import build_char_tokenizer, encode_prompts, encode_responses, save_pretrained
+from proximal.lm.tasks import DataSizes
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "positive_words"
+SIZES = DataSizes(0, 0, 0, 0, 0.25)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LETTERS = "abcdefghijklmnopqrstuvwxyz ,.?!\n"
+
+
+def chat_tokenizer():
+    """A character tokenizer with a ChatML-style template whose end of turn is the EOS token."""
+    tokenizer = build_char_tokenizer(LETTERS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def by_hand(tokenizer, *pieces) -> list[int]:
+    """Token ids built without the tokenizer's parsing: a special token by name, text char by char."""
+    vocab = tokenizer.get_vocab()
+    ids = []
+    for piece in pieces:
+        ids += [vocab[piece]] if piece in ("<bos>", "<|im_start|>", "<|im_end|>") else [vocab[c] for c in piece]
+    return ids
+
+
+def write_lines(path: Path, records) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def ids_of(tokenizer, prompts, completions):
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, "cpu")
+    response_ids, response_mask = encode_responses(tokenizer, completions, [True] * len(completions), "cpu")
+    return ([row[mask].tolist() for row, mask in zip(prompt_ids, prompt_mask)],
+            [row[mask].tolist() for row, mask in zip(response_ids, response_mask)], response_mask)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_every_format_gives_the_token_ids_of_a_hand_built_chat_rendering(tmp_path):
+    tokenizer = chat_tokenizer()
+    chat_prompt = by_hand(tokenizer, "<bos>", "<|im_start|>", "user\nhi there?", "<|im_end|>", "\n", "<|im_start|>",
+                          "assistant\n")
+    chat_reply = by_hand(tokenizer, "hello.", "<|im_end|>")  # the completion, then EOS = the end of the turn
+    task = FileTask(DataConfig(
+        prompts=write_lines(tmp_path / "p.jsonl", [{"prompt": [user("hi there?")]}, {"prompt": "hi there?"}]),
+        sft=write_lines(tmp_path / "s.jsonl", [{"prompt": [user("hi there?")], "completion": [assistant("hello.")]},
+                                               {"messages": [user("hi there?"), assistant("hello.")]},
+                                               {"prompt": "hi there?", "completion": "hello."}]),
+        preferences=write_lines(tmp_path / "q.jsonl", [
+            {"prompt": [user("hi there?")], "chosen": [assistant("hello.")], "rejected": [assistant("go away.")]},
+            {"chosen": [user("hi there?"), assistant("hello.")], "rejected": [user("hi there?"), assistant("go away.")]},
+            {"prompt": "hi there?", "chosen": "hello.", "rejected": "go away."}]),
+        eval_prompts=write_lines(tmp_path / "e.jsonl", [{"prompt": "hi there?"}])))
+    data = task.data(0, SIZES, tokenizer)
+    plain_prompt, plain_reply = by_hand(tokenizer, "<bos>", "hi there?"), by_hand(tokenizer, "hello.", "<|im_end|>")
+    prompts, replies, mask = ids_of(tokenizer, data.sft_prompts, data.sft_completions)
+    assert prompts == [chat_prompt, chat_prompt, plain_prompt] and replies == [chat_reply, chat_reply, plain_reply]
+    assert mask.sum(-1).tolist() == [len(chat_reply)] * 3  # the loss mask: completion tokens and EOS, nothing else
+    assert sorted(ids_of(tokenizer, data.rl, ["x"] * len(data.rl))[0]) == sorted([chat_prompt, plain_prompt])
+    for record, expected_prompt in zip(data.preferences, [chat_prompt, chat_prompt, plain_prompt]):
+        prompt, pair, _ = ids_of(tokenizer, [record["prompt"]] * 2, record["responses"])
+        assert prompt == [expected_prompt] * 2
+        assert pair == [chat_reply, by_hand(tokenizer, "go away.", "<|im_end|>")]
+        assert record["label"] == 1.0 and record["origin"].startswith(str(tmp_path / "q.jsonl") + " line ")
+
+
+def test_a_prompt_that_begins_with_bos_gets_no_second_one():
+    tokenizer = build_char_tokenizer("ab")
+    assert ids_of(tokenizer, ["<bos>ab", "ab"], ["a", "a"])[0] == [by_hand(tokenizer, "<bos>", "ab")] * 2
+
+
+def test_held_out_prompts_are_a_seeded_split_disjoint_from_training(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": f"say {i}"} for i in range(40)])
+    task = FileTask(DataConfig(prompts=path, eval_fraction=0.25))
+    first, again, other = (task.data(seed, SIZES, None) for seed in (0, 0, 1))
+    assert len(first.evaluation) == 10 and len(first.rl) == 30 and not set(first.evaluation) & set(first.rl)
+    assert first == again and first.evaluation != other.evaluation
+
+
+def test_a_reward_function_reaches_ppo_exactly_as_the_score_at_eos(tmp_path):
+    from lm_helpers import tiny_model
+    from proximal.lm.config import PPOStageConfig
+    from proximal.lm.model import ScalarHeadLM, encode_completions
+    from proximal.lm.ppo import collect_rollout
+    from proximal.lm.reward_function import RewardFunction
+
+    (tmp_path / "my_reward.py").write_text("def score(prompts, completions):\n"
+                                           "    return [len(c) + 0.25 * len(p) for p, c in zip(prompts, completions)]\n")
+    function = RewardFunction(f"{tmp_path / 'my_reward.py'}:score", missing_eos_score=-3.0)
+    model, tokenizer = tiny_model(0)
+    policy = ScalarHeadLM(tiny_model(1)[0])
+    prompts, responses, ended = ["12+34=", "5+5=", "99+1=", "7+7="], ["46", "1", "1000", ""], [True, True, False, True]
+    completions = encode_completions(tokenizer, prompts, responses, ended, "cpu")
+    config = PPOStageConfig(prompts_per_iteration=4, minibatch_size=2, kl_coef=0.0, missing_eos_score=-3.0)
+    rollout = collect_rollout(policy, model, function, prompts, completions, tokenizer,
+                              [torch.tensor([0, 3]), torch.tensor([1, 2])], config, kl_coef=0.0)
+    expected = torch.zeros_like(rollout.rewards)
+    for row, (prompt, response, end) in enumerate(zip(prompts, responses, ended)):
+        expected[row, len(response) - (0 if end else 1)] = len(response) + 0.25 * len(prompt) if end else -3.0
+    assert torch.equal(rollout.rewards, expected)  # beta = 0: the function's value at EOS and nothing else
+
+
+def test_the_shipped_example_is_what_its_script_writes(tmp_path):
+    import shutil
+
+    shutil.copy(EXAMPLE / "make_data.py", tmp_path / "make_data.py")
+    subprocess.run([sys.executable, str(tmp_path / "make_data.py")], check=True)
+    for name in ("prompts", "eval_prompts", "sft", "preferences"):
+        assert (tmp_path / f"{name}.jsonl").read_text() == (EXAMPLE / f"{name}.jsonl").read_text(), name
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+EXAMPLE_FLAGS = ["--data.prompts", str(EXAMPLE / "prompts.jsonl"), "--data.sft", str(EXAMPLE / "sft.jsonl"),
+                 "--data.eval-prompts", str(EXAMPLE / "eval_prompts.jsonl"), "--model.context", "64",
+                 "--ppo.max-new-tokens", "20", "--sft.steps", "150",
+                 "--sft.batch-size", "64", "--ppo.iterations", "3", "--ppo.prompts-per-iteration", "32",
+                 "--ppo.minibatch-size", "16", "--ppo.eval-every", "3", "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_a_preference_file_teaches_a_reward_model_its_rule_and_ppo_runs_on_it(tmp_path, capsys):
+    """The example's rule (a positive adjective beats a negative one) cannot be guessed from one
+    completion alone: chance is 0.5; the reward model must learn it."""
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *EXAMPLE_FLAGS, "--data.preferences",
+                              str(EXAMPLE / "preferences.jsonl"), "--reward.learning-rate", "1e-3"], capsys)
+    assert code == 0, err
+    reward = json.loads((run_dir / "reward" / "summary.json").read_text())
+    assert reward["validation_pairs"] > 40 and reward["validation"]["accuracy"] >= 0.9
+    assert math.isnan(reward["validation"]["gold_accuracy"])  # no gold in a user's files
+    header = (run_dir / "ppo" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "gold" not in header and not any(column.startswith("eval_gold") for column in header)
+    assert json.loads((run_dir / "config.json").read_text())["task"]["name"] == "files"
+    assert "held-out responses" in out
+
+
+@pytest.mark.slow
+def test_a_reward_function_replaces_the_reward_model(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *EXAMPLE_FLAGS, "--reward.function",
+                              f"{EXAMPLE / 'reward.py'}:positivity"], capsys)
+    assert code == 0, err
+    assert not (run_dir / "reward").exists()  # no reward model is fitted
+    rows = (run_dir / "ppo" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and "eval_gold_greedy" in rows[0].split(",")  # the function measures too
+    assert "held-out gold greedy" in out
+
+
+@pytest.mark.slow
+def test_a_users_model_is_the_start_when_sft_is_left_out(tmp_path, capsys):
+    """--model.path with --stages reward,ppo: no SFT; the reward model and PPO start from it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    alphabet = FileTask(DataConfig(prompts=str(EXAMPLE / "prompts.jsonl"),
+                                   preferences=str(EXAMPLE / "preferences.jsonl"))).alphabet
+    tokenizer = build_char_tokenizer(alphabet)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    save_pretrained(model, tokenizer, tmp_path / "mine")
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), "--model.path", str(tmp_path / "mine"),
+                              "--stages", "reward,ppo", "--data.prompts", str(EXAMPLE / "prompts.jsonl"),
+                              "--data.preferences", str(EXAMPLE / "preferences.jsonl"), "--ppo.max-new-tokens", "8",
+                              "--reward.epochs", "1", "--ppo.iterations", "2", "--ppo.prompts-per-iteration", "16",
+                              "--ppo.minibatch-size", "8", "--threads", "1"], capsys)
+    assert code == 0, err
+    assert not (run_dir / "sft").exists() and (run_dir / "ppo" / "summary.json").is_file()
+    assert json.loads((run_dir / "ppo" / "model" / "config.json").read_text())["model_type"] == "llama"
+
+
+# -- bad input: one line naming the file, the line and the field; nothing written ----------------------
+
+def _chat_model(d: Path) -> None:
+    model, _ = tiny_llama()
+    save_pretrained(model, build_char_tokenizer(LETTERS), d / "no_template")
+
+
+GOOD = '{"prompt": "describe the cat.", "completion": "the cat is kind."}'
+BAD_FILES = {  # case -> (file name, lines, flag, what the one line must say)
+    "malformed json": ("sft.jsonl", [GOOD, '{"prompt": "a", '], "--data.sft", "line 2: not valid JSON"),
+    "not an object": ("prompts.jsonl", ['["describe the cat."]'], "--data.prompts", "line 1: a record must be"),
+    "missing field": ("prompts.jsonl", ['{"promt": "describe the cat."}'], "--data.prompts", "line 1: no 'prompt'"),
+    "wrong type": ("sft.jsonl", ['{"prompt": 3, "completion": "the cat is kind."}'], "--data.sft",
+                   "line 1: field 'prompt' must be a string"),
+    "empty completion": ("sft.jsonl", [GOOD, GOOD, '{"prompt": "describe the cat.", "completion": " "}'],
+                         "--data.sft", "line 3: field 'completion' is empty"),
+    "chosen equals rejected": ("preferences.jsonl", ['{"prompt": "a", "chosen": "the cat.", "rejected": "the cat."}'],
+                               "--data.preferences", "line 1: fields 'chosen' and 'rejected' are the same"),
+    "bad message": ("sft.jsonl", ['{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}'],
+                    "--data.sft", "line 1: field 'messages', message 1"),
+    "implicit prompts differ": ("preferences.jsonl", [json.dumps(
+        {"chosen": [user("hi"), assistant("a")], "rejected": [user("ho"), assistant("b")]})], "--data.preferences",
+        "line 1: fields 'chosen' and 'rejected' must share"),
+    "empty file": ("prompts.jsonl", [""], "--data.prompts", "holds no records"),
+    "record longer than the context": ("sft.jsonl", [GOOD, '{"prompt": "describe the cat.", "completion": "' + "a" * 80
+                                                     + '"}', GOOD.replace("kind", "a" * 70)], "--data.sft",
+                                       "line 2: prompt plus completion plus EOS is 99 tokens, more than the model's "
+                                       "context of 64 (2 of 3 such records are refused"),
+    "conversational without a chat template": ("prompts.jsonl", [json.dumps({"prompt": [user("hi")]})],
+                                               "--data.prompts", "line 1: a conversational record needs a model with "
+                                                                 "a chat template"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_a_bad_record_is_one_line_with_its_file_line_and_field(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name, lines, flag, message = BAD_FILES[case]
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+    extra = []
+    if case == "conversational without a chat template":
+        _chat_model(tmp_path)
+        extra = ["--model.path", str(tmp_path / "no_template"), "--stages", "ppo", "--reward.function", "x:y"]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, out, err = run_cli(["rlhf", flag, name, "--model.context", "64", *extra], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{name}" in err and message in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+FUNCTIONS = {  # case -> (the module's source, what the one line must say)
+    "cannot be imported": ("import no_such_module_here\n", "importing"),
+    "no such callable": ("def other(p, c):\n    return [0.0] * len(c)\n", "has no callable 'score'"),
+    "raises": ("def score(p, c):\n    raise ValueError('no scores today')\n", "raised ValueError: no scores today"),
+    "wrong count": ("def score(p, c):\n    return [1.0]\n", "returned 1 values for 2 completions"),
+    "nan": ("def score(p, c):\n    return [float('nan')] * len(c)\n", "returned nan for the completion"),
+    "not numbers": ("def score(p, c):\n    return ['good'] * len(c)\n", "must return one number per completion"),
+}
+
+
+@pytest.mark.parametrize("case", list(FUNCTIONS))
+def test_a_bad_reward_function_is_one_line_before_anything_is_written(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source, message = FUNCTIONS[case]
+    (tmp_path / "my_reward.py").write_text(source)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, out, err = run_cli(["rlhf", "--data.prompts", str(EXAMPLE / "prompts.jsonl"), "--data.sft",
+                              str(EXAMPLE / "sft.jsonl"), "--model.context", "64", "--reward.function",
+                              "my_reward.py:score"], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*") if "__pycache__" not in str(p)) == before
+
+
+BAD_RUNS = {  # case -> (arguments after the example's files, what the one line must say)
+    "a task beside files": (["addition"], "task must be left out when --data.* files are given"),
+    "sft without demonstrations": (["--stages", "sft"], "the sft stage needs demonstrations"),
+    "no model to start from": (["--stages", "reward,ppo"], "needs a model to start from"),
+    "reward without pairs or a labeller": (["--data.sft", str(EXAMPLE / "sft.jsonl"), "--stages", "sft,reward"],
+                                           "the reward stage needs labelled pairs"),
+    "a role that is none": (["--reward.function-role", "judge"], "function_role must be reward or labeller"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_a_run_that_cannot_work_is_one_line_before_anything_is_written(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, message = BAD_RUNS[case]
+    code, out, err = run_cli(["rlhf", *args, "--data.prompts", str(EXAMPLE / "prompts.jsonl"), "--model.context",
+                              "64"], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []
