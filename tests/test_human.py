@@ -395,7 +395,10 @@ def test_a_second_tab_cannot_double_an_answer(serving, browser, tmp_path):
     press(browser, "ArrowLeft")
     wait_for(lambda: "saved: query 0" in browser.find_element("id", "message").text, what="saved in tab 2")
     browser.switch_to.window(first)
-    browser.execute_script("answer('right')")  # the stale tab answers the same query
+    # The stale tab answers the query it was showing. Its background polling may have moved it on to
+    # query 1 already (or be loading its clips), so put query 0 back on it, as a tab that missed the
+    # update would still have it: the server must refuse, whatever the page believes.
+    browser.execute_script("shown = {index: 0, kind: 'text'}; ready = true; sending = false; answer('right')")
     wait_for(lambda: "answered already" in browser.find_element("id", "message").text, what="the refusal")
     assert [(r["query"], r["answer"]) for r in read_jsonl(tmp_path / COMPARISONS_NAME)] == [(0, "left")]
     browser.refresh()  # a reload shows the next query, never the answered one
