@@ -1,4 +1,4 @@
-"""The `proximal` command: train, eval, bench, prefs, presets, plot, rlhf, study, generate.
+"""The `proximal` command: train, eval, bench, prefs, presets, plot, rlhf, study, generate, inspect.
 
 Flags of `train` are generated from the fields of the config dataclasses (config.py), so the
 config stays the single source of truth: `--learning-rate` sets `PPOConfig.learning_rate`. The
@@ -226,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=5, help="length limit of a response (default: 5)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     generate.set_defaults(handler=_generate)
+
+    inspect = commands.add_parser(
+        "inspect", help="a web page of what PPO saw token by token in an rlhf run (KL penalty, reward, value, "
+                        "advantage, ratio)",
+        description="Write one self-contained HTML page (no network needed) of the PPO stage's snapshots and print "
+                    "its path; --serve also shows it on 127.0.0.1 behind a token.")
+    inspect.add_argument("run_dir", metavar="RUN_DIR", help="an rlhf run directory (or its ppo folder)")
+    inspect.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/ppo/inspect.html)")
+    inspect.add_argument("--serve", action="store_true", help="also serve it on 127.0.0.1 until Ctrl-C")
+    inspect.add_argument("--port", type=int, default=8766, help="--serve: the port (default: 8766; 0: any free)")
+    inspect.set_defaults(handler=_inspect)
 
     plot = commands.add_parser("plot", help="learning curves of several runs in one PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -471,7 +482,8 @@ def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
         parts.append(f"held-out gold greedy {held_out['gold_greedy']:.3f}{by_slice}, sampled "
                      f"{held_out['gold_sampled']:.3f}")
     else:
-        parts.append(f"held-out responses {held_out['response_length']:.1f} tokens, EOS rate {held_out['eos_rate']:.2f}")
+        parts.append(f"held-out responses {held_out['response_length']:.1f} tokens, "
+                     f"EOS rate {held_out['eos_rate']:.2f}")
     if "kl_k1" in held_out:
         parts.append(f"KL {held_out['kl_k1']:.2f} nats")
     if stage == "ppo":
@@ -540,6 +552,30 @@ def _generate(args: argparse.Namespace) -> int:
                                      torch.Generator().manual_seed(args.seed), "cpu", greedy=args.greedy)
     for prompt, text, ended in zip(prompts, completions.texts(tokenizer), completions.ended.tolist()):
         print(f"{prompt}{text}" + ("" if ended else "  [no EOS within --max-new-tokens]"))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    if args.out is not None:
+        check_output_file(args.out, "--out")
+    from proximal.lm.inspector import PageServer, write_page
+
+    out = write_page(Path(args.run_dir), None if args.out is None else Path(args.out))
+    print(f"wrote {out}", flush=True)
+    if args.serve:
+        import signal
+        import threading
+
+        server = PageServer(out.read_text(encoding="utf-8"), port=args.port)
+        print(f"open {server.start()}  (Ctrl-C to stop)", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        finally:
+            server.stop()
     return 0
 
 

@@ -261,7 +261,8 @@ class PrefsConfig:
             _require_finite(name, getattr(self, name))
         _require(self.query in QUERY_SELECTIONS, "query", " or ".join(QUERY_SELECTIONS), self.query)
         _require(self.labeller in LABELLERS, "labeller", " or ".join(LABELLERS), self.labeller)
-        _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES), self.labeller_noise)
+        _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES),
+                 self.labeller_noise)
         _require(0.0 <= self.model_error_rate < 1.0, "model_error_rate", "in [0, 1)", self.model_error_rate)
         _require(0.0 <= self.initial_label_fraction <= 1.0, "initial_label_fraction", "in [0, 1]",
                  self.initial_label_fraction)

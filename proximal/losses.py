@@ -6,7 +6,7 @@ environments, tokens or files.
   ratio_statistics         approx-KL(old || new) and the clip fraction of an update
   compute_gae              Generalized Advantage Estimation (Schulman et al. 2016, Eq. 16)
   explained_variance       how much of the returns' variance the critic explains
-  masked_mean, masked_whiten   reductions over the entries a mask keeps (response tokens)
+  masked_mean, masked_moments, masked_whiten   reductions over the entries a mask keeps (response tokens)
   bradley_terry_loss       the preference loss of Christiano et al. 2017 (Eq. 1), also DPO's
 """
 
@@ -103,11 +103,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return selected.sum(dim) / mask.sum(dim).clamp_min(1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """`values` shifted and scaled to zero mean and unit variance over the entries where `mask`
-    is True; entries outside the mask are returned as 0."""
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of `values` over the entries where `mask` is True."""
     mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean).pow(2), mask)
+    return mean, masked_mean((values - mean).pow(2), mask)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
+                  moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`values` shifted and scaled to zero mean and unit variance over the entries where `mask`
+    is True (or by given `moments`, another batch's); entries outside the mask are returned as 0."""
+    mean, variance = masked_moments(values, mask) if moments is None else moments
     whitened = (values - mean) * torch.rsqrt(variance + eps)
     return torch.where(mask, whitened, torch.zeros((), dtype=values.dtype, device=values.device))
 

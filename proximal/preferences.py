@@ -336,7 +336,8 @@ def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progres
         renderer = ClipRenderer(config.env.env_id)  # an env whose clips cannot be drawn fails here
         labeller = None
     else:
-        labeller = make_labeller(prefs, np.random.default_rng(config.run.seed + 2))  # an unreadable replay file fails here
+        # an unreadable replay file fails here
+        labeller = make_labeller(prefs, np.random.default_rng(config.run.seed + 2))
     server = None
     if renderer is not None:
         from proximal.human.server import FeedbackServer

@@ -27,7 +27,8 @@ EMPTY_MEANS_UNSET = {"--replay-from", "--model.path", "--reward.function", "--da
 BASE = {
     "train": ["train"], "prefs": ["prefs"], "bench": ["bench"], "rlhf": ["rlhf"], "presets": ["presets"],
     "eval": ["eval", "{tmp}/no_run"], "plot": ["plot", "{tmp}/no_run"],
-    "generate": ["generate", "{tmp}/no_model", "1+1="], "study": ["study", "methods", "--study-dir", "{tmp}/study"],
+    "generate": ["generate", "{tmp}/no_model", "1+1="], "inspect": ["inspect", "{tmp}/no_run"],
+    "study": ["study", "methods", "--study-dir", "{tmp}/study"],
 }
 BAD_POSITIONALS = {
     "train": [["train", ""], ["train", "../../etc"], ["train", "CartPol-v1"], ["train", " "]],
@@ -37,6 +38,7 @@ BAD_POSITIONALS = {
     "eval": [["eval", ""], ["eval", "{tmp}/a_file"]],
     "plot": [["plot", ""], ["plot", "{tmp}/a_file"]],
     "generate": [["generate", "", "1+1="], ["generate", "{tmp}/a_file", "1+1="], ["generate", "{tmp}/no_model"]],
+    "inspect": [["inspect", ""], ["inspect", "{tmp}/a_file"], ["inspect", "{tmp}"]],
     "study": [["study", "nope"], ["study"], ["study", "methods", "--out", "{tmp}/a_file"]],
 }
 

@@ -207,11 +207,17 @@ class PPOStageConfig:
     relabel_pairs: int = _param(256, "pairs labelled per relabelling round (capped at prompts_per_iteration)")
     refit_steps: int = _param(50, "reward-model AdamW steps after each relabelling round")
     eval_every: int = _param(10, "iterations between evaluations of the policy on held-out prompts")
+    snapshot_every: int = _param(10, "every this many iterations (and at the first), record every per-token "
+                                     "quantity of a few completions to ppo/snapshots.jsonl for `proximal inspect` "
+                                     "(0: never)")
+    snapshot_prompts: int = _param(4, "fixed RL prompts a snapshot answers (k times each for rloo); never trained on")
 
     def __post_init__(self) -> None:
         for name in ("iterations", "prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size",
-                     "kl_horizon", "eval_every", "relabel_pairs", "refit_steps"):
+                     "kl_horizon", "eval_every", "relabel_pairs", "refit_steps", "snapshot_prompts"):
             _require_positive_int(name, getattr(self, name))
+        _require(isinstance(self.snapshot_every, int) and self.snapshot_every >= 0, "snapshot_every",
+                 "an integer >= 0", self.snapshot_every)
         _require(isinstance(self.relabel_every, int) and self.relabel_every >= 0, "relabel_every",
                  "an integer >= 0", self.relabel_every)
         for name in ("temperature", "learning_rate", "clip_coef", "vf_coef", "gae_lambda", "kl_coef", "kl_target",
@@ -270,7 +276,8 @@ class LMRunConfig:
                  self.runs_dir)
 
 
-SECTIONS: dict[str, type] = {"task": TaskConfig, "data": DataConfig, "model": ModelConfig, "sft": SFTConfig, "reward": RewardConfig,
+SECTIONS: dict[str, type] = {"task": TaskConfig, "data": DataConfig, "model": ModelConfig, "sft": SFTConfig,
+                             "reward": RewardConfig,
                              "ppo": PPOStageConfig, "dpo": DPOConfig, "run": LMRunConfig}
 
 

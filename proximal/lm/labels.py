@@ -35,7 +35,8 @@ COMPARISONS_NAME = "comparisons.jsonl"
 
 def label_records(prompts: list[str], first: list[str], second: list[str], ended_first: list[bool],
                   ended_second: list[bool], gold_first: np.ndarray | None, gold_second: np.ndarray | None,
-                  labeller: SyntheticLabeller | None, validation_fraction: float, rng: np.random.Generator) -> list[dict]:
+                  labeller: SyntheticLabeller | None, validation_fraction: float, rng: np.random.Generator
+                  ) -> list[dict]:
     """One query per prompt, as the dicts written to comparisons.jsonl, answered by the synthetic
     `labeller` from the gold scores (None: unanswered, "labeller": "human", for `ask_person`;
     a task without gold has gold None, and only a person can answer)."""

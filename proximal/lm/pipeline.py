@@ -79,9 +79,9 @@ def _check_lengths(ctx: StageContext, tokenizer) -> None:
         return
     data, new_tokens = ctx.data, ctx.config.ppo.max_new_tokens
     length = lambda texts: encode_prompts(tokenizer, texts, "cpu")[1].sum(-1).tolist() if texts else []  # noqa: E731
-    checks = [("evaluation", data.evaluation, [n + new_tokens for n in length(data.evaluation)], "prompt plus "
-               f"--ppo.max-new-tokens {new_tokens}"),
-              ("rl", data.rl, [n + new_tokens for n in length(data.rl)], f"prompt plus --ppo.max-new-tokens {new_tokens}")]
+    prompt_plus = f"prompt plus --ppo.max-new-tokens {new_tokens}"
+    checks = [(kind, texts, [n + new_tokens for n in length(texts)], prompt_plus)
+              for kind, texts in (("evaluation", data.evaluation), ("rl", data.rl))]
     if data.sft_prompts:
         whole = [p + c for p, c in zip(data.sft_prompts, data.sft_completions)]
         checks.append(("sft", data.sft_prompts, [n + 1 for n in length(whole)], "prompt plus completion plus EOS"))

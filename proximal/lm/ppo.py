@@ -38,6 +38,8 @@ from proximal.lm.model import (Completions, ScalarHeadLM, load_pretrained, respo
 from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
 from proximal.lm.rollout import (AdaptiveKLController, LMRollout, leave_one_out_advantages, sequence_kls,
                                  token_advantages, token_rewards)
+from proximal.lm.snapshots import (SNAPSHOT_SEED, SNAPSHOTS_NAME, append_snapshot, keep_snapshots_until,
+                                   snapshot_prompts, snapshot_record, take_snapshot)
 from proximal.lm.stage import MODEL_DIR, RL_SEED, StageContext, finish
 from proximal.losses import clipped_surrogate_loss, explained_variance, masked_mean, masked_whiten, ratio_statistics
 from proximal.run import CsvLog, restore_states
@@ -133,13 +135,16 @@ class IterationResult:
     prompts: list[str]  # [B] the prompt of each response
     rollout: LMRollout
     stats: dict[str, float]
+    snapshot: tuple | None = None  # (the snapshot rows' rollout, the batch's advantage moments), when asked
 
 
 def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, tokenizer,
                   optimizer: torch.optim.Optimizer, prompts: list[str], config: PPOStageConfig, kl_coef: float,
-                  generator: torch.Generator, device: str) -> IterationResult:
+                  generator: torch.Generator, device: str, snapshot_prompts: list[str] | None = None,
+                  snapshot_seed: int = 0) -> IterationResult:
     """Sample, score, update: one iteration on B = len(`prompts`) responses: one per prompt
-    (ppo), or k for each of the first B / k prompts (rloo)."""
+    (ppo), or k for each of the first B / k prompts (rloo). With `snapshot_prompts`, their rows
+    are rolled out beside the batch (lm/snapshots.py), never trained on."""
     if config.method == "rloo":
         prompts = [prompt for prompt in prompts[:len(prompts) // config.rloo_samples]
                    for _ in range(config.rloo_samples)]
@@ -149,12 +154,14 @@ def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, to
                                        device=generator.device).to(device).split(config.minibatch_size)
     rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer, first_minibatches, config,
                               kl_coef)
+    snapshot = (take_snapshot(policy, reference, scorer, tokenizer, snapshot_prompts, config, kl_coef, rollout,
+                              snapshot_seed, device) if snapshot_prompts else None)
     stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator)
     k1, k3 = sequence_kls(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
     stats.update(score=float(rollout.scores.mean()), kl_k1=float(k1.mean()), kl_k3=float(k3.mean()),
                  kl_coef=kl_coef, response_length=float(rollout.mask.sum(-1).float().mean()),
                  eos_rate=float(completions.ended.float().mean()))
-    return IterationResult(prompts, rollout, stats)
+    return IterationResult(prompts, rollout, stats, snapshot)
 
 
 # -- the stage ---------------------------------------------------------------------------------------
@@ -206,6 +213,8 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                           if start and policy_records_path.exists() else [])
         write_records(policy_records_path, policy_records)  # drops answers a killed run gave after its checkpoint
         records.extend(policy_records)
+    keep_snapshots_until(stage_dir / SNAPSHOTS_NAME, start)
+    fixed = snapshot_prompts(ctx.data.rl, config.snapshot_prompts, config.method, config.rloo_samples)
     log = CsvLog(stage_dir / "metrics.csv", metrics_columns(ctx), "iteration", start if start else None)
     started = time.perf_counter() - elapsed
     prompts = ctx.data.rl
@@ -215,8 +224,10 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                                   device=generator.device).tolist()
             batch_prompts = [prompts[i] for i in index]
             policy.train()
+            snapshot_now = config.snapshot_every and (iteration == 1 or iteration % config.snapshot_every == 0)
             result = ppo_iteration(policy, reference, scorer, tokenizer, optimizer, batch_prompts, config,
-                                   kl_controller.value, generator, ctx.device)
+                                   kl_controller.value, generator, ctx.device, fixed if snapshot_now else None,
+                                   ctx.config.run.seed + SNAPSHOT_SEED + iteration)
             stats, batch_prompts = result.stats, result.prompts
             if config.adaptive_kl:
                 kl_controller.update(stats["kl_k1"], config.prompts_per_iteration)
@@ -234,6 +245,10 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                 policy.eval()
                 stats.update({f"eval_{key}": value
                               for key, value in ctx.evaluate(policy.lm, tokenizer, reference).items()})
+            if result.snapshot is not None:
+                append_snapshot(stage_dir / SNAPSHOTS_NAME, snapshot_record(
+                    iteration, fixed, *result.snapshot, policy, tokenizer, config, stats["kl_coef"], stats,
+                    ctx.gold if ctx.has_gold else None))
             stats["wall_seconds"] = time.perf_counter() - started
             log.log(stats)
             progress.update()

@@ -280,7 +280,8 @@ def methods(study: Study) -> dict[str, Any]:
             "|---|---|---|---|---|---|"]
     results: dict[str, Any] = {}
     sft = read_summary(study.study_dir / "sft" / "sft")["eval"]
-    rows.append(f"| SFT | {sft['gold_greedy']:.3f} | {sft['gold_sampled']:.3f} | {sft['gold_carry_greedy']:.3f} | 0 | |")
+    rows.append(f"| SFT | {sft['gold_greedy']:.3f} | {sft['gold_sampled']:.3f} | {sft['gold_carry_greedy']:.3f} "
+                "| 0 | |")
     for label, run_dir in runs.items():
         points = trajectory(run_dir)
         summary = read_summary(run_dir / "ppo")
