@@ -31,7 +31,8 @@ PREFS = ["prefs", "Pendulum-v1", "--total-timesteps", "4096", "--labels", "40", 
 BENCH = ["bench", "--seeds", "2", "--eval-every", "5", "--out", "bench_out"]
 
 
-TRAIN_LINES, PREFS_LINES, BENCH_LINES = 33, 43, 130  # lines of .csv/.jsonl a whole run writes (bench: at least)
+# Kill before this many lines of .csv/.jsonl: all a whole run writes (train, prefs); bench's first seed (of ~140).
+TRAIN_LINES, PREFS_LINES, BENCH_LINES = 33, 43, 60
 
 
 def progress(cwd: Path) -> int:
@@ -87,7 +88,7 @@ def assert_whole(directory: Path) -> None:
 def test_train_killed_at_random_moments_leaves_whole_files_and_resumes_to_the_end(tmp_path):
     rng = np.random.default_rng(0)
     kills = resumed = 0
-    for attempt in range(10):
+    for attempt in range(6):
         cwd = tmp_path / f"attempt{attempt}"
         cwd.mkdir()
         kills += run_and_kill(TRAIN, cwd, lines=int(rng.integers(1, TRAIN_LINES + 1)))
@@ -105,8 +106,8 @@ def test_train_killed_at_random_moments_leaves_whole_files_and_resumes_to_the_en
                 assert (run_dir / "learning_curve.png").exists()
                 iterations = [int(row["iteration"]) for row in csv.DictReader((run_dir / "metrics.csv").open())]
                 assert iterations == list(range(1, 33))
-    print(f"train: {kills} kills of 10 attempts, {resumed} resumed to the end, every file whole")
-    assert kills == 10 and resumed >= 2, (kills, resumed)
+    print(f"train: {kills} kills of 6 attempts, {resumed} resumed to the end, every file whole")
+    assert kills == 6 and resumed >= 2, (kills, resumed)
 
 
 @pytest.mark.parametrize("command,lines", [(PREFS, PREFS_LINES), (BENCH, BENCH_LINES)], ids=["prefs", "bench"])
