@@ -28,7 +28,7 @@ from proximal.config import TrainConfig
 from proximal.errors import CheckpointError, ConfigError, TrainingDiverged
 from proximal.normalize import RunningMeanStd
 from proximal.optim import Adam
-from proximal.losses import clipped_surrogate_loss, explained_variance, masked_mean, ratio_statistics
+from proximal.losses import clipped_surrogate_loss, explained_variance, ratio_statistics
 
 
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:

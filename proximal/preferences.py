@@ -24,10 +24,10 @@ import torch
 
 from proximal.checkpoint import load_checkpoint, save_checkpoint
 from proximal.config import PrefsConfig, TrainConfig
-from proximal.errors import EnvError, ProximalError
+from proximal.errors import EnvError
 from proximal.reward_model import RewardModel, rank_correlation
 from proximal.human.labeller import HumanLabeller, Query, question_of
-from proximal.labellers import ReplayError, SyntheticLabeller, make_labeller
+from proximal.labellers import ReplayLabeller, SyntheticLabeller, make_labeller
 from proximal.run import read_jsonl, write_json_atomic, write_text_atomic
 from proximal.envs import make_vector_env
 from proximal.train import Rollout, TrainResult, new_run_dir, train

@@ -38,7 +38,6 @@ from proximal.run import read_jsonl, write_text_atomic
 
 SNAPSHOTS_NAME = "snapshots.jsonl"
 SNAPSHOT_SEED = 4  # offset from the run's seed: the snapshot prompts' own sampling stream
-TOKEN_FIELDS = ("logprobs", "ref_logprobs", "kl_penalty", "rewards", "values", "returns", "advantages", "whitened")
 
 
 def snapshot_prompts(rl_prompts: list[str], count: int, method: str, rloo_samples: int) -> list[str]:
