@@ -189,12 +189,23 @@ def _padded(rows: list[list[int]], pad_id: int, left: bool, device: str) -> tupl
     return ids.to(device), mask.to(device)
 
 
-def prompt_tokens(tokenizer, prompt: str) -> list[int]:
-    """BOS (if the tokenizer has one and the text does not begin with it, as a chat template's
-    rendering may) + the prompt's tokens."""
+def _bos(tokenizer, prompt: str) -> list[int]:
+    """[BOS] if the tokenizer has one and the text does not begin with it (as a chat template's
+    rendering may), else []."""
     bos = tokenizer.bos_token_id
     starts_with_bos = bos is not None and tokenizer.bos_token and prompt.startswith(tokenizer.bos_token)
-    return ([] if bos is None or starts_with_bos else [bos]) + encode(tokenizer, prompt)
+    return [] if bos is None or starts_with_bos else [bos]
+
+
+def prompt_tokens(tokenizer, prompt: str) -> list[int]:
+    """BOS (see `_bos`) + the prompt's tokens."""
+    return _bos(tokenizer, prompt) + encode(tokenizer, prompt)
+
+
+def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """len(prompt_tokens(tokenizer, p)) of each prompt, tokenized in one batch (for checks)."""
+    rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    return [len(_bos(tokenizer, prompt)) + len(row) for prompt, row in zip(prompts, rows)]
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:

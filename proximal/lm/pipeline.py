@@ -26,7 +26,7 @@ from proximal.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from proximal.errors import CheckpointError, ConfigError
 from proximal.lm.config import RLHFConfig
 from proximal.lm.dpo import run_dpo
-from proximal.lm.model import encode_prompts, model_context_length
+from proximal.lm.model import model_context_length, prompt_lengths
 from proximal.lm.ppo import run_ppo
 from proximal.lm.reward import run_reward
 from proximal.lm.sft import run_sft
@@ -78,7 +78,7 @@ def _check_lengths(ctx: StageContext, tokenizer) -> None:
     if limit is None:
         return
     data, new_tokens = ctx.data, ctx.config.ppo.max_new_tokens
-    length = lambda texts: encode_prompts(tokenizer, texts, "cpu")[1].sum(-1).tolist() if texts else []  # noqa: E731
+    length = lambda texts: prompt_lengths(tokenizer, texts)  # noqa: E731
     prompt_plus = f"prompt plus --ppo.max-new-tokens {new_tokens}"
     checks = [(kind, texts, [n + new_tokens for n in length(texts)], prompt_plus)
               for kind, texts in (("evaluation", data.evaluation), ("rl", data.rl))]
