@@ -208,8 +208,10 @@ def comparison_records(ctx: StageContext, model, tokenizer) -> list[dict]:
     if ctx.data.preferences is not None:
         records = [dict(record) for record in ctx.data.preferences]
         if ctx.has_gold:  # a reward function given beside the pairs: how far it agrees with them
-            for record in records:
-                record["true_returns"] = ctx.gold([record["prompt"]] * 2, record["responses"], [True, True]).tolist()
+            prompts, ended = [record["prompt"] for record in records], [True] * len(records)
+            sides = [ctx.gold(prompts, [record["responses"][side] for record in records], ended) for side in (0, 1)]
+            for record, first, second in zip(records, *sides):
+                record["true_returns"] = [float(first), float(second)]
     else:
         records = _sampled_pairs(ctx, model, tokenizer)
     write_records(path, records)
