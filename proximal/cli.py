@@ -502,8 +502,8 @@ def _rlhf(args: argparse.Namespace) -> int:
         if section in SECTIONS and name:
             overrides[section][name] = value
     has_files = any(value is not None for name, value in overrides["data"].items() if name != "eval_fraction")
-    overrides["task"]["name"] = args.task if args.task is not None else (FILE_TASK if has_files else "addition")
-    config = RLHFConfig().with_overrides(overrides)  # validated: nothing is written if this fails
+    task = args.task if args.task is not None else (FILE_TASK if has_files else "addition")
+    config = RLHFConfig.for_task(task).with_overrides(overrides)  # validated: nothing is written if this fails
     from proximal.lm.pipeline import run_pipeline
 
     check_output_dir(config.run.runs_dir, "--runs-dir")

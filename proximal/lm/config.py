@@ -74,9 +74,15 @@ class DataConfig:
 class ModelConfig:
     """The policy's network: a local Hugging Face directory, or a tiny GPT-2 trained from scratch."""
 
-    path: str = _param("", "a local directory with a Hugging Face causal LM and its tokenizer: SFT starts from "
-                           "it, or, when the run has no SFT stage (--stages reward,ppo), every later stage "
-                           "does (empty: a tiny GPT-2 from a local config)")
+    path: str = _param("", "a local directory with a Hugging Face causal LM and its tokenizer, or a .gguf file "
+                           "(dequantised on load): SFT starts from it, or, when the run has no SFT stage "
+                           "(--stages reward,ppo), every later stage does (empty: a tiny GPT-2 from a local config)")
+    lora_rank: int = _param(0, "LoRA adapters of this rank on every linear layer of the reward model's and the "
+                               "policy's body (the reference is the policy with its adapters disabled); 0: "
+                               "every weight trains")
+    lora_alpha: float = _param(32.0, "LoRA's scale alpha (the adapters' output is multiplied by alpha / rank)")
+    lora_layers: int = _param(0, "LoRA on the top this many transformer blocks only (0: all): the backward pass "
+                                 "stops below them")
     width: int = _param(64, "tiny GPT-2: embedding width")
     layers: int = _param(2, "tiny GPT-2: transformer blocks")
     heads: int = _param(4, "tiny GPT-2: attention heads (must divide width)")
@@ -85,6 +91,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("width", "layers", "heads", "context"):
             _require_positive_int(name, getattr(self, name))
+        for name in ("lora_rank", "lora_layers"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0",
+                     getattr(self, name))
+        _require_finite("lora_alpha", self.lora_alpha)
+        _require(self.lora_alpha > 0, "lora_alpha", "> 0", self.lora_alpha)
         _require(self.width % self.heads == 0, "heads", f"a divisor of width {self.width}", self.heads)
 
 
@@ -146,12 +157,16 @@ class RewardConfig:
     labeller_error_rate: float = _param(0.1, "share of the uniform labeller's answers that are coin flips, in [0, 1] "
                                               "(Christiano et al. 2017 used 0.1)")
     validation_fraction: float = _param(0.2, "share of the pairs held out to measure accuracy")
+    standardise_samples: int = _param(1024, "start-model samples (at the PPO temperature) whose scores the reward "
+                                            "model is shifted and scaled to mean 0, std 1 on")
     epochs: int = _param(8, "passes over the training pairs")
     batch_size: int = _param(64, "pairs per step")
     learning_rate: float = _param(3e-4, "AdamW step size")
+    validations: int = _param(20, "accuracy checks on the held-out pairs during the fit (the last, at its end, is "
+                                  "the stage's); each costs a forward pass over them")
 
     def __post_init__(self) -> None:
-        for name in ("labels", "epochs", "batch_size"):
+        for name in ("labels", "epochs", "batch_size", "standardise_samples", "validations"):
             _require_positive_int(name, getattr(self, name))
         _require(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 2, "samples_per_prompt",
                  "an integer >= 2", self.samples_per_prompt)
@@ -200,6 +215,8 @@ class PPOStageConfig:
     kl_horizon: int = _param(2000, "adaptive KL: responses over which beta moves by up to 20%")
     missing_eos_score: float = _param(-3.0, "the score of a response cut at the length limit without EOS "
                                             "(reward-model scores are standardised on SFT samples)")
+    score_cut_responses: bool = _param(False, "score a response cut at the length limit as it stands (as TRL "
+                                              "does) instead of giving it --ppo.missing-eos-score")
     max_grad_norm: float = _param(1.0, "clip the global gradient norm to this")
     relabel_every: int = _param(10, "every this many iterations, the labeller compares policy samples with SFT "
                                     "samples; the reward model's agreement with those fresh answers is logged, "
@@ -211,6 +228,11 @@ class PPOStageConfig:
                                      "quantity of a few completions to ppo/snapshots.jsonl for `proximal inspect` "
                                      "(0: never)")
     snapshot_prompts: int = _param(4, "fixed RL prompts a snapshot answers (k times each for rloo); never trained on")
+
+    @property
+    def cut_response_score(self) -> float | None:
+        """What a response cut at the length limit scores: missing_eos_score, or None (scored as it stands)."""
+        return None if self.score_cut_responses else self.missing_eos_score
 
     def __post_init__(self) -> None:
         for name in ("iterations", "prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size",
@@ -319,6 +341,12 @@ class RLHFConfig:
                 raise ConfigError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
             parts[name] = section_cls(**data[name])
         return cls(**parts)
+
+    @classmethod
+    def for_task(cls, name: str) -> RLHFConfig:
+        """The defaults, with the built-in task `name`'s preset applied (FILE_TASK has none)."""
+        preset = getattr(TASKS.get(name), "preset", {})
+        return cls().with_overrides({**preset, "task": {**preset.get("task", {}), "name": name}})
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> RLHFConfig:
         """A copy with `{section: {field: value}}` applied."""

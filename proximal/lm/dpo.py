@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from proximal.lm.labels import COMPARISONS_NAME, PairBatch, read_records
-from proximal.lm.model import Completions, load_pretrained, response_logprobs, save_pretrained
+from proximal.lm.model import Completions, response_logprobs, save_pretrained, trainable_parameters
 from proximal.lm.reward import fit_on_pairs, labelled_pairs, pair_agreement
 from proximal.lm.stage import MODEL_DIR, StageContext, finish
 from proximal.losses import bradley_terry_loss
@@ -73,16 +73,13 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
     config, stage_dir = ctx.config.dpo, ctx.stage_dir("dpo")
     stage_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
-    reference, tokenizer = ctx.load_start_model()
-    for parameter in reference.parameters():
-        parameter.requires_grad_(False)
-    policy, _ = load_pretrained(ctx.start_model_dir(), ctx.device)
+    policy, reference, tokenizer = ctx.load_policy()
     comparisons = ctx.stage_dir("reward") / COMPARISONS_NAME
     records = read_records(comparisons) if comparisons.exists() else ctx.data.preferences
     train_pairs, val_pairs = labelled_pairs(ctx, records, tokenizer)
     train_reference = reference_pair_logprobs(reference, train_pairs)  # [M, 2], once
     val_reference = reference_pair_logprobs(reference, val_pairs)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=config.learning_rate, weight_decay=0.0)
     validation = fit_on_pairs(
         ctx, "dpo", policy, optimizer, train_pairs, config.epochs, config.batch_size,
         (lambda: implicit_accuracy(policy, val_pairs, val_reference, config.beta)) if val_pairs.size else None,

@@ -1,8 +1,9 @@
 """The language model side: tokenizer, the tiny transformer, log-probs, and sampling with a KV cache.
 
-Any Hugging Face causal LM with its tokenizer, saved in a local directory, is a policy here
-(`load_pretrained(PATH)`); the default is a GPT-2 of a few layers built from a local config with
-a character tokenizer, trained from scratch. Nothing is downloaded.
+Any Hugging Face causal LM with its tokenizer, saved in a local directory or as a GGUF file, is a
+policy here (`load_pretrained(PATH)`); the default is a GPT-2 of a few layers built from a local
+config with a character tokenizer, trained from scratch. Nothing is downloaded. `with_lora` adds
+LoRA adapters; `AdaptersOff` is then the reference (the same weights, adapters disabled).
 
 Layout of a batch (one convention everywhere):
   prompt_ids    [B, P]  left-padded, so every response starts at column P
@@ -18,14 +19,19 @@ it, so the ratio and the KL compare like with like.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import importlib.util
 import inspect
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from proximal.errors import CheckpointError
+from proximal.errors import CheckpointError, ConfigError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 
@@ -64,23 +70,59 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _require_package(name: str, purpose: str) -> None:
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError(f'{purpose} needs the {name} package: pip install -e ".[real]"')
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Environment variables set for the duration of a `with` block, then restored."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _unloadable(path: Path, error: Exception) -> CheckpointError:
     reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return CheckpointError(f"{path} holds no loadable causal LM and tokenizer ({reason})")
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer of a local Hugging Face model directory (never a hub, never its code): it
-    must have an EOS token; a missing pad token becomes EOS (padding is masked by lengths)."""
-    path = Path(path)
+def _source(path: Path) -> dict:
+    """from_pretrained's arguments for a local directory, or for a GGUF file (its folder plus
+    `gguf_file`); never a hub, never the model's own code."""
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such GGUF file")
+        _require_package("gguf", "reading a GGUF file")
+        return {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name, "local_files_only": True,
+                "trust_remote_code": False}
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} holds no Hugging Face model (no config.json in it)")
+    return {"pretrained_model_name_or_path": path, "local_files_only": True, "trust_remote_code": False}
+
+
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local Hugging Face model directory or GGUF file: it must have an EOS
+    token; a missing pad token becomes EOS (padding is masked by lengths, never by the pad id)."""
+    path = Path(path)
+    source = _source(path)
     from transformers import AutoTokenizer
 
     _quiet_transformers()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
+        tokenizer = AutoTokenizer.from_pretrained(**source)
+    except LOAD_ERRORS as error:
         raise _unloadable(path, error) from None
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"the tokenizer in {path} has no EOS token; a response could never end")
@@ -89,22 +131,92 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def _dequantised(path: Path, source: dict, dtype: torch.dtype) -> nn.Module:
+    """A GGUF file's model as a plain Hugging Face model: transformers dequantises the weights but
+    keeps a quantizer flag that makes the model refuse save_pretrained; its weights are moved
+    into a model built from the same config without the quantization settings."""
+    from transformers import AutoModelForCausalLM
+
+    with _environment(TQDM_DISABLE="1"):  # transformers' own bar for this step ignores its verbosity setting
+        loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=dtype)
+    config = loaded.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(loaded.state_dict())  # every tensor, or a one-line error naming the missing ones
+    return plain
+
+
 def load_pretrained(path: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a local directory holding a Hugging Face causal LM and its tokenizer.
-    Never reaches a hub: a missing or foreign directory is a CheckpointError."""
+    """(model, tokenizer) from a local directory holding a Hugging Face causal LM and its tokenizer,
+    or from a GGUF file (dequantised: fp32 on the CPU, bf16 on CUDA). Never reaches a hub: a
+    missing or foreign path is a CheckpointError."""
     path = Path(path)
     tokenizer = load_tokenizer(path)
+    source = _source(path)
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
+        if "gguf_file" in source:
+            model = _dequantised(path, source, torch.bfloat16 if device == "cuda" else torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(**source)
+    except LOAD_ERRORS as error:
         raise _unloadable(path, error) from None
     return model.to(device).eval(), tokenizer
 
 
+def with_lora(model: nn.Module, rank: int, alpha: float, top_layers: int = 0) -> nn.Module:
+    """`model` with LoRA adapters (Hu et al. 2021) on every linear layer of its top `top_layers`
+    blocks (0: all) through peft: only the adapters train, and they start at zero, so the outputs
+    are unchanged. Below the lowest adapted block nothing needs a gradient: the backward pass
+    stops there."""
+    _require_package("peft", "LoRA (--model.lora-rank)")
+    from peft import LoraConfig, get_peft_model
+
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = model.config.num_hidden_layers
+    layers = list(range(blocks - top_layers, blocks)) if 0 < top_layers < blocks else None
+    output = model.get_output_embeddings()
+    linear = sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                     if isinstance(module, (nn.Linear, Conv1D)) and module is not output})  # q_proj, ... or c_attn, ...
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=linear, bias="none",
+                        layers_to_transform=layers)
+    with warnings.catch_warnings():  # peft asks transformers a question transformers 5 calls deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
+
+
+class AdaptersOff(nn.Module):
+    """The start model inside a LoRA model: the same weights with the adapters disabled, so the
+    reference costs no second copy in memory. Owns no parameters (the policy's are not frozen
+    through it)."""
+
+    def __init__(self, lora_model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "lora_model", lora_model)  # not a submodule: parameters() stays empty
+
+    def get_base_model(self) -> nn.Module:
+        return self.lora_model.get_base_model()
+
+    def forward(self, **inputs):
+        with self.lora_model.disable_adapter():
+            return self.lora_model(**inputs)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
 def save_pretrained(model: nn.Module, tokenizer, path: Path) -> None:
+    """A plain Hugging Face directory: a LoRA model is saved with its adapters merged (into a
+    copy: the model itself keeps training or serving as the reference)."""
     _quiet_transformers()
+    if hasattr(model, "merge_and_unload"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
@@ -115,8 +227,8 @@ def model_context_length(path: str | Path) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        config = AutoConfig.from_pretrained(**_source(Path(path)))
+    except LOAD_ERRORS as error:
         raise _unloadable(Path(path), error) from None
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
@@ -129,15 +241,20 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_keyword(model: nn.Module) -> str:
-    """Transformers 5 calls the KV cache `cache`; 4.x called it `past_key_values`."""
+    """Transformers 5 calls the KV cache `cache`; 4.x called it `past_key_values` (asked of the
+    model inside a LoRA wrapper, whose forward takes **kwargs)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def lm_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logits [B, L, V], last layer's hidden states [B, L, H] or None) of a padded batch."""
+               with_hidden: bool = False, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits [B, K, V] of the last K = `logits_to_keep` positions (0: all L), last layer's hidden
+    states [B, L, H] or None) of a padded batch. Keeping only the logits that are read matters
+    for a real vocabulary: the LM head is a fifth of a 135M model's FLOPs per token."""
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   output_hidden_states=with_hidden, use_cache=False)
+                   output_hidden_states=with_hidden, use_cache=False, logits_to_keep=logits_to_keep)
     return output.logits, (output.hidden_states[-1] if with_hidden else None)
 
 
@@ -165,9 +282,10 @@ class ScalarHeadLM(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, head_bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, L, V], scalars [B, L])."""
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, with_hidden=True)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, K, V] of the last K = `logits_to_keep` positions (0: all), scalars [B, L])."""
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, with_hidden=True, logits_to_keep=logits_to_keep)
         return logits, self.head(hidden).squeeze(-1)
 
 
@@ -262,18 +380,25 @@ def encode_completions(tokenizer, prompts: list[str], responses: list[str], ende
                        torch.tensor(ended, dtype=torch.bool, device=device))
 
 
-def response_logits(logits: torch.Tensor, prompt_length: int, response_length: int) -> torch.Tensor:
-    """The logits that predicted each response token [B, R, V], from a forward pass over prompt +
-    response [B, P + R, V]: position P - 1 + t predicts response token t."""
-    return logits[:, prompt_length - 1: prompt_length - 1 + response_length]
+def response_logits_kept(completions: Completions) -> int:
+    """How many final positions' logits a forward pass over prompt + response [B, P + R] must keep
+    for `response_logits`: R + 1 (position P - 1 + t predicts response token t)."""
+    return completions.response_ids.shape[1] + 1
+
+
+def response_logits(kept_logits: torch.Tensor, response_length: int) -> torch.Tensor:
+    """The logits that predicted each response token [B, R, V], of the last R + 1 positions'
+    logits [B, R + 1, V] (`response_logits_kept`): all but the last, which predicts past the end."""
+    return kept_logits[:, :response_length]
 
 
 def response_logprobs(model: nn.Module, completions: Completions, temperature: float) -> torch.Tensor:
     """log pi(response token t | prompt, tokens before t) [B, R] of a causal LM without a head
     (the reference in PPO, the policy in SFT and DPO); padding positions hold junk: mask them."""
-    logits, _ = lm_forward(model, completions.input_ids, completions.attention_mask)
-    return token_logprobs(response_logits(logits, completions.prompt_ids.shape[1], completions.response_ids.shape[1]),
-                          completions.response_ids, temperature)
+    logits, _ = lm_forward(model, completions.input_ids, completions.attention_mask,
+                           logits_to_keep=response_logits_kept(completions))
+    return token_logprobs(response_logits(logits, completions.response_ids.shape[1]), completions.response_ids,
+                          temperature)
 
 
 @torch.no_grad()
@@ -288,7 +413,8 @@ def sample_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
     cache_keyword = _cache_keyword(model)
     attention_mask = prompt_mask.long()  # [B, L], grows by one column per step
     positions = position_ids(attention_mask)
-    output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1)  # [B, 1, V]: only the last prompt position's logits are read
     ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # [B]
     tokens, masks = [], []
     for _ in range(max_new_tokens):

@@ -145,6 +145,7 @@ def run_pipeline(config: RLHFConfig, run_dir: Path | None, stages: tuple[str, ..
     ctx.run_dir = new_run_dir(config) if run_dir is None else Path(run_dir)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ctx.run_dir / "config.json", json.loads(recorded.to_json()))
+    ctx.prepare_start_model()
     for stage in stages:
         skipped = is_finished(ctx.stage_dir(stage))
         summary = read_summary(ctx.stage_dir(stage)) if skipped else STAGES[stage](ctx)

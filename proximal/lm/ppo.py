@@ -33,8 +33,8 @@ from torch import nn
 from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
-from proximal.lm.model import (Completions, ScalarHeadLM, load_pretrained, response_logits, response_logprobs,
-                               sample_completions, save_pretrained, token_entropy, token_logprobs)
+from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logits_kept, response_logprobs,
+                               sample_completions, save_pretrained, token_entropy, token_logprobs, trainable_parameters)
 from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
 from proximal.lm.rollout import (AdaptiveKLController, LMRollout, leave_one_out_advantages, sequence_kls,
                                  token_advantages, token_rewards)
@@ -55,9 +55,9 @@ def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: 
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs [B, R], values [B, R], response logits [B, R, V]) of the responses: the value of
     s_t (prompt + tokens before t) is read where token t is predicted."""
-    logits, scalars = policy(completions.input_ids, completions.attention_mask)
+    logits, scalars = policy(completions.input_ids, completions.attention_mask, response_logits_kept(completions))
     prompt_length, response_length = completions.prompt_ids.shape[1], completions.response_ids.shape[1]
-    logits = response_logits(logits, prompt_length, response_length)
+    logits = response_logits(logits, response_length)
     values = scalars[:, prompt_length - 1: prompt_length - 1 + response_length]
     return token_logprobs(logits, completions.response_ids, temperature), values, logits
 
@@ -185,13 +185,10 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
     stage_dir.mkdir(exist_ok=True)
     learned = ctx.reward_function is None or ctx.config.reward.function_role != "reward"
     reward_model = load_reward_model(ctx) if learned else None
-    scorer = RewardModelScorer(reward_model, config.missing_eos_score) if learned else ctx.reward_function
-    reference, tokenizer = ctx.load_start_model()
-    for parameter in reference.parameters():
-        parameter.requires_grad_(False)
-    policy_lm, _ = load_pretrained(ctx.start_model_dir(), ctx.device)
+    scorer = RewardModelScorer(reward_model, config.cut_response_score) if learned else ctx.reward_function
+    policy_lm, reference, tokenizer = ctx.load_policy()
     policy = ScalarHeadLM(policy_lm).to(ctx.device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=config.learning_rate, weight_decay=0.0)
     reward_optimizer = (torch.optim.AdamW(reward_model.parameters(), lr=ctx.config.reward.learning_rate,
                                           weight_decay=0.0) if learned else None)
     relabel_every = config.relabel_every if learned and ctx.has_gold else 0  # relabelling needs a labeller

@@ -26,7 +26,9 @@ from proximal.errors import CheckpointError, ConfigError
 from proximal.labellers import make_labeller
 from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, ask_person, label_records,
                                 pairs_from_records, read_records, teaches_something, write_records)
-from proximal.lm.model import Completions, ScalarHeadLM, load_pretrained, sample_completions, save_pretrained
+from proximal.lm.model import (Completions, ScalarHeadLM, load_pretrained, sample_completions, save_pretrained,
+                               trainable_parameters)
+from proximal.lm.reward_function import with_missing_eos
 from proximal.lm.stage import MODEL_DIR, PREFERENCE_PROMPT_SEED, StageContext, finish
 from proximal.losses import bradley_terry_loss
 from proximal.run import CsvLog
@@ -37,21 +39,21 @@ COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_accuracy", "val_gold_
 
 def reward_scores(model: ScalarHeadLM, completions: Completions) -> torch.Tensor:
     """The score [B] of each response: the head's output at its last token (its EOS)."""
-    _, scalars = model(completions.input_ids, completions.attention_mask)  # [B, P + R]
+    _, scalars = model(completions.input_ids, completions.attention_mask, logits_to_keep=1)  # [B, P + R]
     last = completions.prompt_ids.shape[1] + completions.last_index  # [B]
     return scalars.gather(1, last[:, None]).squeeze(1)
 
 
-def scores_or_missing_eos(model: ScalarHeadLM, completions: Completions, missing_eos_score: float) -> torch.Tensor:
+def scores_or_missing_eos(model: ScalarHeadLM, completions: Completions, missing_eos_score: float | None
+                          ) -> torch.Tensor:
     """`reward_scores` [B], with `missing_eos_score` for a response cut at the length limit."""
-    scores = reward_scores(model, completions)
-    return torch.where(completions.ended, scores, torch.full_like(scores, missing_eos_score))
+    return with_missing_eos(reward_scores(model, completions), completions.ended, missing_eos_score)
 
 
 class RewardModelScorer:
     """PPO's score [B] from a reward model (what `RewardFunction.scores` is for a function)."""
 
-    def __init__(self, model: ScalarHeadLM, missing_eos_score: float):
+    def __init__(self, model: ScalarHeadLM, missing_eos_score: float | None):
         self.model, self.missing_eos_score = model, missing_eos_score
 
     def scores(self, prompts: list[str], completions: Completions, tokenizer) -> torch.Tensor:
@@ -135,11 +137,12 @@ def labelled_pairs(ctx: StageContext, records: list[dict], tokenizer) -> tuple[P
 
 
 def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 train_pairs: PairBatch, epochs: int, batch_size: int, validate, loss_of=None
+                 train_pairs: PairBatch, epochs: int, batch_size: int, validate, loss_of=None, validations: int = 20
                  ) -> dict[str, float] | None:
     """`epochs` passes of `fit_reward_model` (its loss, or `loss_of`) with the training loss
-    logged to the stage's metrics.csv and `validate()` (None: no held-out pairs) 20 times;
-    returns the last validation. Minutes of work: a killed fit is redone from the start."""
+    logged to the stage's metrics.csv and `validate()` (None: no held-out pairs) `validations`
+    times, the last at the end; returns the last validation. Minutes of work: a killed fit is
+    redone from the start."""
     generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + PREFERENCE_PROMPT_SEED)
     steps_per_epoch = -(-train_pairs.size // batch_size)
     total = epochs * steps_per_epoch
@@ -151,7 +154,7 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
         nonlocal validation
         row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
                "wall_seconds": time.perf_counter() - started}
-        if validate is not None and (step % max(1, total // 20) == 0 or step == total):
+        if validate is not None and (step % max(1, total // validations) == 0 or step == total):
             model.eval()
             validation = validate()
             model.train()
@@ -226,10 +229,11 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
     records = comparison_records(ctx, lm, tokenizer)
     sft_samples = ctx.sft_samples(lm, tokenizer)  # before training: the reward model shares lm's weights
     train_pairs, val_pairs = labelled_pairs(ctx, records, tokenizer)
-    model = ScalarHeadLM(lm).to(ctx.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    model = ScalarHeadLM(ctx.trainable(lm)).to(ctx.device)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.learning_rate, weight_decay=0.0)
     validation = fit_on_pairs(ctx, "reward", model, optimizer, train_pairs, config.epochs, config.batch_size,
-                              (lambda: pair_accuracy(model, val_pairs)) if val_pairs.size else None)
+                              (lambda: pair_accuracy(model, val_pairs)) if val_pairs.size else None,
+                              validations=config.validations)
     mean, std = standardise_scores(model, sft_samples, 256)
     save_pretrained(model.lm, tokenizer, stage_dir / MODEL_DIR)
     save_checkpoint(stage_dir / HEAD_NAME, {"head": model.head.state_dict()})

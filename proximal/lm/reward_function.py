@@ -24,6 +24,13 @@ from proximal.errors import ConfigError, ProximalError
 from proximal.lm.model import Completions
 
 
+def with_missing_eos(scores: torch.Tensor, ended: torch.Tensor, missing_eos_score: float | None) -> torch.Tensor:
+    """`scores` [B], with `missing_eos_score` for a response cut at the length limit (None: as scored)."""
+    if missing_eos_score is None:
+        return scores
+    return torch.where(ended, scores, torch.full_like(scores, missing_eos_score))
+
+
 class RewardFunctionError(ProximalError):
     """The user's reward function could not be imported, raised, or returned something unusable."""
 
@@ -59,7 +66,7 @@ def import_callable(spec: str):
 class RewardFunction:
     """The user's function, called on text and checked; also a scorer for PPO (`scores`)."""
 
-    def __init__(self, spec: str, missing_eos_score: float):
+    def __init__(self, spec: str, missing_eos_score: float | None):
         self.spec, self.function, self.missing_eos_score = spec, import_callable(spec), missing_eos_score
 
     def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
@@ -92,4 +99,4 @@ class RewardFunction:
         the length limit (as for a reward model)."""
         values = torch.tensor(self(prompts, completions.texts(tokenizer)), dtype=torch.float32,
                               device=completions.ended.device)
-        return torch.where(completions.ended, values, torch.full_like(values, self.missing_eos_score))
+        return with_missing_eos(values, completions.ended, self.missing_eos_score)

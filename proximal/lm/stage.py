@@ -8,11 +8,15 @@ summary.json exists; while it runs, checkpoint.pt (written atomically) holds whe
   RUN_DIR/STAGE/model/         the stage's model, a plain Hugging Face directory
   RUN_DIR/STAGE/metrics.csv    one row per step or iteration; STAGE.png drawn from it
   RUN_DIR/STAGE/summary.json   written last: the stage is finished
+
+With --model.lora-rank R, the stages that train from the start model (reward, PPO/RLOO, DPO) train
+LoRA adapters on it (`StageContext.trainable`, `load_policy`) and save it with them merged.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +28,15 @@ from tqdm import tqdm
 from proximal.lm.config import RLHFConfig
 from proximal.lm.data import FileTask
 from proximal.lm.evaluation import evaluate_policy
-from proximal.lm.model import Completions, build_char_tokenizer, load_pretrained, load_tokenizer, sample_completions
+from proximal.lm.model import (AdaptersOff, Completions, build_char_tokenizer, load_pretrained, load_tokenizer,
+                               sample_completions, save_pretrained, with_lora)
 from proximal.lm.reward_function import RewardFunction
 from proximal.lm.tasks import TASKS, DataSizes, Task, TaskData
 from proximal.run import write_json_atomic
 
 SUMMARY_NAME = "summary.json"
 MODEL_DIR = "model"
+START_DIR = "start"  # a .gguf --model.path, dequantised once into a plain HF directory (RUN_DIR/start/model)
 PREFERENCE_PROMPT_SEED, RL_SEED, EVAL_SEED = 1, 2, 3  # offsets from the run's seed, one per random stream
 
 
@@ -110,16 +116,49 @@ class StageContext:
         when this run has no finished SFT stage."""
         if self.run_dir is not None and is_finished(self.stage_dir("sft")):
             return self.stage_dir("sft") / MODEL_DIR
+        if self.config.model.path.endswith(".gguf") and self.run_dir is not None:
+            return self.stage_dir(START_DIR) / MODEL_DIR
         return Path(self.config.model.path) if self.config.model.path else None
+
+    def prepare_start_model(self) -> None:
+        """Dequantise a GGUF --model.path once into RUN_DIR/start/model (loading a GGUF file takes
+        ~35 s on a 2-core CPU, the plain directory under a second)."""
+        target = self.stage_dir(START_DIR) / MODEL_DIR
+        if not self.config.model.path.endswith(".gguf") or (target / "config.json").is_file():
+            return
+        model, tokenizer = load_pretrained(self.config.model.path, self.device)
+        partial = target.with_name(MODEL_DIR + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_pretrained(model, tokenizer, partial)
+        partial.rename(target)  # whole or absent: a kill mid-write leaves only the .partial folder
 
     def load_start_model(self):
         """(model, tokenizer) of `start_model_dir`, on the run's device."""
         return load_pretrained(self.start_model_dir(), self.device)
 
+    def trainable(self, lm: torch.nn.Module) -> torch.nn.Module:
+        """`lm` with LoRA adapters when --model.lora-rank > 0 (only they train), else `lm` itself."""
+        rank = self.config.model.lora_rank
+        return with_lora(lm, rank, self.config.model.lora_alpha, self.config.model.lora_layers) if rank else lm
+
+    def load_policy(self):
+        """(policy LM, reference, tokenizer), both from the start model: with LoRA, the policy
+        carries adapters and the reference is the same weights with them disabled; otherwise
+        the reference is a second, frozen copy."""
+        reference, tokenizer = self.load_start_model()
+        if self.config.model.lora_rank:
+            policy = self.trainable(reference)
+            return policy, AdaptersOff(policy), tokenizer
+        for parameter in reference.parameters():
+            parameter.requires_grad_(False)
+        policy, _ = self.load_start_model()
+        return policy, reference, tokenizer
+
     def sft_samples(self, start_model: torch.nn.Module, tokenizer) -> Completions:
-        """1,024 samples of the start model at the PPO temperature: the scores' reference point."""
+        """--reward.standardise-samples samples of the start model at the PPO temperature: the
+        scores' reference point."""
         generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed + EVAL_SEED)
-        return sample_completions(start_model, tokenizer, self.data.rl[:1024], self.config.ppo.max_new_tokens,
+        return sample_completions(start_model, tokenizer, self.data.rl[:self.config.reward.standardise_samples], self.config.ppo.max_new_tokens,
                                   self.config.ppo.temperature, generator, self.device)
 
 
@@ -137,6 +176,6 @@ def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool =
     sizes = DataSizes(config.task.demonstrations, config.reward.labels, prompt_budget(config),
                       config.task.eval_prompts, config.reward.validation_fraction)
     data = task.data(config.run.seed, sizes, tokenizer)
-    function = (RewardFunction(config.reward.function, config.ppo.missing_eos_score)
+    function = (RewardFunction(config.reward.function, config.ppo.cut_response_score)
                 if config.reward.function else None)
     return StageContext(config, task, data, None if run_dir is None else Path(run_dir), show_progress, function)

@@ -233,7 +233,7 @@ def best_of_n(study: Study) -> dict[str, Any]:
         reference, tokenizer = load_pretrained(ctx.stage_dir("sft") / MODEL_DIR, run_config.run.device)
         supports = response_support(reference, load_reward_model(ctx), tokenizer, ctx.gold,
                                     ctx.data.evaluation[:config.best_of_n_prompts], config.best_of_n_samples,
-                                    run_config.ppo.max_new_tokens, run_config.ppo.missing_eos_score,
+                                    run_config.ppo.max_new_tokens, run_config.ppo.cut_response_score,
                                     torch.Generator().manual_seed(config.seed), run_config.run.device)
         curve = best_of_n_curve(supports, list(config.best_of_n))
         results[str(labels)] = curve

@@ -63,6 +63,7 @@ class Task(Protocol):
     instructions: str  # what "better" means, one sentence: shown to a person labelling
     alphabet: str  # the characters the tiny model's character tokenizer must cover
     has_gold: bool  # whether `gold` scores responses (else it returns None)
+    preset: dict  # {section: {field: value}}: the settings a run of the task starts from (flags override them)
 
     @classmethod
     def from_config(cls, task_config) -> Task:
@@ -84,6 +85,7 @@ class AdditionTask:
     instructions = "the sum of the two numbers, and nothing after it, is the right answer."
     alphabet = "0123456789+="
     has_gold = True
+    preset: dict = {}  # the defaults were tuned on this task
 
     def __init__(self, carry_noise: float = 0.6):
         if not 0.0 <= carry_noise <= 1.0:
@@ -142,4 +144,116 @@ class AdditionTask:
                         preference_prompts, rl, evaluation)
 
 
-TASKS = {"addition": AdditionTask}
+
+
+# -- sentiment: a real chat model asked about everyday things, judged by VADER ------------------------
+
+THINGS = (
+    "a pizza place", "a used car", "a train station", "a dentist", "a rainy Monday", "a public library",
+    "a budget airline", "a hotel room", "a city park", "a coffee shop", "a laptop", "a pair of running shoes",
+    "a museum", "a bus ride", "a gym", "a bakery", "a supermarket", "a camping trip", "a concert", "a movie",
+    "a novel", "a video game", "a smartphone", "a vacuum cleaner", "a hair salon", "a bank", "a post office",
+    "a beach", "a ski resort", "a zoo", "a farmers market", "a taxi ride", "a hospital", "a school cafeteria",
+    "a theme park", "a board game", "a podcast", "a restaurant", "a bicycle", "a washing machine",
+    "a shopping mall", "a swimming pool", "a winter coat", "a kitchen knife", "a hiking trail",
+    "an online course", "a cooking class", "a job interview", "a birthday party", "a wedding",
+    "a road trip", "a ferry crossing", "a music festival", "a bookshop", "a car wash", "a sushi bar",
+    "an art gallery", "a yoga class", "a garden centre", "a science fair", "a cinema", "a pet shop",
+    "a thunderstorm", "a family dinner", "a night train", "a hardware store", "a tennis court",
+    "a spa", "a pharmacy", "a mountain cabin", "a street market", "a flight delay", "a bowling alley",
+    "a new apartment", "a phone call with support", "a chess club", "a jazz bar", "an ice cream shop",
+    "a football match", "a long queue",
+)
+TEMPLATES = (
+    "Describe {thing} in one sentence.", "Give a short review of {thing}.", "What do you think of {thing}?",
+    "Write one sentence about {thing}.", "Tell me about {thing} in a few words.",
+    "How was your visit to {thing}?", "Share your opinion of {thing}.", "Sum up {thing} in one sentence.",
+)
+HELD_OUT_THINGS = 16  # the last things of a seeded shuffle: their prompts are held out for evaluation
+SYSTEM_PROMPT = "You are a helpful assistant. Answer in one short sentence."  # 13 tokens, not the default 38
+
+
+def vader_scores(prompts: list[str], completions: list[str]) -> list[float]:
+    """VADER's compound sentiment of each completion, in [-1, 1] (Hutto & Gilbert 2014; a rule-based
+    scorer nobody here wrote). Usable as `--reward.function proximal.lm.tasks:vader_scores`."""
+    return [_vader().polarity_scores(text)["compound"] for text in completions]
+
+
+def _vader():
+    global _ANALYZER
+    if _ANALYZER is None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise ConfigError('the sentiment task needs VADER: pip install -e ".[real]" (or vadersentiment)') from None
+        _ANALYZER = SentimentIntensityAnalyzer()
+    return _ANALYZER
+
+
+_ANALYZER = None
+
+
+class SentimentTask:
+    """A pretrained chat model asked about everyday things ("Give a short review of a bakery.");
+    gold = VADER compound of the response, cut or not. No demonstrations: the model already
+    speaks, so SFT is skipped; preferences teach what to say. The things of held-out prompts
+    never appear in training prompts."""
+
+    name = "sentiment"
+    instructions = "the more positive response is the better one."
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'-\n"
+    has_gold = True
+    # The settings a run of this task starts from (flags override them): tuned on seeds 0-1 for
+    # SmolLM2-135M-Instruct on a 2-core CPU (docs/lm_real_model.md).
+    preset = {
+        "task": {"eval_prompts": 32},
+        "model": {"lora_rank": 16, "lora_layers": 10},
+        "reward": {"labels": 256, "samples_per_prompt": 2, "sample_temperature": 1.0, "standardise_samples": 64,
+                   "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "validations": 2},
+        "ppo": {"method": "rloo", "iterations": 16, "prompts_per_iteration": 32, "minibatch_size": 32,
+                "max_new_tokens": 32, "epochs": 1, "learning_rate": 2e-4, "kl_coef": 0.05, "adaptive_kl": False,
+                "score_cut_responses": True, "relabel_every": 0, "eval_every": 8, "snapshot_every": 8,
+                "snapshot_prompts": 1},
+    }
+
+    @classmethod
+    def from_config(cls, task_config) -> SentimentTask:
+        return cls()
+
+    def slices(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        return {}
+
+    def gold(self, prompts: list[str], responses: list[str], ended: list[bool]) -> np.ndarray:
+        return np.array(vader_scores(prompts, responses), dtype=float)
+
+    @staticmethod
+    def render(tokenizer, question: str) -> str:
+        """The question as the model expects it: its chat template with a short system prompt,
+        or the bare question and a newline for a model without one."""
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return question + "\n"
+
+    @staticmethod
+    def questions(seed: int) -> tuple[list[str], list[str]]:
+        """(training questions, held-out questions): every template for each thing, the things
+        split by a seeded shuffle."""
+        order = np.random.default_rng(seed).permutation(len(THINGS))
+        split = len(THINGS) - HELD_OUT_THINGS
+        ask = lambda things: [t.format(thing=THINGS[i]) for i in things for t in TEMPLATES]  # noqa: E731
+        return ask(order[:split]), ask(order[split:])
+
+    def data(self, seed: int, sizes: DataSizes, tokenizer) -> TaskData:
+        rng = np.random.default_rng(seed)
+        train, held_out = self.questions(seed)
+        if sizes.eval_prompts > len(held_out):
+            raise ConfigError(f"eval_prompts must be <= {len(held_out)} for the sentiment task, got {sizes.eval_prompts}")
+        render = lambda questions: [self.render(tokenizer, q) for q in questions]  # noqa: E731
+        pick = lambda count: [train[i] for i in rng.integers(len(train), size=count)]  # noqa: E731
+        evaluation = [held_out[i] for i in rng.permutation(len(held_out))[:sizes.eval_prompts]]
+        return TaskData([], [], render(pick(sizes.preference_prompts)), render(pick(sizes.rl_prompts)),
+                        render(evaluation))
+
+
+TASKS = {"addition": AdditionTask, "sentiment": SentimentTask}

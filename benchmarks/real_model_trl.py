@@ -1,0 +1,137 @@
+"""proximal against TRL on a real pretrained chat model, side by side in one script: SmolLM2-135M-
+Instruct (a GGUF file), the sentiment task's prompts, VADER's compound score as the reward function
+for both, the same completion length and temperature, one machine, one run after another.
+
+Optional, never needed by the package or the tests (TRL pulls in datasets; see trl_peer.py for a
+venv that keeps the project's torch). Usage:
+
+  python3 benchmarks/real_model_trl.py --model SmolLM2-135M-Instruct.Q4_1.gguf --out docs/lm_real_model
+
+What runs, each from the same dequantised start model (converted once into the scratch folder):
+
+  TRL 1.16 GRPOTrainer   every weight trains; 4 prompts x 4 completions per step, lr 1e-5, beta 0.04
+                         (the anchor of docs/lm_real_model.md)
+  proximal RLOO          `proximal rlhf sentiment --reward.function proximal.lm.tasks:vader_scores`:
+                         the task's preset (LoRA, k = 4), the function as the reward (no reward model)
+
+Both are measured by proximal's `evaluate_policy` on the same 32 held-out prompts (greedy and one
+sample per prompt at temperature 1; VADER of the text; KL to the start model on the samples).
+proximal evaluates every --eval-every iterations, so its metrics.csv says when (wall seconds of
+training) it first reached TRL's final held-out sampled VADER.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proximal.lm.config import RLHFConfig  # noqa: E402
+from proximal.lm.model import load_pretrained  # noqa: E402
+from proximal.lm.pipeline import run_pipeline  # noqa: E402
+from proximal.lm.stage import MODEL_DIR, START_DIR, open_context, read_summary  # noqa: E402
+from proximal.lm.tasks import vader_scores  # noqa: E402
+
+FUNCTION = "proximal.lm.tasks:vader_scores"
+
+
+def sentiment_config(model: str, seed: int, threads: int, overrides: dict) -> RLHFConfig:
+    return RLHFConfig.for_task("sentiment").with_overrides(
+        {"model": {"path": model}, "reward": {"function": FUNCTION, "function_role": "reward"},
+         "run": {"seed": seed, "threads": threads}, "ppo": overrides})
+
+
+def proximal_run(model: str, work: Path, seed: int, threads: int, overrides: dict) -> dict:
+    run_dir = work / "proximal"
+    config = sentiment_config(model, seed, threads, overrides)
+    started = time.perf_counter()
+    run_pipeline(config, run_dir, ("ppo",))
+    summary = read_summary(run_dir / "ppo")
+    with open(run_dir / "ppo" / "metrics.csv") as handle:
+        curve = [{key: float(value) for key, value in row.items() if value not in ("", None)}
+                 for row in csv.DictReader(handle)]
+    return {"eval": summary["eval"], "train_seconds": summary["seconds"],
+            "total_seconds": time.perf_counter() - started, "curve": curve, "run_dir": str(run_dir),
+            "completions": summary["iterations"] * config.ppo.prompts_per_iteration}
+
+
+def trl_grpo_run(model: str, work: Path, seed: int, threads: int, steps: int) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    config = sentiment_config(model, seed, threads, {})
+    ctx = open_context(config, work / "proximal")  # the same prompts, held-out prompts and start model
+    start_dir = work / "proximal" / START_DIR / MODEL_DIR
+    started = time.perf_counter()
+    policy, tokenizer = load_pretrained(start_dir)
+    reference, _ = load_pretrained(start_dir)
+
+    def reward(prompts, completions, **_):
+        return vader_scores(prompts, completions)
+
+    args = GRPOConfig(
+        output_dir=str(work / "trl-grpo"), per_device_train_batch_size=16, num_generations=4, max_steps=steps,
+        max_completion_length=config.ppo.max_new_tokens, temperature=1.0, learning_rate=1e-5, beta=0.04,
+        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
+        dataloader_num_workers=0)
+    torch.set_num_threads(threads)
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": ctx.data.rl}))
+    train_started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - train_started
+    final = ctx.evaluate(trainer.model.eval(), tokenizer, reference)
+    return {"eval": final, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
+            "completions": steps * 16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf (docs/lm_real_model.md)")
+    parser.add_argument("--seed", type=int, default=100, help="the sentiment task's seed (default: 100, held out)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--trl-steps", type=int, default=29, help="GRPO steps of 16 completions (default: 29)")
+    parser.add_argument("--iterations", type=int, default=20, help="proximal RLOO iterations (default: 20)")
+    parser.add_argument("--eval-every", type=int, default=5, help="proximal's evaluation interval (default: 5)")
+    parser.add_argument("--out", type=Path, default=None, help="write real_model_trl.json and .md here")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        results["proximal RLOO (LoRA)"] = proximal_run(args.model, work, args.seed, args.threads,
+                                                       {"iterations": args.iterations, "eval_every": args.eval_every})
+        print("proximal", json.dumps(results["proximal RLOO (LoRA)"]["eval"]), flush=True)
+        results["TRL 1.16 GRPOTrainer"] = trl_grpo_run(args.model, work, args.seed, args.threads, args.trl_steps)
+        print("trl", json.dumps(results["TRL 1.16 GRPOTrainer"]["eval"]), flush=True)
+    target = results["TRL 1.16 GRPOTrainer"]["eval"]["gold_sampled"]
+    reached = next((row for row in results["proximal RLOO (LoRA)"]["curve"]
+                    if row.get("eval_gold_sampled", -2) >= target), None)
+    rows = [f"seed {args.seed}, {args.threads} threads, 32 new tokens at temperature 1, VADER compound as the reward", "",
+            "| trainer | completions | held-out VADER greedy | sampled | KL k1 | EOS rate | training s | total s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        e = result["eval"]
+        rows.append(f"| {name} | {result['completions']} | {e['gold_greedy']:.3f} | {e['gold_sampled']:.3f} | "
+                    f"{e['kl_k1']:.2f} | {e['eos_rate']:.2f} | {result['train_seconds']:.0f} | "
+                    f"{result['total_seconds']:.0f} |")
+    rows.append("")
+    rows.append(f"proximal first reached TRL's final held-out sampled VADER ({target:.3f}) "
+                + (f"at iteration {reached['iteration']:.0f}, {reached['wall_seconds']:.0f} s of training"
+                   if reached else "at no evaluation"))
+    print("\n".join(rows))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "real_model_trl.json").write_text(json.dumps(results, indent=2))
+        (args.out / "real_model_trl.md").write_text("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
