@@ -10,6 +10,7 @@ Errors the user can fix arrive as `ProximalError`, caught once here and printed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -290,14 +291,16 @@ def _refuse_finished(given: str, payload: dict[str, Any], config: TrainConfig, r
 def _train(args: argparse.Namespace) -> int:
     config, resume, run_dir = _train_config(args)  # validated: nothing is written if this fails
     from proximal.distributed import join, launched_world_size, leave
+    from proximal.run import locked_run_dir
     from proximal.train import check_world_size, train
 
     check_world_size(config, launched_world_size())  # every rank says so, before any rank waits
     collective = join(config.run.dist_timeout)  # None unless launched by torchrun with K > 1
     try:
         writer = collective is None or collective.is_writer
-        result = train(config, run_dir=run_dir, resume=resume, show_progress=sys.stderr.isatty() and writer,
-                       collective=collective)
+        with locked_run_dir(run_dir) if run_dir is not None and writer else contextlib.nullcontext():
+            result = train(config, run_dir=run_dir, resume=resume, show_progress=sys.stderr.isatty() and writer,
+                           collective=collective)
     finally:
         leave()
     if not writer:
@@ -370,9 +373,11 @@ def _prefs_config(args: argparse.Namespace) -> tuple[TrainConfig, PrefsConfig, d
 def _prefs(args: argparse.Namespace) -> int:
     config, prefs, resume, run_dir = _prefs_config(args)  # validated: nothing is written if this fails
     from proximal.preferences import train_from_preferences
+    from proximal.run import locked_run_dir
 
-    result, fit = train_from_preferences(config, prefs, show_progress=sys.stderr.isatty(), resume=resume,
-                                         run_dir=run_dir, announce=lambda line: print(line, flush=True))
+    with locked_run_dir(run_dir) if run_dir is not None else contextlib.nullcontext():
+        result, fit = train_from_preferences(config, prefs, show_progress=sys.stderr.isatty(), resume=resume,
+                                             run_dir=run_dir, announce=lambda line: print(line, flush=True))
     returns = result.eval_returns
     print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.2f} s of training, "
           f"PPO on the learned reward, {fit['labels']} labels")
@@ -503,7 +508,7 @@ def _rlhf(args: argparse.Namespace) -> int:
             overrides[section][name] = value
     has_files = any(value is not None for name, value in overrides["data"].items() if name != "eval_fraction")
     task = args.task if args.task is not None else (FILE_TASK if has_files else "addition")
-    config = RLHFConfig.for_task(task).with_overrides(overrides)  # validated: nothing is written if this fails
+    config = RLHFConfig.for_task(task, overrides)  # validated: nothing is written if this fails
     from proximal.lm.pipeline import run_pipeline
 
     check_output_dir(config.run.runs_dir, "--runs-dir")
@@ -534,18 +539,24 @@ def _study(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     if args.samples <= 0 or args.max_new_tokens <= 0:
         raise ConfigError("--samples and --max-new-tokens must be positive integers")
-    if not (args.temperature > 0 and args.temperature < float("inf")):
-        raise ConfigError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if not (0.01 <= args.temperature < float("inf")):
+        raise ConfigError(f"--temperature must be a finite number >= 0.01 (--greedy takes the most probable "
+                          f"token), got {args.temperature}")
     _require_lm_dependencies()
     import torch
 
-    from proximal.lm.model import load_pretrained, sample_completions
+    from proximal.lm.model import load_pretrained, model_context_length, prompt_lengths, sample_completions
 
     model_dir = Path(args.model_dir)
     if (model_dir / "model" / "config.json").is_file():  # a stage folder: its model/ inside
         model_dir = model_dir / "model"
     torch.set_num_threads(1)
     model, tokenizer = load_pretrained(model_dir)
+    context = model_context_length(model_dir)
+    for prompt, length in zip(args.prompts, prompt_lengths(tokenizer, args.prompts)):
+        if context is not None and length + args.max_new_tokens > context:
+            raise ConfigError(f"the prompt {prompt[:60]!r} is {length} tokens: with --max-new-tokens "
+                              f"{args.max_new_tokens} that is more than the model's context of {context} tokens")
     samples = 1 if args.greedy else args.samples
     prompts = [prompt for prompt in args.prompts for _ in range(samples)]
     completions = sample_completions(model, tokenizer, prompts, args.max_new_tokens, args.temperature,

@@ -329,6 +329,10 @@ PRESETS: dict[str, Preset] = {
         version=1,
         measured="seeds 0-9 all solved (greedy mean >= 475): median 4,480 env steps, 0.38 s of training; "
                  "held-out seeds 100-104 all solved: 499.8, 500.0, 479.1, 475.8, 491.6 (2,560-41,600 steps)",
+        # `proximal prefs CartPole-v1`: clips of 8 steps fit its 16-step rollouts and the short
+        # episodes of an untrained policy (25 would not); proximal/FixedHorizonCartPole-v1 is the
+        # task tuned for learning from preferences
+        prefs=PrefsConfig(segment_length=8),
     ),
     # Observation normalisation and 10 epochs per batch; 4 epochs reached a median of -89.5.
     "Acrobot-v1": Preset(

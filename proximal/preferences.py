@@ -187,14 +187,14 @@ class PreferenceLearner:
             queries = self._choose(features, rollout.env_rewards, rollout.valid.numpy(), done, due, global_step)
             if self.human:
                 self.labeller.submit(queries)
-                if self.prefs.human_pace == "wait":
-                    self.labeller.wait_until_answered()
             else:
                 for query in queries:
                     label = self.labeller.answer(*query.true_returns())
                     self.comparisons_file.write(json.dumps({**query.record, "label": label}) + "\n")
                     self.comparisons_file.flush()
                     self._add(query, label)
+        if self.human and self.prefs.human_pace == "wait":
+            self.labeller.wait_until_answered()  # this round's queries, and those a resumed run put back
         if self.human:
             for query, label in self.labeller.take_answers():
                 self._add(query, label)
@@ -340,15 +340,16 @@ def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progres
         labeller = make_labeller(prefs, np.random.default_rng(config.run.seed + 2))
     server = None
     if renderer is not None:
-        from proximal.human.server import FeedbackServer
+        from proximal.human.server import TOKEN_NAME, FeedbackServer
 
-        server = FeedbackServer(renderer, prefs.host, prefs.port)  # a port in use fails here
+        token_path = run_dir / TOKEN_NAME if run_dir is not None else None  # a resume serves the same URL
+        server = FeedbackServer(renderer, prefs.host, prefs.port, token_path=token_path)  # a port in use fails here
     continuing = run_dir is not None
     run_dir = run_dir if continuing else new_run_dir(config)
     if server is not None:
         labeller = HumanLabeller(run_dir, COMPARISONS_NAME, prefs.human_pace, prefs.human_queue_size, prefs.labels,
                                query_from_record)
-        server.start(labeller)
+        server.start(labeller, run_dir / TOKEN_NAME)
         announce(f"label the clips at {server.url}")
         if prefs.host not in ("127.0.0.1", "localhost", "::1"):
             announce(f"--host {prefs.host}: the page is reachable from other machines (the token is still required)")

@@ -2,6 +2,8 @@
 written so that a kill at any moment leaves each one absent or whole.
 
 - `unique_run_dir`: RUNS_DIR/<name>__<time>/, unique even when two runs start in the same second.
+- `locked_run_dir`: one process at a time writes into a run directory (RUN_DIR/run.lock holds its
+  pid; a second is refused in one line; a dead holder's lock is taken over).
 - `restore_states`: put each object back as a checkpoint holds it (resume).
 - `write_text_atomic`, `write_json_atomic`, `save_figure_atomic`: a result, summary or plot,
   written to a temp file and renamed into place.
@@ -15,6 +17,7 @@ Checkpoints themselves go through `proximal.checkpoint.save_checkpoint` (atomic,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -39,6 +42,54 @@ def unique_run_dir(runs_dir: str | Path, name: str) -> Path:
         run_dir = base.with_name(f"{base.name}-{suffix}")
     run_dir.mkdir(parents=True)
     return run_dir
+
+
+LOCK_NAME = "run.lock"
+_HELD: set[Path] = set()  # run directories this process holds (a nested lock on one is a no-op)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: Path):
+    """Hold RUN_DIR/run.lock (this process's pid) for the duration of a `with` block: a second
+    process writing into the same run (two identical `rlhf` runs, a `--resume` beside a live run)
+    would interleave its records with this one's. A lock whose process is gone is taken over."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_NAME
+    while True:
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            break
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                raise ProximalError(f"{run_dir} is in use by process {holder} (its {LOCK_NAME}); wait for it "
+                                    f"to finish, or delete {lock} if that process is not a proximal run") from None
+            lock.unlink(missing_ok=True)  # its holder is gone: take it over
+    with os.fdopen(descriptor, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    _HELD.add(run_dir)
+    try:
+        yield
+    finally:
+        _HELD.discard(run_dir)
+        lock.unlink(missing_ok=True)
 
 
 def restore_states(checkpoint_path: Path, **stateful: Any) -> dict[str, Any] | None:

@@ -210,4 +210,5 @@ def test_prefs_starts_from_the_presets_preference_settings(argv, labels, input_c
 def test_presets_shows_preference_settings_that_differ_from_the_defaults(capsys):
     code, out, _ = run_main(["presets"], capsys)
     assert code == 0 and "proximal prefs starts from: --labels 1400 --reward-input-clip none" in out
-    assert out.count("proximal prefs starts from") == 1
+    assert "proximal prefs starts from: --segment-length 8" in out  # CartPole-v1's short clips
+    assert out.count("proximal prefs starts from") == 2

@@ -76,6 +76,8 @@ def request(server: FeedbackServer, method: str, path: str, body=None, token: st
     elif token is not None:
         sent["X-Token"] = token
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    if data is not None:
+        sent.setdefault("Content-Type", "application/json")  # as the page sends answers
     connection.request(method, path, body=data, headers=sent)
     response = connection.getresponse()
     result = response.status, response.read()
@@ -249,6 +251,93 @@ def test_bad_requests_get_a_4xx_and_write_nothing(serving, tmp_path):
     status, payload = request(server, "POST", "/api/answer", {"query": 0, "answer": "right"})
     assert status == 409 and "answered already" in json.loads(payload)["error"]
     assert [r["answer"] for r in read_jsonl(tmp_path / COMPARISONS_NAME)] == ["left"]
+
+
+def test_an_answer_from_another_site_is_refused_even_with_the_token(serving, tmp_path):
+    labeller, server = serving
+    host, port = server.httpd.server_address[:2]
+    answer = {"query": 0, "answer": "left"}
+    cases = [({"Content-Type": "text/plain"}, 415),  # what an HTML form on another page can send
+             ({"Origin": "http://evil.example"}, 403), ({"Host": f"evil.example:{port}"}, 403),
+             ({"Host": f"{host}:{port + 1}"}, 403)]
+    for headers, expected in cases:
+        status, payload = request(server, "POST", "/api/answer", answer, headers=headers)
+        assert status == expected, (headers, status, payload)
+    status, payload = request(server, "POST", "/api/answer", b"[" * 4096)  # nested too deep for the parser
+    assert status == 400 and "error" in json.loads(payload)
+    assert read_jsonl(tmp_path / COMPARISONS_NAME) == [] and labeller.answered == set()
+    status, _ = request(server, "POST", "/api/answer", answer, headers={"Origin": f"http://{host}:{port}"})
+    assert status == 200
+
+
+def test_a_refused_body_is_never_read_as_the_next_request(serving):
+    labeller, server = serving
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    for token in ("wrong", server.token):  # 403 first, then the same connection goes on
+        connection.request("POST", "/nowhere", body=b"GET / HTTP/1.1\r\n\r\n",
+                           headers={"X-Token": token, "Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status in (403, 404) and "error" in json.loads(response.read())
+    connection.request("GET", "/api/state", headers={"X-Token": server.token})
+    response = connection.getresponse()
+    assert response.status == 200 and "query" in json.loads(response.read())
+    connection.close()
+
+
+def test_every_reply_carries_the_security_headers_and_head_gets_no_body(serving):
+    import socket
+
+    labeller, server = serving
+    host, port = server.httpd.server_address[:2]
+    for method, path in (("GET", "/"), ("GET", "/api/state"), ("GET", "/nowhere"), ("HEAD", "/")):
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        connection.request(method, path, headers={"X-Token": server.token})
+        response = connection.getresponse()
+        body = response.read()
+        for name, value in (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                            ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")):
+            assert response.getheader(name) == value, (method, path, name)
+        assert "frame-ancestors 'none'" in response.getheader("Content-Security-Policy")
+        if method == "HEAD":
+            assert response.status == 405 and body == b""
+        connection.close()
+    with socket.create_connection((host, port), timeout=10) as raw:  # the standard library's own 414
+        raw.sendall(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+    head = reply.split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("HTTP/1.1 414") or head.startswith("HTTP/1.0 414"), head
+    assert "X-Content-Type-Options: nosniff" in head and "Cache-Control: no-store" in head
+
+
+def test_an_idle_connection_is_closed(tmp_path):
+    import socket
+
+    labeller = make_labeller(tmp_path)
+    server = FeedbackServer(None, port=0, task="t", idle_seconds=0.5)
+    server.start(labeller)
+    try:
+        host, port = server.httpd.server_address[:2]
+        with socket.create_connection((host, port), timeout=10) as idle:
+            assert idle.recv(1) == b""  # the server closed it, long before this 10 s timeout
+    finally:
+        server.stop()
+        labeller.close()
+
+
+def test_the_token_is_kept_across_a_resume_readable_by_the_user_alone(tmp_path):
+    from proximal.human.server import TOKEN_NAME
+
+    token_path = tmp_path / TOKEN_NAME
+    first = FeedbackServer(None, port=0, task="t", token_path=token_path)
+    first.start(make_labeller(tmp_path), token_path)
+    first.stop()
+    assert token_path.read_text().strip() == first.token and oct(token_path.stat().st_mode & 0o777) == oct(0o600)
+    second = FeedbackServer(None, port=0, task="t", token_path=token_path)
+    second.httpd.server_close()
+    assert second.token == first.token  # the open tab's URL works again
 
 
 def test_the_state_shows_counts_and_the_query_but_never_a_true_return(serving):
@@ -451,7 +540,8 @@ def answer_next_query(url: str, run_dir: Path) -> int | None:
     base, token = url.split("/?token=")
 
     def call(path: str, body: bytes | None = None) -> dict:
-        request = urllib.request.Request(base + path, data=body, headers={"X-Token": token})
+        request = urllib.request.Request(base + path, data=body,
+                                         headers={"X-Token": token, "Content-Type": "application/json"})
         return json.load(urllib.request.urlopen(request, timeout=10))
 
     query = call("/api/state")["query"]

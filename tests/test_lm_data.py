@@ -296,3 +296,118 @@ def test_a_run_that_cannot_work_is_one_line_before_anything_is_written(case, tmp
     assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+GOOD_RECORD = {"query": 0, "prompt": "1+1=", "responses": ["2", "3"], "ended": [True, True], "label": 1.0,
+               "labeller": "synthetic", "true_returns": [1.0, 0.0], "validation": False}
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"label": NaN, "prompt": "1+1=", "responses": ["2", "3"], "ended": [true, true], "validation": false}',
+     "'label' must be 1.0, 0.0, 0.5, null or a number in [0, 1], got NaN"),
+    (json.dumps({**GOOD_RECORD, "label": 2.0}), "got 2.0"),
+    (json.dumps({**GOOD_RECORD, "label": -1.0}), "got -1.0"),
+    (json.dumps({**GOOD_RECORD, "label": "first"}), 'got "first"'),
+    (json.dumps({**GOOD_RECORD, "label": True}), "got true"),
+    ("[1, 2]", "a JSON object is expected, got list"),
+    (json.dumps({k: v for k, v in GOOD_RECORD.items() if k != "responses"}), "the field 'responses' is missing"),
+    (json.dumps({**GOOD_RECORD, "responses": ["2"]}), "'responses' must be a list of two strs"),
+    (json.dumps({**GOOD_RECORD, "ended": [1, 0]}), "'ended' must be a list of two bools"),
+    (json.dumps({**GOOD_RECORD, "true_returns": ["a", "b"]}), "'true_returns' must be null or a list of two numbers"),
+    ("{not json", "not valid JSON"),
+])
+def test_a_bad_comparisons_line_is_one_line_naming_file_line_and_field(tmp_path, line, message):
+    from proximal.errors import CheckpointError
+    from proximal.lm.labels import read_records
+
+    path = tmp_path / "comparisons.jsonl"
+    path.write_text(json.dumps(GOOD_RECORD) + "\n" + line + "\n")
+    with pytest.raises(CheckpointError) as raised:
+        read_records(path)
+    assert str(raised.value).startswith(f"{path} line 2: ") and message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_good_comparisons_lines_read_back_as_written(tmp_path):
+    from proximal.lm.labels import read_records, write_records
+
+    records = [GOOD_RECORD, {**GOOD_RECORD, "query": 1, "label": None, "true_returns": None},
+               {**GOOD_RECORD, "query": 2, "label": 0.5}, {**GOOD_RECORD, "query": 3, "label": 0.25}]
+    write_records(tmp_path / "c.jsonl", records)
+    assert read_records(tmp_path / "c.jsonl") == records
+    (tmp_path / "empty.jsonl").write_text("")
+    assert read_records(tmp_path / "empty.jsonl") == []
+
+
+def test_a_fit_that_turned_nan_is_refused_in_one_line():
+    from proximal.errors import ProximalError
+    from proximal.lm.model import ScalarHeadLM
+    from proximal.lm.reward import require_finite
+
+    model = ScalarHeadLM(tiny_llama(0)[0])
+    require_finite(model, "the reward model")  # a fresh model passes
+    with torch.no_grad():
+        model.head.weight[0, 3] = float("nan")
+    with pytest.raises(ProximalError, match="^the reward model's weights turned NaN or infinite during the fit"):
+        require_finite(model, "the reward model")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["hello"], "the tokenizer cannot encode 'hello'"),
+    (["1+1=", "--max-new-tokens", "100"], "with --max-new-tokens 100 that is more than the model's context of 16"),
+    (["1+1=" * 5], "is 21 tokens: with --max-new-tokens"),
+    (["1+1=", "--temperature", "1e-45"], "--temperature must be a finite number >= 0.01"),
+])
+def test_generate_refuses_what_the_model_cannot_take_in_one_line(tmp_path, capsys, extra, message):
+    from lm_helpers import tiny_model
+    from proximal.lm.model import save_pretrained
+
+    model, tokenizer = tiny_model(0)
+    save_pretrained(model, tokenizer, tmp_path / "model")
+    try:
+        code = main(["generate", str(tmp_path / "model"), *extra])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flag", ["--ppo.temperature", "--reward.sample-temperature"])
+def test_a_temperature_that_would_overflow_the_logits_is_refused(flag, capsys):
+    try:
+        code = main(["rlhf", flag, "1e-45"])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code != 0 and ">= 0.01" in capsys.readouterr().err
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, capsys):
+    from lm_helpers import tiny_model
+    from proximal.errors import CheckpointError
+    from proximal.lm.model import load_pretrained
+
+    model, _ = tiny_model(0)
+    model.save_pretrained(tmp_path / "model")  # weights and config, no tokenizer
+    with pytest.raises(CheckpointError, match="no tokenizer file"):
+        load_pretrained(tmp_path / "model")
+
+
+@pytest.mark.parametrize("damage", ["truncated safetensors", "pickled bin", "config is a list"])
+def test_a_damaged_model_directory_is_one_line(tmp_path, damage):
+    from lm_helpers import tiny_model
+    from proximal.errors import CheckpointError
+    from proximal.lm.model import load_pretrained, save_pretrained
+
+    model, tokenizer = tiny_model(0)
+    save_pretrained(model, tokenizer, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if damage == "truncated safetensors":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "pickled bin":  # a pickle that would run code if loaded without weights_only
+        weights.unlink()
+        (tmp_path / "pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    else:
+        (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="holds no loadable causal LM") as raised:
+        load_pretrained(tmp_path)
+    assert "\n" not in str(raised.value)

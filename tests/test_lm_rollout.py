@@ -76,6 +76,27 @@ def test_token_rewards_by_hand():
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-1.02, 0.0, 0.0]]))
 
 
+def test_a_response_of_no_tokens_gets_no_reward_and_the_others_are_unchanged():
+    logprobs, ref_logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]]), torch.tensor([[-1.5, -1.0], [-0.5, -0.5]])
+    mask = torch.tensor([[True, True], [False, False]])  # the second response is empty (last_index -1)
+    kl_penalty, rewards = token_rewards(torch.tensor([2.0, 7.0]), logprobs, ref_logprobs, mask,
+                                        torch.tensor([1, -1]), kl_coef=0.1)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1 + 2.0], [0.0, 0.0]]))
+    advantages, returns = token_advantages(rewards, torch.zeros(2, 2), mask, torch.tensor([1, -1]), 0.95)
+    assert torch.equal(advantages[1], torch.zeros(2)) and torch.equal(returns[1], torch.zeros(2))
+
+
+def test_nan_on_padding_never_reaches_the_advantages():
+    rewards = torch.tensor([[0.1, 1.0, float("nan")]])  # junk on the padding after the last token
+    values = torch.tensor([[0.5, 0.3, float("nan")]])
+    mask = torch.tensor([[True, True, False]])
+    advantages, returns = token_advantages(rewards, values, mask, torch.tensor([1]), gae_lambda=0.9)
+    clean, _ = token_advantages(torch.tensor([[0.1, 1.0, 0.0]]), torch.tensor([[0.5, 0.3, 0.0]]), mask,
+                                torch.tensor([1]), gae_lambda=0.9)
+    assert torch.isfinite(advantages).all() and torch.isfinite(returns).all()
+    assert torch.equal(advantages, clean)
+
+
 def test_with_lambda_one_every_advantage_is_reward_to_go_minus_value():
     torch.manual_seed(0)
     rewards, values = torch.randn(5, 6), torch.randn(5, 6)

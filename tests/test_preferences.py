@@ -245,3 +245,15 @@ def test_prefs_command_then_eval_on_its_run(tmp_path, monkeypatch, capsys):
     assert json.loads((run_dir / "prefs.json").read_text())["query"] == "random"
     assert main(["eval", str(run_dir), "--episodes", "2"]) == 0
     assert "greedy evaluation, 2 episodes" in capsys.readouterr().out
+
+
+def test_prefs_on_cartpole_with_its_preset_runs_to_the_end(tmp_path, monkeypatch, capsys):
+    """First contact: `proximal prefs CartPole-v1` once stopped with "segment_length must be <=
+    num_steps = 16", and with longer rollouts found no two 25-step clips in an untrained policy's
+    short episodes; its preset's 8-step clips fit both."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["prefs", "CartPole-v1", "--total-timesteps", "2048", "--labels", "20", "--eval-episodes", "2",
+                 "--initial-reward-steps", "20", "--reward-steps", "5"])
+    assert code == 0 and "PPO on the learned reward, 20 labels" in capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "prefs.json").read_text())["segment_length"] == 8

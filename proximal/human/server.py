@@ -12,12 +12,21 @@ request carries the token from the printed URL, `?token=` or the `X-Token` heade
 Anything else is 404 (no path reaches the file system: the page is the one file served), a bad
 body 400, a second answer to a query 409. The server binds 127.0.0.1 unless `--host` says
 otherwise; the token stays required there too.
+
+Beyond the token: an answer must come as `application/json` (an HTML form on another site cannot
+send that), with a Host naming this server and, when the browser sends one, its own Origin; a
+body is always read (or the connection closed) so it is never taken for the next request; a
+connection idle for `IDLE_SECONDS` is closed; every reply, the standard library's error pages
+included, is `no-store`, `nosniff`, framed by nobody and sends no Referer (the URL holds the
+token). With a `token_path`, the token is kept there (0600) and a resumed run serves the same URL,
+so an open tab keeps working.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
 import secrets
 import sys
 import threading
@@ -25,6 +34,7 @@ from collections import OrderedDict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,6 +43,33 @@ from proximal.human.clips import ClipRenderer
 from proximal.human.labeller import AnswerRefused, HumanLabeller
 
 MAX_BODY_BYTES = 4096
+IDLE_SECONDS = 60.0  # a connection that sends nothing for this long is closed (one thread each)
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "img-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'none'; "
+                               "base-uri 'none'",
+}
+
+
+TOKEN_NAME = "page_token"  # in the run directory: the URL a resumed run serves again
+
+
+def read_token(token_path: Path | None) -> str | None:
+    """The token a run kept at `token_path`, or None."""
+    if token_path is None or not Path(token_path).is_file():
+        return None
+    return Path(token_path).read_text().strip() or None
+
+
+def keep_token(token: str, token_path: Path) -> None:
+    """Write the page's token where a resumed run finds it (0600: only the user reads it)."""
+    descriptor = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
 SIDES = ("left", "right")
 
 
@@ -49,15 +86,16 @@ class FeedbackServer:
     """Serves one run's queries to a person, on a background thread (`start`, `stop`)."""
 
     def __init__(self, renderer: ClipRenderer | None, host: str = "127.0.0.1", port: int = 0,
-                 task: str | None = None):
+                 task: str | None = None, token_path: Path | None = None, idle_seconds: float = IDLE_SECONDS):
         """Binds the port at once (a port in use fails here, before a run writes anything); `start`
         serves a labeller's queries. `renderer` draws clips (control tasks); None serves text pairs
         (records with "prompt" and "responses"). `task`: the sentence telling the person what is
-        better (default: the renderer's)."""
+        better (default: the renderer's). `token_path`: where the token is kept across a resume."""
         self.labeller: HumanLabeller | None = None
         self.renderer = renderer
         self.task = task if task is not None else renderer.task
-        self.token = secrets.token_urlsafe(24)
+        self.token = read_token(token_path) or secrets.token_urlsafe(24)
+        self.idle_seconds = idle_seconds
         self.page = resources.files("proximal.human").joinpath("page.html").read_bytes()
         self.frame_width, self.frame_height = renderer.frame_size() if renderer is not None else (0, 0)
         self.strips: OrderedDict[tuple[int, str], bytes] = OrderedDict()  # a few recent film strips
@@ -74,7 +112,10 @@ class FeedbackServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}/?token={self.token}"
 
-    def start(self, labeller: HumanLabeller) -> None:
+    def start(self, labeller: HumanLabeller, token_path: Path | None = None) -> None:
+        """Serve `labeller`'s queries; with `token_path`, the token is kept there for a resume."""
+        if token_path is not None:
+            keep_token(self.token, token_path)
         self.labeller = labeller
         self.thread.start()
 
@@ -120,6 +161,7 @@ def _handler_for(server: FeedbackServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: one connection for a person's whole session
         disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
+        timeout = server.idle_seconds  # an idle connection is closed, its thread freed
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet: the terminal shows training
             pass
@@ -128,10 +170,19 @@ def _handler_for(server: FeedbackServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
+            for name, value in SECURITY_HEADERS.items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":  # a reply to HEAD has headers only
+                self.wfile.write(body)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """The standard library's own errors (a line too long, a bad request line, 501) as the
+            same JSON with the same headers; the connection is closed (its state is unknown)."""
+            self.close_connection = True
+            self._error(code, message or HTTPStatus(code).phrase)
 
         def _json(self, status: int, data: dict[str, Any]) -> None:
             self._send(status, json.dumps(data).encode(), "application/json")
@@ -170,26 +221,46 @@ def _handler_for(server: FeedbackServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
 
+        def _same_site(self) -> bool:
+            """The Host names this server (not a rebound DNS name) and the Origin, when sent, is its own."""
+            port = self.server.server_address[1]
+            bound = self.server.server_address[0]
+            host = self.headers.get("Host", "")
+            name, _, given_port = host.rpartition(":")
+            local = bound in ("127.0.0.1", "localhost", "::1")
+            if given_port != str(port) or (local and name not in ("127.0.0.1", "localhost", "[::1]")):
+                self._error(HTTPStatus.FORBIDDEN, f"the Host header {host!r} does not name this server")
+                return False
+            origin = self.headers.get("Origin")
+            if origin is not None and origin != f"http://{host}":
+                self._error(HTTPStatus.FORBIDDEN, f"answers come from this page only, not from {origin!r}")
+                return False
+            return True
+
         def do_POST(self) -> None:
-            url = urlsplit(self.path)
-            if not self._authorised(parse_qs(url.query)):
-                return
-            if url.path != "/api/answer":
-                return self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
             try:
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
+                self.close_connection = True  # the body's end is unknown: it cannot be skipped
                 return self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length required")
             if not 0 < length <= MAX_BODY_BYTES:
                 self.close_connection = True
                 return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else HTTPStatus.BAD_REQUEST,
                                    f"the body must be 1 to {MAX_BODY_BYTES} bytes")
+            raw = self.rfile.read(length)  # read before any refusal, so it is never parsed as a request
+            url = urlsplit(self.path)
+            if not self._authorised(parse_qs(url.query)) or not self._same_site():
+                return
+            if url.path != "/api/answer":
+                return self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
+            if self.headers.get_content_type() != "application/json":
+                return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "answers are sent as application/json")
             try:
-                body = json.loads(self.rfile.read(length))
+                body = json.loads(raw)
                 index, answer = body["query"], body["answer"]
                 if not (isinstance(index, int) and not isinstance(index, bool) and isinstance(answer, str)):
                     raise TypeError
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: "[[[[..." nested deep
                 return self._error(HTTPStatus.BAD_REQUEST,
                                    'the body must be JSON {"query": <int>, "answer": "left|right|equal|cant_tell"}')
             try:

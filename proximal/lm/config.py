@@ -19,6 +19,7 @@ from proximal.errors import ConfigError
 from proximal.lm.tasks import TASKS
 
 FILE_TASK = "files"  # the task's name when the data comes from the user's files
+MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow float32 (greedy decoding is the limit case)
 
 
 def _require_probability(name: str, value: float) -> None:
@@ -173,6 +174,8 @@ class RewardConfig:
         for name in ("sample_temperature", "labeller_temperature", "learning_rate"):
             _require_finite(name, getattr(self, name))
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        _require(self.sample_temperature >= MIN_TEMPERATURE, "sample_temperature", f">= {MIN_TEMPERATURE}",
+                 self.sample_temperature)
         _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES),
                  self.labeller_noise)
         _require(self.labeller in LABELLERS, "labeller", " or ".join(LABELLERS), self.labeller)
@@ -247,6 +250,7 @@ class PPOStageConfig:
             _require_finite(name, getattr(self, name))
         for name in ("temperature", "learning_rate", "clip_coef", "kl_target", "max_grad_norm"):
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        _require(self.temperature >= MIN_TEMPERATURE, "temperature", f">= {MIN_TEMPERATURE}", self.temperature)
         _require(self.vf_coef >= 0, "vf_coef", ">= 0", self.vf_coef)
         _require(self.kl_coef >= 0, "kl_coef", ">= 0", self.kl_coef)
         _require(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "in [0, 1]", self.gae_lambda)
@@ -343,10 +347,14 @@ class RLHFConfig:
         return cls(**parts)
 
     @classmethod
-    def for_task(cls, name: str) -> RLHFConfig:
-        """The defaults, with the built-in task `name`'s preset applied (FILE_TASK has none)."""
-        preset = getattr(TASKS.get(name), "preset", {})
-        return cls().with_overrides({**preset, "task": {**preset.get("task", {}), "name": name}})
+    def for_task(cls, name: str, overrides: dict[str, dict[str, Any]] | None = None) -> RLHFConfig:
+        """The defaults with the built-in task `name`'s preset applied (FILE_TASK has none), then
+        `overrides` ({section: {field: value}}, the flags given) on top, in one step."""
+        merged = {section: dict(values) for section, values in getattr(TASKS.get(name), "preset", {}).items()}
+        for section, values in (overrides or {}).items():
+            merged.setdefault(section, {}).update(values)
+        merged.setdefault("task", {})["name"] = name
+        return cls().with_overrides(merged)
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> RLHFConfig:
         """A copy with `{section: {field: value}}` applied."""

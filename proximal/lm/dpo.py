@@ -26,7 +26,7 @@ from torch import nn
 
 from proximal.lm.labels import COMPARISONS_NAME, PairBatch, read_records
 from proximal.lm.model import Completions, response_logprobs, save_pretrained, trainable_parameters
-from proximal.lm.reward import fit_on_pairs, labelled_pairs, pair_agreement
+from proximal.lm.reward import fit_on_pairs, labelled_pairs, pair_agreement, require_finite
 from proximal.lm.stage import MODEL_DIR, StageContext, finish
 from proximal.losses import bradley_terry_loss
 
@@ -84,6 +84,7 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
         ctx, "dpo", policy, optimizer, train_pairs, config.epochs, config.batch_size,
         (lambda: implicit_accuracy(policy, val_pairs, val_reference, config.beta)) if val_pairs.size else None,
         lambda index: dpo_loss(policy, train_pairs.select(index), train_reference[index], config.beta))
+    require_finite(policy, "the DPO policy")
     seconds = time.perf_counter() - started
     policy.eval()
     save_pretrained(policy, tokenizer, stage_dir / MODEL_DIR)

@@ -63,16 +63,16 @@ def ask_person(records: list[dict], stage_dir: Path, host: str, port: int, task:
     every answer fsynced to STAGE_DIR/answers.jsonl as it comes; returns them answered, in query
     order. A killed stage asks again only what was not answered (queries.jsonl, answers.jsonl)."""
     from proximal.human.labeller import HumanLabeller, Query, question_of
-    from proximal.human.server import FeedbackServer
+    from proximal.human.server import TOKEN_NAME, FeedbackServer
 
     def query_of(record: dict) -> Query:
         left = int(record["left"]) if "left" in record else int(1 + sides.integers(2))
         return Query(record["query"], question_of(record), (), bool(record["validation"]), left)
 
     sides = np.random.default_rng(seed)  # which response is shown on the left
-    server = FeedbackServer(None, host, port, task=task)
+    server = FeedbackServer(None, host, port, task=task, token_path=stage_dir / TOKEN_NAME)
     labeller = HumanLabeller(stage_dir, PERSON_ANSWERS_NAME, "wait", len(records), len(records), query_of)
-    server.start(labeller)
+    server.start(labeller, stage_dir / TOKEN_NAME)
     announce(f"label the pairs at {server.url}")
     try:
         labeller.submit([query_of(record) for record in records[labeller.asked:]])
@@ -106,11 +106,52 @@ def append_records(path: Path, records: list[dict]) -> None:
         os.fsync(file.fileno())
 
 
+def _record_problem(record) -> str | None:
+    """What is wrong with one comparisons.jsonl record (None: nothing), in a few words."""
+    if not isinstance(record, dict):
+        return f"a JSON object is expected, got {type(record).__name__}"
+    for key in ("prompt", "responses", "ended", "label", "validation"):
+        if key not in record:
+            return f"the field {key!r} is missing"
+    if not isinstance(record["prompt"], str):
+        return "'prompt' must be a string"
+    for key, kind in (("responses", str), ("ended", bool)):
+        value = record[key]
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, kind) for v in value)):
+            return f"{key!r} must be a list of two {kind.__name__}s"
+    label = record["label"]
+    if label is not None and not (isinstance(label, (int, float)) and not isinstance(label, bool)
+                                  and 0.0 <= label <= 1.0):  # NaN fails the range check too
+        return f"'label' must be 1.0, 0.0, 0.5, null or a number in [0, 1], got {json.dumps(label)}"
+    if not isinstance(record["validation"], bool):
+        return "'validation' must be true or false"
+    gold = record.get("true_returns")
+    if gold is not None and not (isinstance(gold, list) and len(gold) == 2
+                                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in gold)):
+        return "'true_returns' must be null or a list of two numbers"
+    return None
+
+
 def read_records(path: Path) -> list[dict]:
+    """The records of a comparisons.jsonl file, each checked: a bad one is a one-line error that
+    names the file, the line and the field, before anything trains on it."""
     try:
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as error:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
         raise CheckpointError(f"cannot read the comparisons in {path}: {error}") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+        problem = _record_problem(record)
+        if problem is not None:
+            raise CheckpointError(f"{path} line {number}: {problem}")
+        records.append(record)
+    return records
 
 
 @dataclass

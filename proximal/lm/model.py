@@ -23,7 +23,8 @@ import contextlib
 import copy
 import importlib.util
 import inspect
-import os
+import io
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,21 +76,6 @@ def _require_package(name: str, purpose: str) -> None:
         raise ConfigError(f'{purpose} needs the {name} package: pip install -e ".[real]"')
 
 
-@contextlib.contextmanager
-def _environment(**values: str):
-    """Environment variables set for the duration of a `with` block, then restored."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _unloadable(path: Path, error: Exception) -> CheckpointError:
     reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return CheckpointError(f"{path} holds no loadable causal LM and tokenizer ({reason})")
@@ -109,7 +95,13 @@ def _source(path: Path) -> dict:
     return {"pretrained_model_name_or_path": path, "local_files_only": True, "trust_remote_code": False}
 
 
-LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a foreign, truncated or unsafe model file raises while loading: each becomes one line."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, EOFError, pickle.UnpicklingError,
+            SafetensorError)
 
 
 def load_tokenizer(path: str | Path):
@@ -117,12 +109,16 @@ def load_tokenizer(path: str | Path):
     token; a missing pad token becomes EOS (padding is masked by lengths, never by the pad id)."""
     path = Path(path)
     source = _source(path)
+    if "gguf_file" not in source and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty GPT-2 tokenizer that encodes every prompt as nothing
+        raise CheckpointError(f"{path} holds no loadable causal LM and tokenizer (no tokenizer file: none of "
+                              f"{', '.join(TOKENIZER_FILES)})")
     from transformers import AutoTokenizer
 
     _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(**source)
-    except LOAD_ERRORS as error:
+    except _load_errors() as error:
         raise _unloadable(path, error) from None
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"the tokenizer in {path} has no EOS token; a response could never end")
@@ -137,7 +133,7 @@ def _dequantised(path: Path, source: dict, dtype: torch.dtype) -> nn.Module:
     into a model built from the same config without the quantization settings."""
     from transformers import AutoModelForCausalLM
 
-    with _environment(TQDM_DISABLE="1"):  # transformers' own bar for this step ignores its verbosity setting
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' bar for this step ignores its verbosity
         loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=dtype)
     config = loaded.config
     config.quantization_config = None
@@ -161,7 +157,7 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
             model = _dequantised(path, source, torch.bfloat16 if device == "cuda" else torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(**source)
-    except LOAD_ERRORS as error:
+    except _load_errors() as error:
         raise _unloadable(path, error) from None
     return model.to(device).eval(), tokenizer
 
@@ -228,7 +224,7 @@ def model_context_length(path: str | Path) -> int | None:
 
     try:
         config = AutoConfig.from_pretrained(**_source(Path(path)))
-    except LOAD_ERRORS as error:
+    except _load_errors() as error:
         raise _unloadable(Path(path), error) from None
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
@@ -291,8 +287,23 @@ class ScalarHeadLM(nn.Module):
 
 # -- batches of prompts and responses ------------------------------------------------------------------
 
+def token_rows(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The token ids of each text (no special tokens added); a text the tokenizer cannot encode
+    (a character outside a character tokenizer's alphabet) is a one-line ConfigError naming it."""
+    try:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    except Exception as error:  # noqa: BLE001  (the tokenizers library raises a bare Exception)
+        for text in texts:  # find the text it cannot encode, to name it
+            try:
+                tokenizer(text, add_special_tokens=False)
+            except Exception:  # noqa: BLE001
+                raise ConfigError(f"the tokenizer cannot encode {text[:80]!r} ({str(error).splitlines()[0][:120]})"
+                                  ) from None
+        raise
+
+
 def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return token_rows(tokenizer, [text])[0]
 
 
 def _padded(rows: list[list[int]], pad_id: int, left: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,8 +333,7 @@ def prompt_tokens(tokenizer, prompt: str) -> list[int]:
 
 def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
     """len(prompt_tokens(tokenizer, p)) of each prompt, tokenized in one batch (for checks)."""
-    rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
-    return [len(_bos(tokenizer, prompt)) + len(row) for prompt, row in zip(prompts, rows)]
+    return [len(_bos(tokenizer, prompt)) + len(row) for prompt, row in zip(prompts, token_rows(tokenizer, prompts))]
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:

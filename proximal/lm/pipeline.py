@@ -31,7 +31,7 @@ from proximal.lm.ppo import run_ppo
 from proximal.lm.reward import run_reward
 from proximal.lm.sft import run_sft
 from proximal.lm.stage import StageContext, is_finished, open_context, read_summary, start_tokenizer
-from proximal.run import unique_run_dir, write_json_atomic
+from proximal.run import locked_run_dir, unique_run_dir, write_json_atomic
 
 STAGES = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo, "dpo": run_dpo}  # in the order they run
 
@@ -143,12 +143,12 @@ def run_pipeline(config: RLHFConfig, run_dir: Path | None, stages: tuple[str, ..
     stages = default_stages(ctx) if stages is None else stages
     recorded = check(ctx, stages)  # nothing is written if this fails
     ctx.run_dir = new_run_dir(config) if run_dir is None else Path(run_dir)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(ctx.run_dir / "config.json", json.loads(recorded.to_json()))
-    ctx.prepare_start_model()
-    for stage in stages:
-        skipped = is_finished(ctx.stage_dir(stage))
-        summary = read_summary(ctx.stage_dir(stage)) if skipped else STAGES[stage](ctx)
-        if report is not None:
-            report(stage, summary, skipped)
+    with locked_run_dir(ctx.run_dir):  # one process at a time writes into a run
+        write_json_atomic(ctx.run_dir / "config.json", json.loads(recorded.to_json()))
+        ctx.prepare_start_model()
+        for stage in stages:
+            skipped = is_finished(ctx.stage_dir(stage))
+            summary = read_summary(ctx.stage_dir(stage)) if skipped else STAGES[stage](ctx)
+            if report is not None:
+                report(stage, summary, skipped)
     return ctx.run_dir

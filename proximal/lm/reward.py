@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from proximal.checkpoint import load_checkpoint, save_checkpoint
-from proximal.errors import CheckpointError, ConfigError
+from proximal.errors import CheckpointError, ConfigError, ProximalError
 from proximal.labellers import make_labeller
 from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, ask_person, label_records,
                                 pairs_from_records, read_records, teaches_something, write_records)
@@ -123,6 +123,13 @@ def fit_reward_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
         if on_step is not None:
             on_step(step, loss.item())
     model.eval()
+
+
+def require_finite(model: torch.nn.Module, what: str) -> None:
+    """A fit whose loss turned NaN leaves NaN weights: refused in one line, the stage unfinished."""
+    if not all(bool(torch.isfinite(parameter).all()) for parameter in trainable_parameters(model)):
+        raise ProximalError(f"{what}'s weights turned NaN or infinite during the fit (a learning rate too high, "
+                            "or a NaN in the data); the stage is not marked finished")
 
 
 # -- the stage ---------------------------------------------------------------------------------------
@@ -234,6 +241,7 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
     validation = fit_on_pairs(ctx, "reward", model, optimizer, train_pairs, config.epochs, config.batch_size,
                               (lambda: pair_accuracy(model, val_pairs)) if val_pairs.size else None,
                               validations=config.validations)
+    require_finite(model, "the reward model")
     mean, std = standardise_scores(model, sft_samples, 256)
     save_pretrained(model.lm, tokenizer, stage_dir / MODEL_DIR)
     save_checkpoint(stage_dir / HEAD_NAME, {"head": model.head.state_dict()})

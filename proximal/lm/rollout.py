@@ -49,11 +49,14 @@ def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
                   response_mask: torch.Tensor, last_index: torch.Tensor, kl_coef: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kl_penalty [B, R], rewards [B, R]): the k1 penalty on every response token and the score
-    added at each response's last token (`last_index` [B]); 0 on padding."""
+    added at each response's last token (`last_index` [B]); 0 on padding. A response of no tokens
+    (`last_index` -1) has no action to credit: its row stays 0."""
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     kl_penalty = torch.where(response_mask, kl_coef * (logprobs - ref_logprobs), zero)  # [B, R]
     rewards = -kl_penalty
-    rewards = rewards.scatter_add(1, last_index[:, None], scores[:, None].to(rewards.dtype))
+    has_tokens = last_index >= 0  # [B]
+    credited = torch.where(has_tokens, scores.to(rewards.dtype), zero)  # [B]
+    rewards = rewards.scatter_add(1, last_index.clamp_min(0)[:, None], credited[:, None])
     return kl_penalty, rewards
 
 
@@ -63,6 +66,7 @@ def token_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask:
     terminates at its last token (no bootstrap past EOS or the cut)."""
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     values = torch.where(response_mask, values, zero)
+    rewards = torch.where(response_mask, rewards, zero)  # whatever sits on padding (NaN too) never reaches GAE
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # V(s_{t+1}) [B, R]
     positions = torch.arange(rewards.shape[1], device=rewards.device)
     terminated = positions[None, :] >= last_index[:, None]  # [B, R]: the last token and the padding after it

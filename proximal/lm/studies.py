@@ -32,7 +32,7 @@ import torch
 from proximal.lm.config import RLHFConfig, StudyConfig
 from proximal.lm.pipeline import run_pipeline
 from proximal.lm.stage import MODEL_DIR, is_finished, open_context, read_summary
-from proximal.run import read_csv_rows, save_figure_atomic, write_json_atomic, write_text_atomic
+from proximal.run import locked_run_dir, read_csv_rows, save_figure_atomic, write_json_atomic, write_text_atomic
 
 
 def reward_settings(labels: int, noise: float = 0.0) -> dict[str, Any]:
@@ -358,5 +358,5 @@ def run_study(name: str, config: StudyConfig, study_dir: Path, out_dir: Path, re
     figure, table and numbers into `out_dir`."""
     torch.set_num_threads(config.threads)
     study = Study(config, Path(study_dir), Path(out_dir), report, pipeline or RLHFConfig())
-    study.study_dir.mkdir(parents=True, exist_ok=True)
-    return RUNNERS[name](study)
+    with locked_run_dir(study.study_dir):  # one process at a time writes into a study
+        return RUNNERS[name](study)

@@ -1,0 +1,80 @@
+"""One process at a time writes into a run directory (proximal.run.locked_run_dir)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from proximal.cli import main
+from proximal.errors import ProximalError
+from proximal.run import LOCK_NAME, locked_run_dir
+
+
+@pytest.fixture
+def live_pid():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_live_holder_refuses_a_second_writer_and_its_lock_is_left_alone(tmp_path, live_pid):
+    (tmp_path / LOCK_NAME).write_text(f"{live_pid}\n")
+    with pytest.raises(ProximalError, match=f"is in use by process {live_pid}"):
+        with locked_run_dir(tmp_path):
+            pass
+    assert (tmp_path / LOCK_NAME).read_text() == f"{live_pid}\n"
+
+
+def test_a_dead_holders_lock_is_taken_over_and_released_after(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(f"{dead_pid()}\n")
+    with locked_run_dir(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        assert oct((tmp_path / LOCK_NAME).stat().st_mode & 0o777) == oct(0o600)
+        with locked_run_dir(tmp_path):  # the same process again (a study running a variant): no-op
+            pass
+        assert (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_the_lock_is_released_when_the_work_fails(tmp_path):
+    with pytest.raises(RuntimeError):
+        with locked_run_dir(tmp_path):
+            raise RuntimeError("boom")
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def _run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_rlhf_into_a_run_directory_in_use_is_one_line_and_writes_nothing(tmp_path, capsys, live_pid):
+    pytest.importorskip("transformers")
+    (tmp_path / LOCK_NAME).write_text(f"{live_pid}\n")
+    code, err = _run(["rlhf", "--run-dir", str(tmp_path), "--sft.steps", "2", "--reward.labels", "8",
+                      "--ppo.iterations", "1"], capsys)
+    assert code != 0 and f"is in use by process {live_pid}" in err and len(err.strip().splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LOCK_NAME]
+
+
+def test_train_resume_of_a_run_in_use_is_one_line(tmp_path, capsys, live_pid):
+    runs = tmp_path / "runs"
+    assert _run(["train", "CartPole-v1", "--total-timesteps", "256", "--num-envs", "2", "--num-steps", "64",
+                 "--eval-episodes", "1", "--runs-dir", str(runs)], capsys)[0] == 0
+    run_dir = next(runs.iterdir())
+    (run_dir / LOCK_NAME).write_text(f"{live_pid}\n")
+    code, err = _run(["train", "--resume", str(run_dir), "--total-timesteps", "512"], capsys)
+    assert code != 0 and f"is in use by process {live_pid}" in err and len(err.strip().splitlines()) == 1
