@@ -63,6 +63,15 @@ def proximal_run(model: str, work: Path, seed: int, threads: int, overrides: dic
             "completions": summary["iterations"] * config.ppo.prompts_per_iteration}
 
 
+def start_model_eval(model: str, work: Path, seed: int, threads: int) -> dict:
+    """The start model on the same held-out prompts: the 'before' of both."""
+    ctx = open_context(sentiment_config(model, seed, threads, {}), work / "proximal")
+    start, tokenizer = load_pretrained(work / "proximal" / START_DIR / MODEL_DIR)
+    started = time.perf_counter()
+    final = ctx.evaluate(start, tokenizer, start)
+    return {"eval": final, "train_seconds": 0.0, "total_seconds": time.perf_counter() - started, "completions": 0}
+
+
 def trl_grpo_run(model: str, work: Path, seed: int, threads: int, steps: int) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -81,7 +90,7 @@ def trl_grpo_run(model: str, work: Path, seed: int, threads: int, steps: int) ->
         output_dir=str(work / "trl-grpo"), per_device_train_batch_size=16, num_generations=4, max_steps=steps,
         max_completion_length=config.ppo.max_new_tokens, temperature=1.0, learning_rate=1e-5, beta=0.04,
         logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, gradient_checkpointing=False)  # GRPOConfig turns it on by default in 1.16
     torch.set_num_threads(threads)
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=args, processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": ctx.data.rl}))
@@ -109,6 +118,8 @@ def main() -> None:
         results["proximal RLOO (LoRA)"] = proximal_run(args.model, work, args.seed, args.threads,
                                                        {"iterations": args.iterations, "eval_every": args.eval_every})
         print("proximal", json.dumps(results["proximal RLOO (LoRA)"]["eval"]), flush=True)
+        results["start model"] = start_model_eval(args.model, work, args.seed, args.threads)
+        print("start", json.dumps(results["start model"]["eval"]), flush=True)
         results["TRL 1.16 GRPOTrainer"] = trl_grpo_run(args.model, work, args.seed, args.threads, args.trl_steps)
         print("trl", json.dumps(results["TRL 1.16 GRPOTrainer"]["eval"]), flush=True)
     target = results["TRL 1.16 GRPOTrainer"]["eval"]["gold_sampled"]
