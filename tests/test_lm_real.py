@@ -15,6 +15,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("peft")
 pytest.importorskip("vaderSentiment")
 
+from proximal.cli import main  # noqa: E402
 from proximal.errors import CheckpointError  # noqa: E402
 from test_lm_pipeline import run_cli  # noqa: E402
 from proximal.lm.config import RLHFConfig  # noqa: E402
@@ -252,3 +253,13 @@ def test_rlhf_sentiment_from_a_gguf_file_end_to_end(tiny_llama, tmp_path, capsys
     assert not hasattr(model, "peft_config")
     rows = (run_dir / "ppo" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3
+
+
+def test_the_sentiment_task_without_a_model_says_where_to_get_one(capsys):
+    try:
+        code = main(["rlhf", "sentiment"])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code != 0 and "has no demonstrations to train one: pass a pretrained one with --model.path" in err
+    assert len(err.strip().splitlines()) == 1

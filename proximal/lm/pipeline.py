@@ -55,6 +55,10 @@ def _check_order(ctx: StageContext, stages: tuple[str, ...]) -> None:
             raise ConfigError("the sft stage needs demonstrations: pass --data.sft FILE, or leave sft out of "
                               "--stages and start from your model with --model.path")
         if stage != "sft" and "sft" not in done and not config.model.path:
+            if not ctx.data.sft_prompts:
+                raise ConfigError(f"stage {stage} needs a model to start from, and this task has no demonstrations "
+                                  "to train one: pass a pretrained one with --model.path DIR or FILE.gguf "
+                                  "(docs/lm_real_model.md fetches SmolLM2-135M-Instruct)")
             raise ConfigError(f"stage {stage} needs a model to start from: a finished sft stage in --run-dir, or "
                               "--model.path DIR, or run --stages sft first")
         if stage == "reward" and ctx.data.preferences is None and config.reward.labeller == "synthetic" \
@@ -74,6 +78,8 @@ def _check_order(ctx: StageContext, stages: tuple[str, ...]) -> None:
 def _check_lengths(ctx: StageContext, tokenizer) -> None:
     """Every prompt plus --ppo.max-new-tokens, and every demonstration and pair, within the
     model's context; refused (never truncated) with where the first one is and how many are."""
+    if not ctx.config.model.path and not ctx.data.sft_prompts:
+        return  # no model at all (and none SFT could build): _check_order says so
     limit = model_context_length(ctx.config.model.path) if ctx.config.model.path else ctx.config.model.context
     if limit is None:
         return
