@@ -96,6 +96,8 @@ def _source(path: Path) -> dict:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def _load_errors() -> tuple[type[BaseException], ...]:
     """What a foreign, truncated or unsafe model file raises while loading: each becomes one line."""
     from safetensors import SafetensorError

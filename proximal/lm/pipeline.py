@@ -30,7 +30,7 @@ from proximal.lm.model import model_context_length, prompt_lengths
 from proximal.lm.ppo import run_ppo
 from proximal.lm.reward import run_reward
 from proximal.lm.sft import run_sft
-from proximal.lm.stage import StageContext, is_finished, open_context, read_summary, start_tokenizer
+from proximal.lm.stage import StageContext, is_finished, open_context, read_summary
 from proximal.run import locked_run_dir, unique_run_dir, write_json_atomic
 
 STAGES = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo, "dpo": run_dpo}  # in the order they run
@@ -110,7 +110,7 @@ def check(ctx: StageContext, stages: tuple[str, ...]) -> RLHFConfig:
     against the context, the order of the stages, the reward function on two prompts, the
     checkpoints a resumed stage would read, and an existing run's config. Returns the config to
     record in the run's config.json."""
-    _check_lengths(ctx, start_tokenizer(ctx.config, ctx.task))
+    _check_lengths(ctx, ctx.tokenizer)
     _check_order(ctx, stages)
     if ctx.reward_function is not None:
         prompts = (ctx.data.rl or ctx.data.evaluation)[:2]

@@ -18,7 +18,7 @@ from torch import nn
 from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from proximal.lm.model import (Completions, build_tiny_gpt2, encode_prompts, encode_responses, load_pretrained,
                                response_logprobs, save_pretrained)
-from proximal.lm.stage import MODEL_DIR, StageContext, finish, start_tokenizer
+from proximal.lm.stage import MODEL_DIR, StageContext, finish
 from proximal.losses import masked_mean
 from proximal.run import CsvLog, restore_states
 
@@ -47,7 +47,7 @@ def initial_model(ctx: StageContext):
     model_config = ctx.config.model
     if model_config.path:
         return load_pretrained(model_config.path, ctx.device)
-    tokenizer = start_tokenizer(ctx.config, ctx.task)
+    tokenizer = ctx.tokenizer
     torch.manual_seed(ctx.config.run.seed)
     model = build_tiny_gpt2(tokenizer, model_config.width, model_config.layers, model_config.heads,
                             model_config.context).to(ctx.device)

@@ -72,6 +72,7 @@ class StageContext:
     run_dir: Path | None
     show_progress: bool = False
     reward_function: RewardFunction | None = None
+    tokenizer: Any = None  # the start tokenizer the data was encoded with (`start_tokenizer`), loaded once
 
     @property
     def device(self) -> str:
@@ -158,7 +159,8 @@ class StageContext:
         """--reward.standardise-samples samples of the start model at the PPO temperature: the
         scores' reference point."""
         generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed + EVAL_SEED)
-        return sample_completions(start_model, tokenizer, self.data.rl[:self.config.reward.standardise_samples], self.config.ppo.max_new_tokens,
+        prompts = self.data.rl[:self.config.reward.standardise_samples]
+        return sample_completions(start_model, tokenizer, prompts, self.config.ppo.max_new_tokens,
                                   self.config.ppo.temperature, generator, self.device)
 
 
@@ -178,4 +180,5 @@ def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool =
     data = task.data(config.run.seed, sizes, tokenizer)
     function = (RewardFunction(config.reward.function, config.ppo.cut_response_score)
                 if config.reward.function else None)
-    return StageContext(config, task, data, None if run_dir is None else Path(run_dir), show_progress, function)
+    return StageContext(config, task, data, None if run_dir is None else Path(run_dir), show_progress, function,
+                        tokenizer)
