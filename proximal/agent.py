@@ -25,6 +25,7 @@ from torch import nn
 
 from proximal.checkpoint import load_checkpoint
 from proximal.config import TrainConfig
+from proximal.dist import DistContext
 from proximal.errors import CheckpointError, ConfigError, TrainingDiverged
 from proximal.normalize import RunningMeanStd
 from proximal.optim import Adam
@@ -149,7 +150,7 @@ class PPOAgent:
                                    log_std_init=ppo.log_std_init)
         self.observation_stats = RunningMeanStd((obs_dim,)) if ppo.normalize_observations else None
         self.optimizer = Adam(self.network.parameters(), learning_rate=ppo.learning_rate, eps=1e-5)
-        self.collective = None  # data-parallel training (proximal.distributed): the other ranks
+        self.dist = DistContext()  # data-parallel training (proximal.dist): the other ranks, if any
 
     @classmethod
     def for_spaces(cls, observation_space: gym.spaces.Box, action_space: gym.Space, config: TrainConfig) -> PPOAgent:
@@ -241,9 +242,8 @@ class PPOAgent:
         (the k3 estimator E[(r - 1) - log r]), clip fraction, plus the epochs completed (fewer
         than configured when target-KL stopped early) and the critic's explained variance.
         """
-        ppo = self.config.ppo
-        collective = self.collective
-        global_size = batch.size if collective is None else int(collective.sum(torch.tensor(batch.size)))
+        ppo, dist = self.config.ppo, self.dist
+        global_size = int(dist.sum(torch.tensor(batch.size)))
         num_minibatches = max(1, round(global_size / ppo.minibatch_size))  # the same on every rank
         parameters = list(self.network.parameters())
         history: list[torch.Tensor] = []
@@ -252,16 +252,14 @@ class PPOAgent:
             epochs_done += 1
             epoch_kls = []
             minibatches = torch.tensor_split(torch.randperm(batch.size), num_minibatches)
-            if ppo.norm_adv and collective is not None:  # over each whole minibatch: every rank's share of it
-                means, stds = collective.moments(batch.advantages, list(minibatches))
+            if ppo.norm_adv:  # over each whole minibatch: every rank's share of it
+                means, stds = dist.moments(batch.advantages, list(minibatches))
             for minibatch, indices in enumerate(minibatches):
                 _, logprobs, entropy, new_values = self.get_action(
                     batch.observations[indices], batch.actions[indices])
                 advantages = batch.advantages[indices]
                 if ppo.norm_adv:
-                    mean, std = (advantages.mean(), advantages.std()) if collective is None else \
-                        (means[minibatch], stds[minibatch])
-                    advantages = (advantages - mean) / (std + 1e-8)
+                    advantages = (advantages - means[minibatch]) / (stds[minibatch] + 1e-8)
                 policy_loss = clipped_surrogate_loss(logprobs, batch.logprobs[indices], advantages, ppo.clip_coef)
                 # L^VF of Eq. 9 with the customary 1/2, so its gradient is (V - V^targ): c1 = 1 here
                 # weighs the critic like c1 = 0.5 on the paper's (V - V^targ)^2.
@@ -269,30 +267,22 @@ class PPOAgent:
                 entropy_mean = entropy.mean()
                 # Eq. 9, negated: minimise -L^CLIP + c1 L^VF - c2 S.
                 loss = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy_mean
-                finite = bool(torch.isfinite(loss))
-                if collective is None and not finite:
-                    raise TrainingDiverged("the PPO loss became NaN or infinite")
                 self.optimizer.zero_grad()
                 loss.backward()
-                if collective is not None and not collective.average_gradients(parameters, len(indices), loss):
-                    raise TrainingDiverged("the PPO loss became NaN or infinite (on some rank)")
+                if not dist.average_gradients(parameters, len(indices), loss):  # the mean over every rank's rows
+                    raise TrainingDiverged("the PPO loss became NaN or infinite")
                 nn.utils.clip_grad_norm_(parameters, ppo.max_grad_norm)
                 self.optimizer.step()
                 approx_kl, clip_fraction = ratio_statistics(logprobs, batch.logprobs[indices], ppo.clip_coef)
                 epoch_kls.append(approx_kl)
                 history.append(torch.stack([policy_loss.detach(), value_loss.detach(),
                                             entropy_mean.detach(), approx_kl, clip_fraction]))
-            if ppo.target_kl is not None:
-                epoch_kl = torch.stack(epoch_kls).mean()
-                if collective is not None:  # every rank stops after the same epoch
-                    epoch_kl = collective.sum(epoch_kl) / collective.world_size
-                if epoch_kl > ppo.target_kl:
-                    break
+            if ppo.target_kl is not None and dist.mean(torch.stack(epoch_kls).mean()) > ppo.target_kl:
+                break  # every rank stops after the same epoch
         means = torch.stack(history).mean(0).tolist()
         stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
         stats["explained_variance"] = explained_variance(batch.values, batch.returns)
-        if collective is not None:
-            stats = collective.mean_of(stats)
+        stats = dist.mean_of(stats)
         stats["epochs"] = float(epochs_done)
         return stats
 

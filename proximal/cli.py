@@ -290,17 +290,17 @@ def _refuse_finished(given: str, payload: dict[str, Any], config: TrainConfig, r
 
 def _train(args: argparse.Namespace) -> int:
     config, resume, run_dir = _train_config(args)  # validated: nothing is written if this fails
-    from proximal.distributed import join, launched_world_size, leave
+    from proximal.dist import join, launched_world_size, leave
     from proximal.run import locked_run_dir
     from proximal.train import check_world_size, train
 
     check_world_size(config, launched_world_size())  # every rank says so, before any rank waits
-    collective = join(config.run.dist_timeout)  # None unless launched by torchrun with K > 1
+    dist = join(config.run.dist_timeout)  # one process unless launched by torchrun with K > 1
     try:
-        writer = collective is None or collective.is_writer
+        writer = dist.is_main
         with locked_run_dir(run_dir) if run_dir is not None and writer else contextlib.nullcontext():
             result = train(config, run_dir=run_dir, resume=resume, show_progress=sys.stderr.isatty() and writer,
-                           collective=collective)
+                           dist=dist)
     finally:
         leave()
     if not writer:
@@ -601,11 +601,11 @@ def _plot(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "train":
-            from proximal.distributed import launched_world_size
+        if args.command not in ("train", "rlhf"):
+            from proximal.dist import launched_world_size
 
             if launched_world_size() > 1:
-                raise ConfigError("only `proximal train` runs on several processes (torchrun) so far; "
+                raise ConfigError("only `proximal train` and `proximal rlhf` run on several processes (torchrun); "
                                   f"run `proximal {args.command}` as one process")
         return args.handler(args)
     except ProximalError as error:

@@ -20,7 +20,7 @@ class RunningMeanStd:
         self.mean = np.zeros(shape)
         self.var = np.ones(shape)  # before any data: the identity transform
         self.count = 0
-        self.gather = None  # data-parallel training: every rank's rows of a batch (`Collective.gather_rows`)
+        self.gather = None  # data-parallel training: every rank's rows of a batch (`DistContext.gather_rows`)
 
     def update(self, batch: np.ndarray) -> None:
         """Fold in `batch` [B, *shape] (with `gather` set: every rank's batch, in rank order)."""

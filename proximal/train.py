@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from gymnasium.vector import VectorEnv
 from proximal.agent import PPOAgent, RolloutBatch
 from proximal.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, save_checkpoint
 from proximal.config import PPOConfig, TrainConfig
+from proximal.dist import RANK_SEED_STRIDE, DistContext
 from proximal.envs import as_float_observations, make_vector_env
 from proximal.errors import ConfigError, EnvError, TrainingDiverged
 from proximal.evaluate import evaluate
@@ -28,9 +29,6 @@ from proximal.metrics import MetricsLogger
 from proximal.normalize import RewardScaler
 from proximal.run import unique_run_dir, write_json_atomic, write_text_atomic
 from proximal.losses import compute_gae
-
-if TYPE_CHECKING:
-    from proximal.distributed import Collective
 
 EVAL_NAME = "eval.json"
 
@@ -154,9 +152,6 @@ def rollout_to_batch(rollout: Rollout, ppo: PPOConfig) -> RolloutBatch:
     )
 
 
-RANK_SEED_STRIDE = 1_000_003  # rank r > 0 samples from torch seed (seed + stride r + step)
-
-
 def check_world_size(config: TrainConfig, world_size: int) -> None:
     """K ranks share the config's envs evenly (and so its batch): N must be a multiple of K."""
     if config.env.num_envs % world_size != 0:
@@ -194,7 +189,7 @@ def train(
     resume: dict[str, Any] | None = None,
     show_progress: bool = False,
     reward_learner: RewardLearner | None = None,
-    collective: Collective | None = None,
+    dist: DistContext = DistContext(),
 ) -> TrainResult:
     """Train PPO as `config` says, writing everything into `run_dir` (a new one if None).
 
@@ -210,14 +205,15 @@ def train(
     replaced by the learner's before advantages are computed (learning from preferences,
     `proximal.preferences`); the logged episode returns stay the env's own.
 
-    With a `collective` (launched by torchrun: `proximal.distributed`), this process is one rank
-    of K: it steps its N / K of the config's N envs and shares every update with the others;
-    rank 0 alone writes `run_dir` and evaluates (the other ranks' `TrainResult` has no returns).
+    With a `dist` context of K processes (launched by torchrun: `proximal.dist`), this process is
+    one rank: it steps its N / K of the config's N envs and shares every update with the others
+    (rank r > 0 samples from torch seed seed + stride r + step); rank 0 alone writes `run_dir` and
+    evaluates (the other ranks' `TrainResult` has no returns).
     """
     ppo, run = config.ppo, config.run
-    rank, world_size = (0, 1) if collective is None else (collective.rank, collective.world_size)
+    rank, world_size = dist.rank, dist.world_size
     check_world_size(config, world_size)
-    writer = rank == 0
+    writer = dist.is_main
     torch.set_num_threads(run.threads)
     update_threads = run.threads if run.update_threads is None else run.update_threads
     torch.manual_seed(run.seed)  # the same initial weights on every rank
@@ -235,17 +231,14 @@ def train(
             torch.set_rng_state(resume["torch_rng_state"])
             if reward_scaler is not None:
                 reward_scaler.return_stats.load_state_dict(resume["reward_stats"])
-        if collective is not None:
-            agent.collective = collective
+        agent.dist = dist
+        if dist.distributed:
             for stats in (agent.observation_stats, None if reward_scaler is None else reward_scaler.return_stats):
                 if stats is not None:
-                    stats.gather = collective.gather_rows
+                    stats.gather = dist.gather_rows
             if rank > 0:  # each rank samples its own actions and minibatches
                 torch.manual_seed(run.seed + RANK_SEED_STRIDE * rank + global_step)
-            run_dir = collective.broadcast_object(
-                (run_dir if run_dir is not None else new_run_dir(config)) if writer else None)
-        if run_dir is None:
-            run_dir = new_run_dir(config)
+        run_dir = dist.broadcast_object((run_dir if run_dir is not None else new_run_dir(config)) if writer else None)
         if writer:
             write_text_atomic(run_dir / CONFIG_NAME, config.to_json())
         checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -291,11 +284,9 @@ def train(
                     raise TrainingDiverged(f"{error} at iteration {iteration} (step {global_step}); {kept}") from None
                 if update_threads != run.threads:
                     torch.set_num_threads(run.threads)
-                episode_returns, episode_lengths = rollout.episode_returns, rollout.episode_lengths
-                if collective is not None:  # every rank's episodes
-                    gathered = collective.gather_objects((episode_returns, episode_lengths))
-                    episode_returns = [value for returns, _ in gathered for value in returns]
-                    episode_lengths = [value for _, lengths in gathered for value in lengths]
+                gathered = dist.gather_objects((rollout.episode_returns, rollout.episode_lengths))  # every rank's
+                episode_returns = [value for returns, _ in gathered for value in returns]
+                episode_lengths = [value for _, lengths in gathered for value in lengths]
                 now = time.perf_counter()
                 train_seconds = elapsed_before + now - start_time - eval_seconds
                 metrics = {
@@ -314,8 +305,7 @@ def train(
                 if run.stop_return is not None and (iteration % run.eval_every == 0 or last_iteration):
                     if writer:
                         eval_returns = evaluate(agent, config.env.env_id, run.eval_episodes, seed=run.seed)
-                    if collective is not None:  # rank 0's evaluation decides for every rank
-                        eval_returns = collective.broadcast_object(eval_returns)
+                    eval_returns = dist.broadcast_object(eval_returns)  # rank 0's evaluation decides for all
                     eval_seconds += time.perf_counter() - now
                     metrics["eval_return"] = float(eval_returns.mean())
                 reached = eval_returns is not None and bool(eval_returns.mean() >= run.stop_return)

@@ -70,13 +70,13 @@ def rank_share(batch: RolloutBatch, rank: int, world_size: int, minibatches: int
 
 
 def update_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    from proximal.distributed import join, leave
+    from proximal.dist import join, leave
 
     as_rank(rank, world_size, port)
-    collective = join(30)
+    dist = join(30)
     torch.randperm = lambda n, **_: torch.arange(n)  # no shuffling: the minibatches are fixed
     agent = agent_for(pendulum_config())
-    agent.collective = collective
+    agent.dist = dist
     stats = agent.update(rank_share(fixed_batch(256), rank, world_size, minibatches=8))
     torch.save({"params": [p.detach().clone() for p in agent.network.parameters()], "stats": stats},
                f"{out}/rank{rank}.pt")
@@ -100,11 +100,11 @@ def test_one_update_of_two_ranks_equals_one_update_of_one_process_on_the_same_ro
 
 def train_worker(rank: int, world_size: int, port: int, out: str) -> None:
     """Real training on 2 ranks; after every update each rank records a digest of its weights."""
-    from proximal.distributed import join, leave
+    from proximal.dist import join, leave
     from proximal.train import train
 
     as_rank(rank, world_size, port)
-    collective = join(30)
+    dist = join(30)
     digests, original_update = [], PPOAgent.update
 
     def recording_update(agent, batch):
@@ -123,7 +123,7 @@ def train_worker(rank: int, world_size: int, port: int, out: str) -> None:
         return original_prepare(agent, observations, update_stats)
 
     PPOAgent.prepare_observations = spy
-    result = train(config, collective=collective)
+    result = train(config, dist=dist)
     stats = seen["stats"]
     with open(f"{out}/rank{rank}.json", "w") as file:
         json.dump({"digests": digests, "obs_count": stats.count, "obs_mean": stats.mean.tolist(),
@@ -209,7 +209,7 @@ def test_other_commands_refuse_to_run_under_torchrun_in_one_line(tmp_path):
     finished = subprocess.run([sys.executable, "-m", "proximal", "prefs", "--runs-dir", str(tmp_path)], env=env,
                               capture_output=True, text=True, timeout=60)
     assert finished.returncode == 1 and finished.stderr.count("\n") == 1
-    assert "only `proximal train` runs on several processes" in finished.stderr
+    assert "only `proximal train` and `proximal rlhf` run on several processes" in finished.stderr
 
 
 def test_running_statistics_fold_in_every_ranks_rows_in_rank_order():
