@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "--model.path")
     rlhf.add_argument("--run-dir", default=None, metavar="RUN_DIR",
                       help="run (or continue) in RUN_DIR: finished stages are skipped, a killed stage resumes")
+    rlhf.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                      help="launched by torchrun: seconds a rank waits for the others to join, or in a collective "
+                           "(rank 0's labelling, evaluating and writing are waited for without limit)")
     _add_rlhf_flags(rlhf)
     rlhf.set_defaults(handler=_rlhf)
 
@@ -511,12 +515,23 @@ def _rlhf(args: argparse.Namespace) -> int:
     config = RLHFConfig.for_task(task, overrides)  # validated: nothing is written if this fails
     from proximal.lm.pipeline import run_pipeline
 
+    from proximal.dist import join, launched_world_size, leave
+    from proximal.lm.pipeline import check_world_size
+
     check_output_dir(config.run.runs_dir, "--runs-dir")
     if args.run_dir is not None:
         check_output_dir(args.run_dir, "--run-dir")
-    run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), args.stages,
-                           show_progress=sys.stderr.isatty(), report=_report_stage)
-    print(f"run directory: {run_dir}")
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        raise ConfigError(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout:g}")
+    check_world_size(config, launched_world_size())  # every rank says so, before any rank waits
+    dist = join(args.dist_timeout, config.run.device, "rlhf")  # one process unless launched by torchrun
+    try:
+        run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), args.stages,
+                               show_progress=sys.stderr.isatty(), report=_report_stage, dist=dist)
+    finally:
+        leave()
+    if dist.is_main:
+        print(f"run directory: {run_dir}")
     return 0
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from proximal.losses import masked_moments
 
 RANK_SEED_STRIDE = 1_000_003  # rank r's own random streams start at seed + r * stride
 WAIT_FOR_MAIN = timedelta(days=7)  # how long the other ranks wait while rank 0 works alone
+Result = TypeVar("Result")
 
 
 class DistributedError(ProximalError):
@@ -190,6 +191,26 @@ class DistContext:
     def barrier(self) -> None:
         if self.distributed:
             torch_dist.barrier()
+
+    def on_main(self, work: Callable[[], Result]) -> Result:
+        """`work()` on rank 0 alone (labelling, evaluating, writing) while the others wait, however
+        long; every rank returns rank 0's result. An error on rank 0 stops the others too, each
+        with one line."""
+        if not self.distributed:
+            return work()
+        if self.is_main:
+            try:
+                result = work()
+            except BaseException as error:
+                self.wait_for_main(("error", str(error).strip().splitlines()[0] if str(error).strip()
+                                    else type(error).__name__))
+                raise
+            self.wait_for_main(("done", result))
+            return result
+        kind, value = self.wait_for_main()
+        if kind == "error":
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: rank 0 stopped ({value})")
+        return value
 
     def wait_for_main(self, outcome: Any = None) -> Any:
         """Every rank waits here until rank 0 arrives, however long it works alone (labelling,

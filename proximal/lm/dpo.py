@@ -71,7 +71,8 @@ def implicit_accuracy(policy: nn.Module, pairs: PairBatch, reference_logprobs: t
 
 def run_dpo(ctx: StageContext) -> dict[str, Any]:
     config, stage_dir = ctx.config.dpo, ctx.stage_dir("dpo")
-    stage_dir.mkdir(exist_ok=True)
+    if ctx.dist.is_main:
+        stage_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
     policy, reference, tokenizer = ctx.load_policy()
     comparisons = ctx.stage_dir("reward") / COMPARISONS_NAME
@@ -87,10 +88,14 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
     require_finite(policy, "the DPO policy")
     seconds = time.perf_counter() - started
     policy.eval()
-    save_pretrained(policy, tokenizer, stage_dir / MODEL_DIR)
-    summary = {"seconds": seconds, "train_pairs": train_pairs.size, "validation_pairs": val_pairs.size,
-               "validation": validation, "eval": ctx.evaluate(policy, tokenizer, reference)}
-    from proximal.lm.plots import plot_reward
 
-    plot_reward(stage_dir, "dpo.png")
-    return finish(stage_dir, summary)
+    def finished() -> dict[str, Any]:  # rank 0
+        save_pretrained(policy, tokenizer, stage_dir / MODEL_DIR)
+        summary = {"seconds": seconds, "train_pairs": train_pairs.size, "validation_pairs": val_pairs.size,
+                   "validation": validation, "eval": ctx.evaluate(policy, tokenizer, reference)}
+        from proximal.lm.plots import plot_reward
+
+        plot_reward(stage_dir, "dpo.png")
+        return finish(stage_dir, summary)
+
+    return ctx.dist.on_main(finished)

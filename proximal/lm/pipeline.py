@@ -16,6 +16,7 @@ own (`--model.path DIR --stages reward,ppo`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from proximal.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from proximal.dist import DistContext
 from proximal.errors import CheckpointError, ConfigError
 from proximal.lm.config import RLHFConfig
 from proximal.lm.dpo import run_dpo
@@ -138,23 +140,45 @@ def check(ctx: StageContext, stages: tuple[str, ...]) -> RLHFConfig:
     return config
 
 
+def check_world_size(config: RLHFConfig, world_size: int) -> None:
+    """K processes share every batch evenly: each batch size a multiple of K (RLOO: its prompt
+    groups), refused in one line on every rank before any rank waits."""
+    if world_size == 1:
+        return
+    ppo = config.ppo
+    groups = ppo.prompts_per_iteration // ppo.rloo_samples if ppo.method == "rloo" else ppo.prompts_per_iteration
+    sizes = [("--sft.batch-size", config.sft.batch_size), ("--reward.batch-size", config.reward.batch_size),
+             ("--dpo.batch-size", config.dpo.batch_size), ("--ppo.minibatch-size", ppo.minibatch_size),
+             ("--ppo.prompts-per-iteration" + (" / --ppo.rloo-samples" if ppo.method == "rloo" else ""), groups)]
+    for flag, size in sizes:
+        if size % world_size:
+            raise ConfigError(f"{flag} {size} does not split over {world_size} processes: use a multiple of "
+                              f"{world_size} (each rank takes 1/{world_size} of every batch)")
+
+
 def run_pipeline(config: RLHFConfig, run_dir: Path | None, stages: tuple[str, ...] | None = None,
-                 show_progress: bool = False, report=None) -> Path:
+                 show_progress: bool = False, report=None, dist: DistContext = DistContext()) -> Path:
     """Run `stages` (None: `default_stages`; finished ones skipped) into `run_dir` (new if None);
-    `report(stage, summary, skipped)` is called after each."""
+    `report(stage, summary, skipped)` is called after each (on rank 0). On K processes (`dist`)
+    every rank runs every stage; rank 0 alone creates, locks and writes the run directory."""
     torch.set_num_threads(config.run.threads)
     if config.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no CUDA device")
-    ctx = open_context(config, run_dir, show_progress)
+    ctx = open_context(config, run_dir, show_progress, dist=dist)
     stages = default_stages(ctx) if stages is None else stages
     recorded = check(ctx, stages)  # nothing is written if this fails
-    ctx.run_dir = new_run_dir(config) if run_dir is None else Path(run_dir)
-    with locked_run_dir(ctx.run_dir):  # one process at a time writes into a run
-        write_json_atomic(ctx.run_dir / "config.json", json.loads(recorded.to_json()))
-        ctx.prepare_start_model()
+    ctx.run_dir = Path(dist.broadcast_object(
+        (new_run_dir(config) if run_dir is None else Path(run_dir)) if dist.is_main else None))
+    with locked_run_dir(ctx.run_dir) if dist.is_main else contextlib.nullcontext():  # one run writes a directory
+
+        def prepared() -> None:
+            write_json_atomic(ctx.run_dir / "config.json", json.loads(recorded.to_json()))
+            ctx.prepare_start_model()
+
+        dist.on_main(prepared)
         for stage in stages:
-            skipped = is_finished(ctx.stage_dir(stage))
+            skipped = dist.broadcast_object(is_finished(ctx.stage_dir(stage)))
             summary = read_summary(ctx.stage_dir(stage)) if skipped else STAGES[stage](ctx)
-            if report is not None:
+            if report is not None and dist.is_main:
                 report(stage, summary, skipped)
     return ctx.run_dir

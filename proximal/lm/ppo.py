@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from proximal.dist import DistContext
+from proximal.errors import ConfigError, TrainingDiverged
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
 from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logits_kept, response_logprobs,
@@ -91,17 +93,23 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, 
 
 
 def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: LMRollout,
-               first_minibatches: list[torch.Tensor], config: PPOStageConfig, generator: torch.Generator
+               first_minibatches: list[torch.Tensor], config: PPOStageConfig, generator: torch.Generator,
+               moments: tuple[torch.Tensor, torch.Tensor] | None = None, dist: DistContext = DistContext()
                ) -> dict[str, float]:
-    """`config.epochs` passes over the rollout; returns the statistics averaged over minibatches,
-    plus `first_ratio_error` (max |ratio - 1| on the very first minibatch: 0 when the old
-    log-probs are computed as the update computes them)."""
+    """`config.epochs` passes over the rollout; returns this rank's statistics averaged over
+    minibatches, plus `first_ratio_error` (max |ratio - 1| on the very first minibatch: 0 when the
+    old log-probs are computed as the update computes them). The advantages are whitened by their
+    `moments` (mean, variance) over the whole batch, all ranks' rows (computed here when None); on
+    K processes each minibatch is this rank's share of a global one and its gradient is averaged
+    over the ranks, weighted by tokens."""
     mask = rollout.mask
-    advantages = masked_whiten(rollout.advantages, mask)  # over the whole batch, once
+    moments = dist.masked_moments(rollout.advantages, mask) if moments is None else moments
+    advantages = masked_whiten(rollout.advantages, mask, moments=moments)  # over the whole batch, once
+    parameters = trainable_parameters(policy)
     history, first_ratio_error = [], None
     for epoch in range(config.epochs):
         minibatches = first_minibatches if epoch == 0 else torch.randperm(
-            len(mask), generator=generator, device=generator.device).split(config.minibatch_size)
+            len(mask), generator=generator, device=generator.device).split(config.minibatch_size // dist.world_size)
         for index in minibatches:
             batch_mask = mask[index]
             logprobs, values, logits = policy_outputs(policy, rollout.completions.select(index), config.temperature)
@@ -112,6 +120,8 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
             loss = policy_loss + config.vf_coef * value_loss if config.method == "ppo" else policy_loss
             optimizer.zero_grad()
             loss.backward()
+            if not dist.average_gradients(parameters, float(batch_mask.sum()), loss):  # losses are token means
+                raise TrainingDiverged("the PPO loss became NaN or infinite")
             nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
             with torch.no_grad():
@@ -141,26 +151,33 @@ class IterationResult:
 def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, tokenizer,
                   optimizer: torch.optim.Optimizer, prompts: list[str], config: PPOStageConfig, kl_coef: float,
                   generator: torch.Generator, device: str, snapshot_prompts: list[str] | None = None,
-                  snapshot_seed: int = 0) -> IterationResult:
+                  snapshot_seed: int = 0, dist: DistContext = DistContext()) -> IterationResult:
     """Sample, score, update: one iteration on B = len(`prompts`) responses: one per prompt
-    (ppo), or k for each of the first B / k prompts (rloo). With `snapshot_prompts`, their rows
-    are rolled out beside the batch (lm/snapshots.py), never trained on."""
+    (ppo), or k for each of the first B / k prompts (rloo). On K processes every rank is given
+    the same `prompts` and takes its B / K rows of them (whole RLOO groups), sampled from its own
+    `generator`; the statistics returned are the global batch's. With `snapshot_prompts`, their
+    rows are rolled out beside the batch (lm/snapshots.py), never trained on."""
     if config.method == "rloo":
         prompts = [prompt for prompt in prompts[:len(prompts) // config.rloo_samples]
                    for _ in range(config.rloo_samples)]
+    prompts = [prompts[i] for i in dist.shard(torch.arange(len(prompts))).tolist()]  # this rank's rows
     completions = sample_completions(policy.lm, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                      generator, device)
-    first_minibatches = torch.randperm(len(prompts), generator=generator,
-                                       device=generator.device).to(device).split(config.minibatch_size)
+    first_minibatches = torch.randperm(len(prompts), generator=generator, device=generator.device
+                                       ).to(device).split(config.minibatch_size // dist.world_size)
     rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer, first_minibatches, config,
                               kl_coef)
-    snapshot = (take_snapshot(policy, reference, scorer, tokenizer, snapshot_prompts, config, kl_coef, rollout,
+    moments = dist.masked_moments(rollout.advantages, rollout.mask)  # of the global batch
+    snapshot = (take_snapshot(policy, reference, scorer, tokenizer, snapshot_prompts, config, kl_coef, moments,
                               snapshot_seed, device) if snapshot_prompts else None)
-    stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator)
+    stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator, moments, dist)
     k1, k3 = sequence_kls(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
     stats.update(score=float(rollout.scores.mean()), kl_k1=float(k1.mean()), kl_k3=float(k3.mean()),
-                 kl_coef=kl_coef, response_length=float(rollout.mask.sum(-1).float().mean()),
+                 response_length=float(rollout.mask.sum(-1).float().mean()),
                  eos_rate=float(completions.ended.float().mean()))
+    first_ratio_error = max(dist.gather_objects(stats.pop("first_ratio_error")))
+    stats = dist.mean_of(stats)  # every rank holds B / K rows: the mean of the ranks' means is the batch's
+    stats.update(first_ratio_error=first_ratio_error, kl_coef=kl_coef)
     return IterationResult(prompts, rollout, stats, snapshot)
 
 
@@ -180,9 +197,13 @@ def metrics_columns(ctx: StageContext) -> tuple[str, ...]:
 
 
 def run_ppo(ctx: StageContext) -> dict[str, Any]:
-    """PPO (or RLOO) from the start model against the reward model, or the reward function."""
-    config, stage_dir = ctx.config.ppo, ctx.stage_dir("ppo")
-    stage_dir.mkdir(exist_ok=True)
+    """PPO (or RLOO) from the start model against the reward model, or the reward function. On K
+    processes every rank draws the same prompts from the shared `generator` and samples its share
+    from its own (`sampler`); rank 0 alone relabels (then sends the refitted reward model to the
+    others), evaluates and writes."""
+    config, stage_dir, dist = ctx.config.ppo, ctx.stage_dir("ppo"), ctx.dist
+    if dist.is_main:
+        stage_dir.mkdir(exist_ok=True)
     learned = ctx.reward_function is None or ctx.config.reward.function_role != "reward"
     reward_model = load_reward_model(ctx) if learned else None
     scorer = RewardModelScorer(reward_model, config.cut_response_score) if learned else ctx.reward_function
@@ -193,9 +214,10 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                                           weight_decay=0.0) if learned else None)
     relabel_every = config.relabel_every if learned and ctx.has_gold else 0  # relabelling needs a labeller
     kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-    generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + RL_SEED)
+    generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + RL_SEED)  # prompts: shared
+    sampler = dist.rank_generator(generator, ctx.config.run.seed + RL_SEED)  # samples, minibatches: this rank's
     records = read_records(ctx.stage_dir("reward") / COMPARISONS_NAME) if learned else []
-    sft_samples = ctx.sft_samples(reference, tokenizer) if relabel_every else None
+    sft_samples = dist.on_main(lambda: ctx.sft_samples(reference, tokenizer)) if relabel_every else None
     checkpoint_path = stage_dir / CHECKPOINT_NAME
     stateful = {"policy": policy, "optimizer": optimizer, "generator": generator}
     if learned:
@@ -204,15 +226,19 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
     start, elapsed = (0, 0.0) if state is None else (int(state["iteration"]), float(state["wall_seconds"]))
     if state is not None:
         kl_controller.value = float(state["kl_coef"])
+        restore_rank_generator(state, sampler, dist, checkpoint_path)
     policy_records_path = stage_dir / COMPARISONS_NAME
     if relabel_every:
         policy_records = ([record for record in read_records(policy_records_path) if record["iteration"] <= start]
                           if start and policy_records_path.exists() else [])
-        write_records(policy_records_path, policy_records)  # drops answers a killed run gave after its checkpoint
+        if dist.is_main:
+            write_records(policy_records_path, policy_records)  # drops answers a killed run gave after its checkpoint
         records.extend(policy_records)
-    keep_snapshots_until(stage_dir / SNAPSHOTS_NAME, start)
     fixed = snapshot_prompts(ctx.data.rl, config.snapshot_prompts, config.method, config.rloo_samples)
-    log = CsvLog(stage_dir / "metrics.csv", metrics_columns(ctx), "iteration", start if start else None)
+    log = None
+    if dist.is_main:
+        keep_snapshots_until(stage_dir / SNAPSHOTS_NAME, start)
+        log = CsvLog(stage_dir / "metrics.csv", metrics_columns(ctx), "iteration", start if start else None)
     started = time.perf_counter() - elapsed
     prompts = ctx.data.rl
     with ctx.progress("ppo", config.iterations, start) as progress:
@@ -221,51 +247,75 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                                   device=generator.device).tolist()
             batch_prompts = [prompts[i] for i in index]
             policy.train()
-            snapshot_now = config.snapshot_every and (iteration == 1 or iteration % config.snapshot_every == 0)
+            snapshot_now = dist.is_main and config.snapshot_every and (
+                iteration == 1 or iteration % config.snapshot_every == 0)
             result = ppo_iteration(policy, reference, scorer, tokenizer, optimizer, batch_prompts, config,
-                                   kl_controller.value, generator, ctx.device, fixed if snapshot_now else None,
-                                   ctx.config.run.seed + SNAPSHOT_SEED + iteration)
-            stats, batch_prompts = result.stats, result.prompts
+                                   kl_controller.value, sampler, ctx.device, fixed if snapshot_now else None,
+                                   ctx.config.run.seed + SNAPSHOT_SEED + iteration, dist)
+            stats, batch_prompts = result.stats, result.prompts  # this rank's rows
             if config.adaptive_kl:
                 kl_controller.update(stats["kl_k1"], config.prompts_per_iteration)
             completions = result.rollout.completions
             texts, ended = completions.texts(tokenizer), completions.ended
             if ctx.has_gold:
-                stats["gold"] = float(ctx.gold(batch_prompts, texts, ended).mean())
+                stats.update(dist.mean_of({"gold": float(ctx.gold(batch_prompts, texts, ended).mean())}))
             stats.update(iteration=iteration, responses=iteration * config.prompts_per_iteration)
             if relabel_every and iteration % relabel_every == 0:
                 pairs = min(config.relabel_pairs, config.prompts_per_iteration)
-                stats.update(refit_on_policy_samples(ctx, iteration, batch_prompts[:pairs], texts[:pairs],
-                                                     ended[:pairs].tolist(), reference, tokenizer, reward_model,
-                                                     reward_optimizer, records, sft_samples, generator))
+                rows = [row for part in dist.gather_objects(list(zip(batch_prompts, texts, ended.tolist())))
+                        for row in part][:pairs]  # the global batch's first rows, in rank order
+                stats.update(dist.on_main(lambda: refit_on_policy_samples(
+                    ctx, iteration, *(list(column) for column in zip(*rows)), reference, tokenizer, reward_model,
+                    reward_optimizer, records, sft_samples, sampler)))
+                dist.broadcast_module(reward_model)  # rank 0's refit, on every rank
             if iteration % config.eval_every == 0 or iteration == config.iterations:
                 policy.eval()
-                stats.update({f"eval_{key}": value
-                              for key, value in ctx.evaluate(policy.lm, tokenizer, reference).items()})
+                stats.update({f"eval_{key}": value for key, value in
+                              dist.on_main(lambda: ctx.evaluate(policy.lm, tokenizer, reference)).items()})
             if result.snapshot is not None:
                 append_snapshot(stage_dir / SNAPSHOTS_NAME, snapshot_record(
                     iteration, fixed, *result.snapshot, policy, tokenizer, config, stats["kl_coef"], stats,
                     ctx.gold if ctx.has_gold else None))
             stats["wall_seconds"] = time.perf_counter() - started
-            log.log(stats)
+            if log is not None:
+                log.log(stats)
             progress.update()
             progress.set_postfix(score=f"{stats['score']:.2f}", kl=f"{stats['kl_k1']:.2f}", refresh=False)
             if iteration % config.eval_every == 0 and iteration < config.iterations:
-                save_checkpoint(checkpoint_path, {
-                    **{name: obj.state_dict() for name, obj in stateful.items() if name != "generator"},
-                    "generator": generator.get_state(), "kl_coef": kl_controller.value, "iteration": iteration,
-                    "wall_seconds": time.perf_counter() - started})
-    log.close()
+                rank_generators = dist.gather_objects(sampler.get_state()) if dist.distributed else None
+                if dist.is_main:
+                    save_checkpoint(checkpoint_path, {
+                        **{name: obj.state_dict() for name, obj in stateful.items() if name != "generator"},
+                        "generator": generator.get_state(), "rank_generators": rank_generators,
+                        "kl_coef": kl_controller.value, "iteration": iteration,
+                        "wall_seconds": time.perf_counter() - started})
     seconds = time.perf_counter() - started
     policy.eval()
-    save_pretrained(policy.lm, tokenizer, stage_dir / MODEL_DIR)
-    final = ctx.evaluate(policy.lm, tokenizer, reference)
-    summary = {"seconds": seconds, "iterations": config.iterations, "final_kl_coef": kl_controller.value,
-               "labels": len(records), "eval": final, "last_iteration": stats}
-    from proximal.lm.plots import plot_ppo, write_samples
 
-    plot_ppo(stage_dir)
-    write_samples(stage_dir / "samples.md", ctx, reference, policy.lm, tokenizer)
-    finish(stage_dir, summary)
-    checkpoint_path.unlink(missing_ok=True)
-    return summary
+    def finished() -> dict[str, Any]:  # rank 0
+        log.close()
+        save_pretrained(policy.lm, tokenizer, stage_dir / MODEL_DIR)
+        final = ctx.evaluate(policy.lm, tokenizer, reference)
+        summary = {"seconds": seconds, "iterations": config.iterations, "final_kl_coef": kl_controller.value,
+                   "labels": len(records), "eval": final, "last_iteration": stats}
+        from proximal.lm.plots import plot_ppo, write_samples
+
+        plot_ppo(stage_dir)
+        write_samples(stage_dir / "samples.md", ctx, reference, policy.lm, tokenizer)
+        finish(stage_dir, summary)
+        checkpoint_path.unlink(missing_ok=True)
+        return summary
+
+    return dist.on_main(finished)
+
+
+def restore_rank_generator(state: dict[str, Any], sampler: torch.Generator, dist: DistContext, path) -> None:
+    """Each rank's own random stream, from a checkpoint of K processes (one process: it is the
+    shared generator, already restored)."""
+    saved = state.get("rank_generators")
+    written_by = 1 if saved is None else len(saved)
+    if written_by != dist.world_size:
+        raise ConfigError(f"{path} was written by {written_by} process(es); resume it with "
+                          f"torchrun --nproc-per-node {written_by} (or as one process when 1)")
+    if dist.distributed:
+        sampler.set_state(saved[dist.rank])

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from proximal.checkpoint import load_checkpoint, save_checkpoint
+from proximal.dist import DistContext
 from proximal.errors import CheckpointError, ConfigError, ProximalError
 from proximal.labellers import make_labeller
 from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, ask_person, label_records,
@@ -102,26 +103,34 @@ def standardise_scores(model: ScalarHeadLM, sft_samples: Completions, batch_size
 
 
 def fit_reward_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: PairBatch, steps: int,
-                     batch_size: int, generator: torch.Generator, on_step=None, loss_of=None) -> None:
+                     batch_size: int, generator: torch.Generator, on_step=None, loss_of=None,
+                     dist: DistContext = DistContext()) -> None:
     """`steps` AdamW steps on minibatches of `pairs`, passing over them in shuffled order
-    (a new shuffle each pass); `on_step(step, loss)` after each. `loss_of(index)` is the loss
-    of the pairs at `index` [b]: `reward_loss` by default; DPO fits the policy as its own
-    reward model by passing its loss here."""
+    (a new shuffle each pass); `on_step(step, loss)` after each. `loss_of(index)` is the mean
+    loss of the pairs at `index` [b]: `reward_loss` by default; DPO fits the policy as its own
+    reward model by passing its loss here. On K processes every rank draws the same order and
+    fits its share of each minibatch, the gradients averaged weighted by pairs."""
     if loss_of is None:
         loss_of = lambda index: reward_loss(model, pairs.select(index))  # noqa: E731
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     model.train()
     order = torch.zeros(0, dtype=torch.long)
     for step in range(1, steps + 1):
         if len(order) == 0:
             order = torch.randperm(pairs.size, generator=generator, device=generator.device)
         index, order = order[:batch_size], order[batch_size:]
-        loss = loss_of(index)
+        local = dist.shard(index)  # empty on some ranks when a pass's last minibatch has fewer than K pairs
         optimizer.zero_grad()
-        loss.backward()
+        loss = loss_of(local) if len(local) else torch.zeros(())
+        if len(local):
+            loss.backward()
+        dist.average_gradients(parameters, len(local), loss)  # a NaN reaches every rank: require_finite says so
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if on_step is not None:
-            on_step(step, loss.item())
+            loss_sum, pairs_seen = dist.sum(torch.stack([loss.detach().double().cpu() * len(local),
+                                                         torch.tensor(float(len(local)))]))
+            on_step(step, float(loss_sum / pairs_seen) if dist.distributed else loss.item())
     model.eval()
 
 
@@ -148,31 +157,38 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
                  ) -> dict[str, float] | None:
     """`epochs` passes of `fit_reward_model` (its loss, or `loss_of`) with the training loss
     logged to the stage's metrics.csv and `validate()` (None: no held-out pairs) `validations`
-    times, the last at the end; returns the last validation. Minutes of work: a killed fit is
-    redone from the start."""
+    times, the last at the end; returns the last validation (rank 0 validates and logs, on every
+    rank's behalf). Minutes of work: a killed fit is redone from the start."""
+    dist = ctx.dist
     generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + PREFERENCE_PROMPT_SEED)
     steps_per_epoch = -(-train_pairs.size // batch_size)
     total = epochs * steps_per_epoch
-    log = CsvLog(ctx.stage_dir(stage) / "metrics.csv", COLUMNS, "step", None)
+    log = CsvLog(ctx.stage_dir(stage) / "metrics.csv", COLUMNS, "step", None) if dist.is_main else None
     started = time.perf_counter()
     validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
+
+    def validated() -> dict[str, float]:
+        model.eval()
+        result = validate()
+        model.train()
+        return result
 
     def on_step(step: int, loss: float) -> None:
         nonlocal validation
         row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
                "wall_seconds": time.perf_counter() - started}
         if validate is not None and (step % max(1, total // validations) == 0 or step == total):
-            model.eval()
-            validation = validate()
-            model.train()
+            validation = dist.on_main(validated)
             row.update(val_loss=validation["loss"], val_accuracy=validation["accuracy"],
                        val_gold_accuracy=validation["gold_accuracy"])
-        log.log(row)
+        if log is not None:
+            log.log(row)
         progress.update()
 
     with ctx.progress(stage, total) as progress:
-        fit_reward_model(model, optimizer, train_pairs, total, batch_size, generator, on_step, loss_of)
-    log.close()
+        fit_reward_model(model, optimizer, train_pairs, total, batch_size, generator, on_step, loss_of, dist)
+    if log is not None:
+        log.close()
     return validation
 
 
@@ -229,12 +245,18 @@ def comparison_records(ctx: StageContext, model, tokenizer) -> list[dict]:
 
 
 def run_reward(ctx: StageContext) -> dict[str, Any]:
-    config, stage_dir = ctx.config.reward, ctx.stage_dir("reward")
-    stage_dir.mkdir(exist_ok=True)
+    """The pairs (rank 0 samples and labels them; every rank reads them), the fit (each rank its
+    share of each minibatch), the scores standardised and everything written (rank 0)."""
+    config, stage_dir, dist = ctx.config.reward, ctx.stage_dir("reward"), ctx.dist
     lm, tokenizer = ctx.load_start_model()
     started = time.perf_counter()
-    records = comparison_records(ctx, lm, tokenizer)
-    sft_samples = ctx.sft_samples(lm, tokenizer)  # before training: the reward model shares lm's weights
+
+    def labelled() -> list[dict]:
+        stage_dir.mkdir(exist_ok=True)
+        return comparison_records(ctx, lm, tokenizer)
+
+    records = dist.on_main(labelled)
+    sft_samples = dist.on_main(lambda: ctx.sft_samples(lm, tokenizer))  # before the fit: the model shares lm's weights
     train_pairs, val_pairs = labelled_pairs(ctx, records, tokenizer)
     model = ScalarHeadLM(ctx.trainable(lm)).to(ctx.device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.learning_rate, weight_decay=0.0)
@@ -242,6 +264,16 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
                               (lambda: pair_accuracy(model, val_pairs)) if val_pairs.size else None,
                               validations=config.validations)
     require_finite(model, "the reward model")
+    return dist.on_main(lambda: _finish_reward(ctx, model, tokenizer, records, sft_samples, train_pairs, val_pairs,
+                                               validation, started))
+
+
+def _finish_reward(ctx: StageContext, model: ScalarHeadLM, tokenizer, records: list[dict], sft_samples: Completions,
+                   train_pairs: PairBatch, val_pairs: PairBatch, validation: dict[str, float] | None, started: float
+                   ) -> dict[str, Any]:
+    """Rank 0: the head standardised on the start model's samples, the model written, the stage
+    marked finished."""
+    stage_dir = ctx.stage_dir("reward")
     mean, std = standardise_scores(model, sft_samples, 256)
     save_pretrained(model.lm, tokenizer, stage_dir / MODEL_DIR)
     save_checkpoint(stage_dir / HEAD_NAME, {"head": model.head.state_dict()})

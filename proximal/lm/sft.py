@@ -4,7 +4,9 @@ response tokens only (the prompt is given, not something to imitate).
 Data flow: demonstrations (prompt, response) -> one padded tensor batch (`encode_prompts` +
 `encode_responses`) -> random minibatches -> `sft_loss` -> AdamW (linear warm-up, linear decay)
 -> RUN_DIR/sft/model. `run_sft` is the stage: resumable from checkpoint.pt every
---sft.checkpoint-every steps.
+--sft.checkpoint-every steps. On K processes each step's minibatch is drawn alike on every rank
+and each rank takes its share of the rows; the gradients are averaged weighted by response
+tokens, so the step is the one-process step on the whole minibatch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from torch import nn
 
 from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from proximal.dist import DistContext
+from proximal.errors import TrainingDiverged
 from proximal.lm.model import (Completions, build_tiny_gpt2, encode_prompts, encode_responses, load_pretrained,
                                response_logprobs, save_pretrained)
 from proximal.lm.stage import MODEL_DIR, StageContext, finish
@@ -27,9 +31,26 @@ COLUMNS = ("step", "loss", "learning_rate", "wall_seconds")
 
 def sft_loss(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
              response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the response tokens (EOS included) given the prompt."""
+    """Mean negative log-likelihood of the response tokens (EOS included) given the prompt: a
+    mean over tokens, so `DistContext.average_gradients` weighs each rank by its token count."""
     logprobs = response_logprobs(model, Completions(prompt_ids, prompt_mask, response_ids, response_mask, None), 1.0)
     return -masked_mean(logprobs, response_mask)  # logprobs [B, R]
+
+
+def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: list[torch.Tensor], max_grad_norm: float,
+             dist: DistContext = DistContext()) -> tuple[torch.Tensor, float]:
+    """One AdamW step on this rank's `rows` (prompt ids, prompt mask, response ids, response mask)
+    of a minibatch, the gradient averaged over the ranks weighted by response tokens; returns
+    (this rank's loss, its response tokens)."""
+    loss = sft_loss(model, *rows)
+    optimizer.zero_grad()
+    loss.backward()
+    tokens = float(rows[3].sum())  # what the loss averaged over
+    if not dist.average_gradients([p for p in model.parameters() if p.requires_grad], tokens, loss):
+        raise TrainingDiverged("the SFT loss became NaN or infinite")
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return loss, tokens
 
 
 def encode_demonstrations(tokenizer, prompts: list[str], responses: list[str], device: str
@@ -55,8 +76,9 @@ def initial_model(ctx: StageContext):
 
 
 def run_sft(ctx: StageContext) -> dict[str, Any]:
-    config, stage_dir = ctx.config.sft, ctx.stage_dir("sft")
-    stage_dir.mkdir(exist_ok=True)
+    config, stage_dir, dist = ctx.config.sft, ctx.stage_dir("sft"), ctx.dist
+    if dist.is_main:
+        stage_dir.mkdir(exist_ok=True)
     model, tokenizer = initial_model(ctx)
     data = encode_demonstrations(tokenizer, ctx.data.sft_prompts, ctx.data.sft_completions, ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
@@ -68,38 +90,44 @@ def run_sft(ctx: StageContext) -> dict[str, Any]:
     checkpoint_path = stage_dir / CHECKPOINT_NAME
     state = restore_states(checkpoint_path, model=model, optimizer=optimizer, schedule=schedule, generator=generator)
     start, elapsed = (0, 0.0) if state is None else (int(state["step"]), float(state["wall_seconds"]))
-    log = CsvLog(stage_dir / "metrics.csv", COLUMNS, "step", start if start else None)
+    log = CsvLog(stage_dir / "metrics.csv", COLUMNS, "step", start if start else None) if dist.is_main else None
     model.train()
     started = time.perf_counter() - elapsed
     with ctx.progress("sft", config.steps, start) as progress:
         for step in range(start, config.steps):
             index = torch.randint(len(ctx.data.sft_prompts), (config.batch_size,), generator=generator,
-                                  device=generator.device)
-            loss = sft_loss(model, *(tensor[index] for tensor in data))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
+                                  device=generator.device)  # the same on every rank
+            loss, tokens = sft_step(model, optimizer, [tensor[dist.shard(index)] for tensor in data],
+                                    config.max_grad_norm, dist)
             schedule.step()
             progress.update()
             if (step + 1) % 10 == 0 or step + 1 == config.steps:
-                log.log({"step": step + 1, "loss": loss.item(), "learning_rate": schedule.get_last_lr()[0],
-                         "wall_seconds": time.perf_counter() - started})
-                progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                loss_sum, all_tokens = dist.sum(torch.stack([loss.detach().double().cpu() * tokens, torch.tensor(tokens)]))
+                mean_loss = float(loss_sum / all_tokens) if dist.distributed else loss.item()
+                if log is not None:
+                    log.log({"step": step + 1, "loss": mean_loss, "learning_rate": schedule.get_last_lr()[0],
+                             "wall_seconds": time.perf_counter() - started})
+                progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps and dist.is_main:
                 save_checkpoint(checkpoint_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step + 1,
                     "wall_seconds": time.perf_counter() - started})
-    log.close()
     seconds = time.perf_counter() - started
     model.eval()
+    return dist.on_main(lambda: _finish_sft(ctx, model, tokenizer, log, seconds))
+
+
+def _finish_sft(ctx: StageContext, model: nn.Module, tokenizer, log: CsvLog, seconds: float) -> dict[str, Any]:
+    """Rank 0: the model saved, evaluated and plotted, the stage marked finished."""
+    stage_dir = ctx.stage_dir("sft")
+    log.close()
     save_pretrained(model, tokenizer, stage_dir / MODEL_DIR)
-    summary = {"seconds": seconds, "steps": config.steps, "demonstrations": len(ctx.data.sft_prompts),
+    summary = {"seconds": seconds, "steps": ctx.config.sft.steps, "demonstrations": len(ctx.data.sft_prompts),
                "eval": ctx.evaluate(model, tokenizer)}
     from proximal.lm.plots import plot_sft
 
     plot_sft(stage_dir)
     finish(stage_dir, summary)
-    checkpoint_path.unlink(missing_ok=True)
+    (stage_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     return summary

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from proximal.lm.model import sample_completions
-from proximal.losses import masked_moments, masked_whiten
+from proximal.losses import masked_whiten
 from proximal.run import read_jsonl, write_text_atomic
 
 SNAPSHOTS_NAME = "snapshots.jsonl"
@@ -48,9 +48,9 @@ def snapshot_prompts(rl_prompts: list[str], count: int, method: str, rloo_sample
 
 @torch.no_grad()
 def take_snapshot(policy, reference, scorer, tokenizer, prompts: list[str], config, kl_coef: float,
-                  batch_rollout, seed: int, device: str):
-    """(The snapshot rows' rollout, the batch's advantage moments, the ratio [B, R] the update's
-    first step would see), before the update."""
+                  moments, seed: int, device: str):
+    """(The snapshot rows' rollout, the batch's advantage `moments` (mean, variance: the update
+    whitens with them), the ratio [B, R] the update's first step would see), before the update."""
     from proximal.lm.ppo import collect_rollout, policy_outputs
 
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -59,7 +59,7 @@ def take_snapshot(policy, reference, scorer, tokenizer, prompts: list[str], conf
     rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer,
                               [torch.arange(len(prompts), device=device)], config, kl_coef)
     first_logprobs, _, _ = policy_outputs(policy, completions, config.temperature)
-    return rollout, masked_moments(batch_rollout.advantages, batch_rollout.mask), (first_logprobs - rollout.logprobs).exp()
+    return rollout, moments, (first_logprobs - rollout.logprobs).exp()
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from proximal.dist import DistContext
 from proximal.lm.config import RLHFConfig
 from proximal.lm.data import FileTask
 from proximal.lm.evaluation import evaluate_policy
@@ -73,17 +74,19 @@ class StageContext:
     show_progress: bool = False
     reward_function: RewardFunction | None = None
     tokenizer: Any = None  # the start tokenizer the data was encoded with (`start_tokenizer`), loaded once
+    dist: DistContext = DistContext()  # this process of K (torchrun); rank 0 alone writes, labels, evaluates
 
     @property
     def device(self) -> str:
-        return self.config.run.device
+        return self.dist.device if self.dist.distributed else self.config.run.device
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
 
     def progress(self, stage: str, total: int, initial: int = 0) -> tqdm:
-        return tqdm(total=total, initial=initial, desc=stage, unit="step", disable=not self.show_progress,
-                    dynamic_ncols=True, leave=False)
+        shown = self.show_progress and self.dist.is_main
+        return tqdm(total=total, initial=initial, desc=stage, unit="step", disable=not shown, dynamic_ncols=True,
+                    leave=False)
 
     def gold(self, prompts: list[str], texts: list[str], ended) -> np.ndarray | None:
         """What a stage is measured by: the task's gold score, else the reward function; None
@@ -169,8 +172,8 @@ def start_tokenizer(config: RLHFConfig, task: Task):
     return load_tokenizer(config.model.path) if config.model.path else build_char_tokenizer(task.alphabet)
 
 
-def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool = False, tokenizer=None
-                 ) -> StageContext:
+def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool = False, tokenizer=None,
+                 dist: DistContext = DistContext()) -> StageContext:
     """The task, its data and the reward function of `config`: everything a stage reads besides
     the folders of the stages before it. Reads files only; writes nothing."""
     task = make_task(config)
@@ -181,4 +184,4 @@ def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool =
     function = (RewardFunction(config.reward.function, config.ppo.cut_response_score)
                 if config.reward.function else None)
     return StageContext(config, task, data, None if run_dir is None else Path(run_dir), show_progress, function,
-                        tokenizer)
+                        tokenizer, dist)
