@@ -196,3 +196,37 @@ def test_an_rlhf_rank_that_cannot_reach_the_others_stops_with_one_line(tmp_path)
     assert finished.returncode == 1 and time.monotonic() - start < 45
     assert finished.stderr.count("\n") == 1 and "rank 1 of 2: could not join the others" in finished.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def on_main_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Rank 0 works alone for twice the collectives' timeout, then fails; the others wait for it
+    and stop with one line naming rank 0's error."""
+    from proximal.dist import DistributedError, join, leave
+    from proximal.errors import ProximalError
+
+    as_rank(rank, world_size, port)
+    dist = join(2)  # a collective that waited longer than 2 s would fail
+
+    def slow() -> str:
+        time.sleep(5)
+        return "labelled"
+
+    def failing() -> None:
+        raise ProximalError("the person closed the page")
+
+    outcome = {"result": dist.on_main(slow)}
+    try:
+        dist.on_main(failing)
+    except (DistributedError, ProximalError) as error:
+        outcome["error"] = f"{type(error).__name__}: {error}"
+    with open(f"{out}/rank{rank}.json", "w") as file:
+        json.dump(outcome, file)
+    leave()
+
+
+def test_ranks_wait_for_rank_0_working_alone_past_the_timeout_and_stop_with_its_error(tmp_path):
+    mp.spawn(on_main_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["result"] == ranks[1]["result"] == "labelled"
+    assert ranks[0]["error"] == "ProximalError: the person closed the page"
+    assert ranks[1]["error"] == "DistributedError: rank 1 of 2: rank 0 stopped (the person closed the page)"

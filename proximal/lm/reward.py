@@ -192,26 +192,34 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
     return validation
 
 
-def _sampled_pairs(ctx: StageContext, model, tokenizer) -> list[dict]:
-    """Pairs of start-model samples for the preference prompts, answered by the synthetic
-    labeller (or a person). Of `samples_per_prompt` samples, the first and the first one that
-    differs from it are compared: two identical responses would teach the reward model nothing."""
-    config, seed = ctx.config.reward, ctx.config.run.seed
-    prompts = ctx.data.preference_prompts
-    generator = torch.Generator(device=ctx.device).manual_seed(seed + PREFERENCE_PROMPT_SEED)
+def sampled_sides(ctx: StageContext, model, tokenizer) -> tuple[list[str], list[bool], list[str], list[bool]]:
+    """Two start-model samples for each preference prompt, (first, its ended, second, its ended):
+    of `samples_per_prompt` samples, the first and the first one that differs from it (two
+    identical responses would teach the reward model nothing). On K processes each rank samples
+    its share of the prompts from its own stream, and every rank gets all of them, in order."""
+    config, seed, dist = ctx.config.reward, ctx.config.run.seed, ctx.dist
+    prompts = [ctx.data.preference_prompts[i] for i in dist.shard(torch.arange(len(ctx.data.preference_prompts)))]
+    shared = torch.Generator(device=ctx.device).manual_seed(seed + PREFERENCE_PROMPT_SEED)
+    generator = dist.rank_generator(shared, seed + PREFERENCE_PROMPT_SEED)
     samples = []  # samples_per_prompt rounds of one sample per prompt: (texts, ended)
     for _ in range(config.samples_per_prompt):
         completions = sample_completions(model, tokenizer, prompts, ctx.config.ppo.max_new_tokens,
                                          config.sample_temperature, generator, ctx.device)
         samples.append((completions.texts(tokenizer), completions.ended.tolist()))
-    sides: list[tuple[list[str], list[bool]]] = [([], []), ([], [])]
+    rows = []
     for query in range(len(prompts)):
         candidates = [(texts[query], ended[query]) for texts, ended in samples]
         second = next((c for c in candidates[1:] if c != candidates[0]), candidates[1 % len(candidates)])
-        for side, (text, end) in zip(sides, (candidates[0], second)):
-            side[0].append(text)
-            side[1].append(end)
-    (first, ended_1), (second, ended_2) = sides
+        rows.append((*candidates[0], *second))
+    rows = [row for part in dist.gather_objects(rows) for row in part]  # rank order is prompt order
+    first, ended_1, second, ended_2 = (list(column) for column in zip(*rows))
+    return first, ended_1, second, ended_2
+
+
+def labelled_sides(ctx: StageContext, first: list[str], ended_1: list[bool], second: list[str], ended_2: list[bool]
+                   ) -> list[dict]:
+    """The pairs of `sampled_sides`, answered by the synthetic labeller (or a person)."""
+    config, seed, prompts = ctx.config.reward, ctx.config.run.seed, ctx.data.preference_prompts
     person = config.labeller == "human"
     records = label_records(prompts, first, second, ended_1, ended_2, ctx.judge(prompts, first, ended_1),
                             ctx.judge(prompts, second, ended_2),
@@ -226,36 +234,39 @@ def _sampled_pairs(ctx: StageContext, model, tokenizer) -> list[dict]:
 
 
 def comparison_records(ctx: StageContext, model, tokenizer) -> list[dict]:
-    """The reward stage's labelled pairs, written to reward/comparisons.jsonl once (read back when
-    there): the user's own (--data.preferences), or sampled and labelled here."""
-    path = ctx.stage_dir("reward") / COMPARISONS_NAME
-    if path.exists():
-        return read_records(path)
-    if ctx.data.preferences is not None:
-        records = [dict(record) for record in ctx.data.preferences]
-        if ctx.has_gold:  # a reward function given beside the pairs: how far it agrees with them
-            prompts, ended = [record["prompt"] for record in records], [True] * len(records)
-            sides = [ctx.gold(prompts, [record["responses"][side] for record in records], ended) for side in (0, 1)]
-            for record, first, second in zip(records, *sides):
-                record["true_returns"] = [float(first), float(second)]
-    else:
-        records = _sampled_pairs(ctx, model, tokenizer)
-    write_records(path, records)
-    return records
+    """The reward stage's labelled pairs, on every rank, written to reward/comparisons.jsonl once
+    (read back when there): the user's own (--data.preferences), or sampled here (every rank its
+    share) and labelled (rank 0 alone)."""
+    path, dist = ctx.stage_dir("reward") / COMPARISONS_NAME, ctx.dist
+    sample = ctx.data.preferences is None and not dist.broadcast_object(path.exists())
+    sides = sampled_sides(ctx, model, tokenizer) if sample else None
+
+    def labelled() -> list[dict]:  # rank 0
+        path.parent.mkdir(exist_ok=True)
+        if path.exists():
+            return read_records(path)
+        if sides is not None:
+            records = labelled_sides(ctx, *sides)
+        else:
+            records = [dict(record) for record in ctx.data.preferences]
+            if ctx.has_gold:  # a reward function given beside the pairs: how far it agrees with them
+                prompts, ended = [record["prompt"] for record in records], [True] * len(records)
+                golds = [ctx.gold(prompts, [record["responses"][side] for record in records], ended) for side in (0, 1)]
+                for record, first, second in zip(records, *golds):
+                    record["true_returns"] = [float(first), float(second)]
+        write_records(path, records)
+        return records
+
+    return dist.on_main(labelled)
 
 
 def run_reward(ctx: StageContext) -> dict[str, Any]:
-    """The pairs (rank 0 samples and labels them; every rank reads them), the fit (each rank its
-    share of each minibatch), the scores standardised and everything written (rank 0)."""
-    config, stage_dir, dist = ctx.config.reward, ctx.stage_dir("reward"), ctx.dist
+    """The pairs (each rank samples its share, rank 0 labels them), the fit (each rank its share of
+    each minibatch), the scores standardised and everything written (rank 0)."""
+    config, dist = ctx.config.reward, ctx.dist
     lm, tokenizer = ctx.load_start_model()
     started = time.perf_counter()
-
-    def labelled() -> list[dict]:
-        stage_dir.mkdir(exist_ok=True)
-        return comparison_records(ctx, lm, tokenizer)
-
-    records = dist.on_main(labelled)
+    records = comparison_records(ctx, lm, tokenizer)
     sft_samples = dist.on_main(lambda: ctx.sft_samples(lm, tokenizer))  # before the fit: the model shares lm's weights
     train_pairs, val_pairs = labelled_pairs(ctx, records, tokenizer)
     model = ScalarHeadLM(ctx.trainable(lm)).to(ctx.device)
