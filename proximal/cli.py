@@ -478,9 +478,14 @@ def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
     """One line per stage of `proximal rlhf`: its time, and what it measured on held-out prompts."""
     done = " (finished before; skipped)" if skipped else ""
     if stage == "reward":
-        validation = summary["validation"] or {}
-        print(f"reward: {summary['labels']:,} labelled pairs ({summary['strict_labels']:,} strict), held-out "
-              f"accuracy {validation.get('accuracy', float('nan')):.3f}, {summary['seconds']:.1f} s{done}", flush=True)
+        accuracy = (summary["validation"] or {}).get("accuracy", math.nan)
+        held_out = f"held-out accuracy {accuracy:.3f}" if math.isfinite(accuracy) else "no strict held-out pair"
+        print(f"reward: {summary['labels']:,} labelled pairs ({summary['strict_labels']:,} strict), {held_out}, "
+              f"{summary['seconds']:.1f} s{done}", flush=True)
+        if summary["strict_labels"] == 0:
+            print("reward: warning: every answer was a tie or unanswered, so the reward model learned no preference "
+                  "and PPO will follow noise: sample more varied pairs (a longer --sft.steps, a higher "
+                  "--reward.sample-temperature) or label them yourself", flush=True)
         return
     held_out = summary["eval"]
     slices = [key[len("gold_"):-len("_greedy")] for key in held_out if key.startswith("gold_")
@@ -613,8 +618,23 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, a container stop, a CI timeout, torchrun stopping the other ranks),
+    raised wherever the command is: it stops as on Ctrl-C, files whole and the run resumable."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+
+    # Installed before anything else can take SIGTERM: SDL (under pygame, drawing the labelling
+    # page's clips) installs a handler of its own when it finds the default one, and then the
+    # process would keep serving after `kill PID`.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command not in ("train", "rlhf"):
             from proximal.dist import launched_world_size
@@ -626,9 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProximalError as error:
         print(f"proximal {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"proximal {args.command}: interrupted; the last checkpoint written is kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+        print(f"proximal {args.command}: {how}; the last checkpoint written is kept", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
     except BrokenPipeError:  # output piped into a reader that stopped early, e.g. `| head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141

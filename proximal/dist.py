@@ -151,12 +151,6 @@ class DistContext:
             offset += grad.numel()
         return finite_ranks == self.world_size
 
-    def broadcast_module(self, module: torch.nn.Module) -> None:
-        """Rank 0's parameters and buffers, copied into `module` on every rank."""
-        if self.distributed:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                torch_dist.broadcast(tensor.data, src=0)
-
     # -- rows, random streams and objects --------------------------------------------------------
 
     def shard(self, index: torch.Tensor) -> torch.Tensor:

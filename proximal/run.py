@@ -34,13 +34,14 @@ from proximal.errors import ProximalError
 
 
 def unique_run_dir(runs_dir: str | Path, name: str) -> Path:
-    """A new directory RUNS_DIR/<name>__<time>, suffixed -2, -3 ... if that one exists."""
+    """A new directory RUNS_DIR/<name>__<time>, suffixed -2, -3 ... if that one exists; readable by
+    the user alone (0700): it holds the labelling page's token and the true returns of queries."""
     base = Path(runs_dir) / f"{name}__{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir, suffix = base, 1
     while run_dir.exists():
         suffix += 1
         run_dir = base.with_name(f"{base.name}-{suffix}")
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, mode=0o700)
     return run_dir
 
 
@@ -67,7 +68,7 @@ def locked_run_dir(run_dir: Path):
     if run_dir in _HELD:
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new one: the user's alone, as unique_run_dir's
     lock = run_dir / LOCK_NAME
     while True:
         try:

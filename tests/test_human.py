@@ -687,13 +687,25 @@ def test_the_page_shows_an_lm_pair_as_text_and_records_each_key(browser, tmp_pat
             first, second = f"{index}+1={index + 1}", f"{index}+1={index}{cut}"
             assert (left, right) == ((first, second) if index % 2 == 0 else (second, first))  # left: 1 + index % 2
             assert not browser.find_element("id", "clips").is_displayed()
+            assert browser.find_element("id", "showing").text == f"Query {index}"
+            if index == 1:  # the previous answer stays confirmed beside the new query's number
+                assert browser.find_element("id", "message").text == "saved: query 0, left · now showing query 1"
+                assert "1 answer in" in browser.find_element("id", "counts").text
             press(browser, KEYS[answer])
             wait_for(lambda: f"saved: query {index}" in browser.find_element("id", "message").text, what="saved")
+        assert browser.find_element("id", "title").text == "Which response is better?"
+        assert "env step" not in browser.find_element("id", "counts").text and "clip" not in browser.title
+        assert browser.execute_script(  # a long completion wraps inside its box instead of pushing the other off
+            "return getComputedStyle(document.getElementById('left-text')).whiteSpace") == "pre-wrap"
         status, _ = request(server, "GET", "/api/clip?query=0&side=left")
         assert status == 404  # a text pair has no clips
     finally:
         server.stop()
         labeller.close()
+    # training over, the server gone: a calm last word, not an error in red
+    wait_for(lambda: "stopped serving this page" in browser.find_element("id", "message").text, what="stopped")
+    assert browser.find_element("id", "message").get_attribute("class") != "refused"
+    assert browser.find_element("id", "counts").text == "not connected"
     records = read_jsonl(tmp_path / "answers.jsonl")
     assert [(r["answer"], r["label"]) for r in records] == [("left", 1.0), ("right", 1.0), ("equal", 0.5),
                                                            ("cant_tell", None)]
@@ -769,3 +781,31 @@ def test_with_continue_pace_training_goes_on_while_nobody_answers(tmp_path):
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and all(row.split(",")[1] for row in rows[1:])  # every iteration trained
     assert json.loads((run_dir / "reward_fit.json").read_text())["labels"] == 0
+
+
+def test_sigterm_stops_a_human_labelled_run_in_one_line_and_it_resumes(tmp_path):
+    """SDL (drawing the clips) takes SIGTERM over when it finds the default handler; the command's
+    own handler is there first, so `kill PID` stops the run as Ctrl-C does: one line, exit 143,
+    the answers kept, and --resume continues it."""
+    import signal
+
+    runs_dir = tmp_path / "runs"
+    process, url = start_prefs(["Pendulum-v1", "--labels", "20", "--total-timesteps", "20000", "--label-rounds", "4",
+                                "--eval-episodes", "1", "--runs-dir", str(runs_dir)])
+    run_dir = next(runs_dir.iterdir())
+    answered, deadline = [], time.monotonic() + 120
+    while len(answered) < 3:  # clips drawn, answers on disk
+        assert time.monotonic() < deadline and process.poll() is None
+        query = answer_next_query(url, run_dir)
+        if query is None:
+            time.sleep(0.05)
+        else:
+            answered.append(query)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert output.splitlines()[-1] == "proximal prefs: stopped by SIGTERM; the last checkpoint written is kept"
+    assert [record["query"] for record in read_jsonl(run_dir / COMPARISONS_NAME)] == answered
+    resumed, _ = start_prefs(["--resume", str(run_dir)])
+    resumed.send_signal(signal.SIGTERM)
+    assert resumed.wait(timeout=30) == 128 + signal.SIGTERM

@@ -78,3 +78,21 @@ def test_train_resume_of_a_run_in_use_is_one_line(tmp_path, capsys, live_pid):
     (run_dir / LOCK_NAME).write_text(f"{live_pid}\n")
     code, err = _run(["train", "--resume", str(run_dir), "--total-timesteps", "512"], capsys)
     assert code != 0 and f"is in use by process {live_pid}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_new_run_directories_are_the_users_alone(tmp_path):
+    """A run holds the labelling page's token and the queries' true returns: 0700, whatever the
+    files' own modes."""
+    from proximal.run import unique_run_dir
+
+    os.umask(0o022)
+    created = unique_run_dir(tmp_path / "runs", "x")
+    with locked_run_dir(tmp_path / "given"):
+        pass
+    for directory in (created, tmp_path / "given"):
+        assert directory.stat().st_mode & 0o777 == 0o700
+    existing = tmp_path / "mine"
+    existing.mkdir(mode=0o755)
+    with locked_run_dir(existing):  # a directory the user made keeps the mode the user gave it
+        pass
+    assert existing.stat().st_mode & 0o777 == 0o755

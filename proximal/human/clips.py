@@ -22,6 +22,7 @@ from PIL import Image
 from proximal.errors import EnvError
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws off screen: no display is needed or probed
+os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")  # SIGTERM and SIGINT stay Python's (cli.main's handler)
 
 FRAME_WIDTH = 240  # pixels per frame on the page; the env's frame is scaled to it
 

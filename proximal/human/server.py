@@ -28,6 +28,7 @@ import hmac
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
 from collections import OrderedDict
@@ -76,6 +77,30 @@ SIDES = ("left", "right")
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
 
+    def __init__(self, *args, **kwargs):
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        with self.connections_lock:
+            self.open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self.connections_lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End every kept-alive connection: a stopped server answers nothing more on them."""
+        with self.connections_lock:
+            for connection in list(self.open_connections):
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     def handle_error(self, request, client_address) -> None:
         """A browser that drops a connection (a closed tab, an image no longer wanted) is normal."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -122,6 +147,7 @@ class FeedbackServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.httpd.close_connections()
         self.thread.join()
 
     def state(self) -> dict[str, Any]:

@@ -88,11 +88,12 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
     require_finite(policy, "the DPO policy")
     seconds = time.perf_counter() - started
     policy.eval()
+    evaluation = ctx.evaluate(policy, tokenizer, reference)
 
     def finished() -> dict[str, Any]:  # rank 0
         save_pretrained(policy, tokenizer, stage_dir / MODEL_DIR)
         summary = {"seconds": seconds, "train_pairs": train_pairs.size, "validation_pairs": val_pairs.size,
-                   "validation": validation, "eval": ctx.evaluate(policy, tokenizer, reference)}
+                   "validation": validation, "eval": evaluation}
         from proximal.lm.plots import plot_reward
 
         plot_reward(stage_dir, "dpo.png")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from proximal.dist import DistContext
 from proximal.lm.model import response_logprobs, sample_completions
 from proximal.lm.rollout import sequence_kls
 
@@ -19,27 +20,38 @@ Gold = Callable[[list[str], list[str], torch.Tensor], np.ndarray]  # (prompts, t
 @torch.no_grad()
 def evaluate_policy(model: nn.Module, tokenizer, prompts: list[str], gold: Gold | None,
                     slices: dict[str, np.ndarray], max_new_tokens: int, temperature: float, seed: int, device: str,
-                    reference: nn.Module | None = None) -> dict[str, float]:
+                    reference: nn.Module | None = None, dist: DistContext = DistContext()) -> dict[str, float]:
     """Gold of greedy and sampled (one sample per prompt at `temperature`) responses, overall and
     on each slice (`gold_{slice}_{mode}`); the sampled responses' length (EOS included) and EOS
     rate; with a `reference`, the sampled responses' KL to it (k1 and k3 per response, averaged):
-    the one KL measurement every method (PPO, RLOO, DPO, best-of-n) is compared on."""
-    stats: dict[str, float] = {}
-    generator = torch.Generator(device=device).manual_seed(seed)
+    the one KL measurement every method (PPO, RLOO, DPO, best-of-n) is compared on. On K
+    processes each rank answers its 1/K of the prompts (sampling from its own stream) and every
+    rank returns the statistics of all of them."""
+    mine = dist.shard(torch.arange(len(prompts)))
+    prompts = [prompts[i] for i in mine.tolist()]
+    shared = torch.Generator(device=device).manual_seed(seed)
+    generator = dist.rank_generator(shared, seed)
+    rows: dict[str, np.ndarray | torch.Tensor] = {}  # per-prompt values of this rank's prompts, gathered below
     for mode in ("greedy", "sampled"):
         completions = sample_completions(model, tokenizer, prompts, max_new_tokens, temperature, generator, device,
                                          greedy=mode == "greedy")
         if gold is not None:
-            scores = gold(prompts, completions.texts(tokenizer), completions.ended)
-            stats[f"gold_{mode}"] = float(scores.mean())
-            for name, members in slices.items():
-                stats[f"gold_{name}_{mode}"] = float(scores[members].mean()) if members.any() else float("nan")
+            rows[f"gold_{mode}"] = np.asarray(gold(prompts, completions.texts(tokenizer), completions.ended))
         if mode == "sampled":
-            stats["response_length"] = float(completions.response_mask.sum(-1).float().mean())
-            stats["eos_rate"] = float(completions.ended.float().mean())
+            rows["response_length"] = completions.response_mask.sum(-1).float().cpu()
+            rows["eos_rate"] = completions.ended.float().cpu()
             if reference is not None:
-                mask = completions.response_mask
                 k1, k3 = sequence_kls(response_logprobs(model, completions, temperature),
-                                      response_logprobs(reference, completions, temperature), mask)
-                stats.update(kl_k1=float(k1.mean()), kl_k3=float(k3.mean()))
+                                      response_logprobs(reference, completions, temperature), completions.response_mask)
+                rows.update(kl_k1=k1.cpu(), kl_k3=k3.cpu())
+    gathered = zip(*dist.gather_objects(list(rows.values())))  # every rank's, in prompt order
+    rows = {name: np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(parts)
+            for name, parts in zip(rows, gathered)}
+    stats: dict[str, float] = {}
+    for name, values in rows.items():
+        stats[name] = float(values.mean())
+        if name.startswith("gold_"):
+            for slice_name, members in slices.items():
+                stats[f"gold_{slice_name}_{name[len('gold_'):]}"] = (float(values[members].mean()) if members.any()
+                                                                      else float("nan"))
     return stats

@@ -199,8 +199,8 @@ def metrics_columns(ctx: StageContext) -> tuple[str, ...]:
 def run_ppo(ctx: StageContext) -> dict[str, Any]:
     """PPO (or RLOO) from the start model against the reward model, or the reward function. On K
     processes every rank draws the same prompts from the shared `generator` and samples its share
-    from its own (`sampler`); rank 0 alone relabels (then sends the refitted reward model to the
-    others), evaluates and writes."""
+    from its own (`sampler`); rank 0 alone labels the relabelling rounds' pairs and writes, every
+    rank refits the reward model on them and evaluates its share of the held-out prompts."""
     config, stage_dir, dist = ctx.config.ppo, ctx.stage_dir("ppo"), ctx.dist
     if dist.is_main:
         stage_dir.mkdir(exist_ok=True)
@@ -264,14 +264,13 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                 pairs = min(config.relabel_pairs, config.prompts_per_iteration)
                 rows = [row for part in dist.gather_objects(list(zip(batch_prompts, texts, ended.tolist())))
                         for row in part][:pairs]  # the global batch's first rows, in rank order
-                stats.update(dist.on_main(lambda: refit_on_policy_samples(
+                stats.update(refit_on_policy_samples(
                     ctx, iteration, *(list(column) for column in zip(*rows)), reference, tokenizer, reward_model,
-                    reward_optimizer, records, sft_samples, sampler)))
-                dist.broadcast_module(reward_model)  # rank 0's refit, on every rank
+                    reward_optimizer, records, sft_samples, generator, sampler))
             if iteration % config.eval_every == 0 or iteration == config.iterations:
                 policy.eval()
-                stats.update({f"eval_{key}": value for key, value in
-                              dist.on_main(lambda: ctx.evaluate(policy.lm, tokenizer, reference)).items()})
+                stats.update({f"eval_{key}": value
+                              for key, value in ctx.evaluate(policy.lm, tokenizer, reference).items()})
             if result.snapshot is not None:
                 append_snapshot(stage_dir / SNAPSHOTS_NAME, snapshot_record(
                     iteration, fixed, *result.snapshot, policy, tokenizer, config, stats["kl_coef"], stats,
@@ -291,11 +290,11 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                         "wall_seconds": time.perf_counter() - started})
     seconds = time.perf_counter() - started
     policy.eval()
+    final = ctx.evaluate(policy.lm, tokenizer, reference)
 
     def finished() -> dict[str, Any]:  # rank 0
         log.close()
         save_pretrained(policy.lm, tokenizer, stage_dir / MODEL_DIR)
-        final = ctx.evaluate(policy.lm, tokenizer, reference)
         summary = {"seconds": seconds, "iterations": config.iterations, "final_kl_coef": kl_controller.value,
                    "labels": len(records), "eval": final, "last_iteration": stats}
         from proximal.lm.plots import plot_ppo, write_samples

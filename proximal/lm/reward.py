@@ -316,28 +316,35 @@ def load_reward_model(ctx: StageContext) -> ScalarHeadLM:
 def refit_on_policy_samples(ctx: StageContext, iteration: int, prompts: list[str], policy_texts: list[str],
                             policy_ended: list[bool], reference, tokenizer, reward_model: ScalarHeadLM,
                             reward_optimizer, records: list[dict], sft_samples: Completions,
-                            generator: torch.Generator) -> dict[str, float]:
+                            generator: torch.Generator, sampler: torch.Generator) -> dict[str, float]:
     """One round of labels on the policy's own samples: each compared with an SFT sample for
     the same prompt. The reward model's accuracy on these fresh answers is measured before it
     sees them (a held-out check on the distribution it is now scoring), then it is refitted
     on every label so far and its scores re-standardised on the SFT samples; the new records
-    are appended to ppo/comparisons.jsonl."""
+    are appended to ppo/comparisons.jsonl. Every rank calls it: rank 0 samples (from `sampler`)
+    and labels, every rank fits its share (the order from the shared `generator`), so the
+    ranks' reward models stay identical."""
     config = ctx.config
-    sft = sample_completions(reference, tokenizer, prompts, config.ppo.max_new_tokens,
-                             config.reward.sample_temperature, generator, ctx.device)
-    sft_texts, sft_ended = sft.texts(tokenizer), sft.ended.tolist()
-    new = label_records(prompts, policy_texts, sft_texts, policy_ended, sft_ended,
-                        ctx.judge(prompts, policy_texts, policy_ended), ctx.judge(prompts, sft_texts, sft_ended),
-                        make_labeller(config.reward, np.random.default_rng(config.run.seed + 1000 * iteration)),
-                        0.0, np.random.default_rng(0))
-    for offset, record in enumerate(new):
-        record.update(query=len(records) + offset, iteration=iteration, responses_from=["policy", "sft"])
-    check = pair_accuracy(reward_model, pairs_from_records(new, tokenizer, ctx.device))
+
+    def labelled() -> tuple[list[dict], dict[str, float]]:  # rank 0
+        sft = sample_completions(reference, tokenizer, prompts, config.ppo.max_new_tokens,
+                                 config.reward.sample_temperature, sampler, ctx.device)
+        sft_texts, sft_ended = sft.texts(tokenizer), sft.ended.tolist()
+        new = label_records(prompts, policy_texts, sft_texts, policy_ended, sft_ended,
+                            ctx.judge(prompts, policy_texts, policy_ended), ctx.judge(prompts, sft_texts, sft_ended),
+                            make_labeller(config.reward, np.random.default_rng(config.run.seed + 1000 * iteration)),
+                            0.0, np.random.default_rng(0))
+        for offset, record in enumerate(new):
+            record.update(query=len(records) + offset, iteration=iteration, responses_from=["policy", "sft"])
+        check = pair_accuracy(reward_model, pairs_from_records(new, tokenizer, ctx.device))
+        append_records(ctx.stage_dir("ppo") / COMPARISONS_NAME, new)
+        return new, check
+
+    new, check = ctx.dist.on_main(labelled)
     records.extend(new)
-    append_records(ctx.stage_dir("ppo") / COMPARISONS_NAME, new)
     training = [record for record in records if not record["validation"] and teaches_something(record)]
     fit_reward_model(reward_model, reward_optimizer, pairs_from_records(training, tokenizer, ctx.device),
-                     config.ppo.refit_steps, config.reward.batch_size, generator)
+                     config.ppo.refit_steps, config.reward.batch_size, generator, dist=ctx.dist)
     standardise_scores(reward_model, sft_samples, 256)
     answered = [record["label"] for record in new if record["label"] is not None]
     return {"rm_policy_accuracy": check["accuracy"], "labels": len(records),

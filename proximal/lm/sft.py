@@ -115,16 +115,18 @@ def run_sft(ctx: StageContext) -> dict[str, Any]:
                     "wall_seconds": time.perf_counter() - started})
     seconds = time.perf_counter() - started
     model.eval()
-    return dist.on_main(lambda: _finish_sft(ctx, model, tokenizer, log, seconds))
+    evaluation = ctx.evaluate(model, tokenizer)
+    return dist.on_main(lambda: _finish_sft(ctx, model, tokenizer, log, seconds, evaluation))
 
 
-def _finish_sft(ctx: StageContext, model: nn.Module, tokenizer, log: CsvLog, seconds: float) -> dict[str, Any]:
-    """Rank 0: the model saved, evaluated and plotted, the stage marked finished."""
+def _finish_sft(ctx: StageContext, model: nn.Module, tokenizer, log: CsvLog, seconds: float,
+                evaluation: dict[str, float]) -> dict[str, Any]:
+    """Rank 0: the model saved, the curve plotted, the stage marked finished."""
     stage_dir = ctx.stage_dir("sft")
     log.close()
     save_pretrained(model, tokenizer, stage_dir / MODEL_DIR)
     summary = {"seconds": seconds, "steps": ctx.config.sft.steps, "demonstrations": len(ctx.data.sft_prompts),
-               "eval": ctx.evaluate(model, tokenizer)}
+               "eval": evaluation}
     from proximal.lm.plots import plot_sft
 
     plot_sft(stage_dir)

@@ -110,10 +110,11 @@ class StageContext:
 
     def evaluate(self, model: torch.nn.Module, tokenizer, reference: torch.nn.Module | None = None
                  ) -> dict[str, float]:
+        """`evaluate_policy` on the held-out prompts; every rank calls it (each answers its share)."""
         prompts = self.data.evaluation
         return evaluate_policy(model, tokenizer, prompts, self.gold if self.has_gold else None,
                                self.task.slices(prompts), self.config.ppo.max_new_tokens, self.config.ppo.temperature,
-                               self.config.run.seed + EVAL_SEED, self.device, reference)
+                               self.config.run.seed + EVAL_SEED, self.device, reference, self.dist)
 
     def start_model_dir(self) -> Path | None:
         """The model the stages after SFT start from: the SFT stage's, or the user's (--model.path)
