@@ -90,7 +90,10 @@ def trl_grpo_run(model: str, work: Path, seed: int, threads: int, steps: int) ->
         output_dir=str(work / "trl-grpo"), per_device_train_batch_size=16, num_generations=4, max_steps=steps,
         max_completion_length=config.ppo.max_new_tokens, temperature=1.0, learning_rate=1e-5, beta=0.04,
         logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
-        dataloader_num_workers=0, gradient_checkpointing=False)  # GRPOConfig turns it on by default in 1.16
+        dataloader_num_workers=0,
+        # GRPOConfig 1.16 defaults to gradient checkpointing and bf16 autocast; on a CPU without bf16
+        # instructions (this VM: AVX2 only) bf16 matmuls are emulated, ~13x slower per step. fp32, as proximal.
+        gradient_checkpointing=False, bf16=False)
     torch.set_num_threads(threads)
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=args, processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": ctx.data.rl}))
