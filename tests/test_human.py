@@ -809,3 +809,37 @@ def test_sigterm_stops_a_human_labelled_run_in_one_line_and_it_resumes(tmp_path)
     resumed, _ = start_prefs(["--resume", str(run_dir)])
     resumed.send_signal(signal.SIGTERM)
     assert resumed.wait(timeout=30) == 128 + signal.SIGTERM
+
+
+def test_a_resumed_run_waits_for_the_queries_a_kill_left_unanswered(tmp_path):
+    """A kill in a label round leaves asked, unanswered queries; the resumed run has no new label
+    due at its next round, yet with --human-pace wait it must wait for those before training on."""
+    from proximal.agent import PPOAgent
+    from proximal.config import PrefsConfig, preset_for
+    from proximal.envs import make_vector_env
+    from proximal.preferences import PreferenceLearner
+    from proximal.train import EnvState, collect_rollout
+
+    killed = make_labeller(tmp_path, pace="wait")
+    killed.submit(make_queries(4))  # the round's 4 queries asked, on disk, none answered
+    killed.close()
+    resumed = make_labeller(tmp_path, pace="wait")
+    assert resumed.status()["queue"] == 4
+    config = preset_for(ENV_ID).with_overrides({"num_envs": 2, "num_steps": 64, "minibatch_size": 64,
+                                                "total_timesteps": 1280})
+    prefs = PrefsConfig(labels=4, labeller="human", human_pace="wait", initial_reward_steps=5, segment_length=10)
+    envs = make_vector_env(ENV_ID, 2)
+    agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
+    learner = PreferenceLearner(prefs, config, envs.single_observation_space, envs.single_action_space, tmp_path,
+                                resumed, resume=True)
+    rollout = collect_rollout(agent, envs, EnvState.after_reset(envs.reset(seed=0)[0]), 64)
+    assert learner.schedule.labels_to_ask(512 - 128, learner.queries_asked) <= 0  # nothing new is due
+    returned = threading.Event()
+    thread = threading.Thread(target=lambda: (learner.relabel(rollout, 512), returned.set()), daemon=True)
+    thread.start()
+    assert not returned.wait(1.0)  # blocked on the person (it never returns before the answers)
+    for index in range(4):
+        resumed.answer(index, "left")
+    assert returned.wait(60) and learner.fits == 1 and len(learner.comparisons.labels) == 4
+    resumed.close()
+    envs.close()

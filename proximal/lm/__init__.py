@@ -6,7 +6,8 @@ How data flows through the rooms (one job each):
   data.py        a user's JSON-lines files as a task (TRL's standard and conversational formats)
   reward_function.py   a Python reward in place of a learned one (--reward.function)
      |
-  stage.py       what every stage receives: config, task, its data, the run folder, the start model
+  stage.py       what every stage receives: config, task, its data, the run folder, the start model,
+                 and proximal.dist's context (torchrun: each rank its share of every batch, rank 0 writes)
   sft.py         demonstrations -> next-token cross-entropy on the response tokens -> SFT model
      |
   labels.py      pairs of completions -> the labeller's answers -> comparisons.jsonl
