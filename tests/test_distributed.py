@@ -151,6 +151,19 @@ def torchrun(arguments: list[str], cwd: Path, timeout: float = 120, processes: i
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+def kill_launcher_and_ranks(launcher: subprocess.Popen, ranks: int = 2) -> None:
+    """SIGKILL torchrun and its ranks (each in a session of its own: killing the launcher alone
+    leaves them running), and wait until every one is gone."""
+    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    assert len(workers) == ranks
+    for pid in [*map(int, workers), launcher.pid]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    for pid in map(int, workers):
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_a_killed_torchrun_run_resumes_to_the_end(tmp_path):
     arguments = ["train", "CartPole-v1", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "12800",
@@ -162,14 +175,7 @@ def test_a_killed_torchrun_run_resumes_to_the_end(tmp_path):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
         time.sleep(0.05)
     time.sleep(0.5)
-    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-    assert len(workers) == 2  # torchrun starts each rank in a session of its own: kill all three
-    for pid in [*map(int, workers), launcher.pid]:
-        os.kill(pid, signal.SIGKILL)
-    launcher.wait()
-    for pid in map(int, workers):
-        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
-            time.sleep(0.01)
+    kill_launcher_and_ranks(launcher)
     run_dir = next((tmp_path / "runs").iterdir())
     assert not (run_dir / "eval.json").exists()
     resumed = torchrun(["train", "--resume", str(run_dir)], tmp_path)

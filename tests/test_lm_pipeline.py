@@ -147,7 +147,8 @@ def test_the_whole_pipeline_runs_and_each_stage_writes_its_files(tmp_path, capsy
     run_dir = tmp_path / "run"
     code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *TINY], capsys)
     assert code == 0, err
-    assert [line.split(":")[0] for line in out.splitlines()] == ["sft", "reward", "ppo", "run directory"]
+    reported = [line for line in out.splitlines() if not line.startswith("reward: warning:")]  # 30 SFT steps: ties
+    assert [line.split(":")[0] for line in reported] == ["sft", "reward", "ppo", "run directory"]
     for stage, files in {"sft": ["sft.png", "metrics.csv", "summary.json", "model/config.json"],
                          "reward": ["reward.png", "comparisons.jsonl", "head.pt", "summary.json", "model/config.json"],
                          "ppo": ["ppo.png", "metrics.csv", "summary.json", "samples.md", "comparisons.jsonl",
