@@ -82,6 +82,14 @@ class DistContext:
         """The mean over ranks of a scalar (each rank's weight equal)."""
         return value if not self.distributed else (self.sum(value) / self.world_size).to(value.dtype)
 
+    def weighted_mean(self, value: torch.Tensor, weight: float) -> float:
+        """The mean over the ranks of a scalar that is itself a mean over `weight` rows or tokens
+        (a loss): sum_r w_r v_r / sum_r w_r; in one process the value itself."""
+        if not self.distributed:
+            return value.item()
+        total, weights = self.sum(torch.stack([value.detach().double().cpu() * weight, torch.tensor(float(weight))]))
+        return float(total / weights)
+
     def mean_of(self, values: dict[str, float]) -> dict[str, float]:
         """Each statistic averaged over the ranks (for logging and decisions all ranks share).
         None values stay None."""

@@ -112,7 +112,7 @@ def fit_reward_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
     fits its share of each minibatch, the gradients averaged weighted by pairs."""
     if loss_of is None:
         loss_of = lambda index: reward_loss(model, pairs.select(index))  # noqa: E731
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    parameters = trainable_parameters(model)
     model.train()
     order = torch.zeros(0, dtype=torch.long)
     for step in range(1, steps + 1):
@@ -128,9 +128,7 @@ def fit_reward_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if on_step is not None:
-            loss_sum, pairs_seen = dist.sum(torch.stack([loss.detach().double().cpu() * len(local),
-                                                         torch.tensor(float(len(local)))]))
-            on_step(step, float(loss_sum / pairs_seen) if dist.distributed else loss.item())
+            on_step(step, dist.weighted_mean(loss, len(local)))
     model.eval()
 
 

@@ -21,7 +21,7 @@ from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from proximal.dist import DistContext
 from proximal.errors import TrainingDiverged
 from proximal.lm.model import (Completions, build_tiny_gpt2, encode_prompts, encode_responses, load_pretrained,
-                               response_logprobs, save_pretrained)
+                               response_logprobs, save_pretrained, trainable_parameters)
 from proximal.lm.stage import MODEL_DIR, StageContext, finish
 from proximal.losses import masked_mean
 from proximal.run import CsvLog, restore_states
@@ -46,7 +46,7 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: list[torc
     optimizer.zero_grad()
     loss.backward()
     tokens = float(rows[3].sum())  # what the loss averaged over
-    if not dist.average_gradients([p for p in model.parameters() if p.requires_grad], tokens, loss):
+    if not dist.average_gradients(trainable_parameters(model), tokens, loss):
         raise TrainingDiverged("the SFT loss became NaN or infinite")
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -102,8 +102,7 @@ def run_sft(ctx: StageContext) -> dict[str, Any]:
             schedule.step()
             progress.update()
             if (step + 1) % 10 == 0 or step + 1 == config.steps:
-                loss_sum, all_tokens = dist.sum(torch.stack([loss.detach().double().cpu() * tokens, torch.tensor(tokens)]))
-                mean_loss = float(loss_sum / all_tokens) if dist.distributed else loss.item()
+                mean_loss = dist.weighted_mean(loss, tokens)
                 if log is not None:
                     log.log({"step": step + 1, "loss": mean_loss, "learning_rate": schedule.get_last_lr()[0],
                              "wall_seconds": time.perf_counter() - started})
