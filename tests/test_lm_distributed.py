@@ -195,8 +195,13 @@ def on_main_worker(rank: int, world_size: int, port: int, out: str) -> None:
     from proximal.dist import DistributedError, join, leave
     from proximal.errors import ProximalError
 
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
     as_rank(rank, world_size, port)
-    dist = join(2)  # a collective that waited longer than 2 s would fail
+    dist = join(60)  # joining may be slow on a busy machine: the test's clock starts once both are in
+    _set_pg_timeout(timedelta(seconds=2))  # from here a collective that waits longer than 2 s fails
 
     def slow() -> str:
         time.sleep(5)
