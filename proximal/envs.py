@@ -11,6 +11,7 @@ training loop marks those reset transitions invalid and keeps them out of the lo
 from __future__ import annotations
 
 import difflib
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -41,12 +42,45 @@ def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Sp
                        "proximal needs a Discrete or a 1-D Box action space")
 
 
+# Gymnasium's own HalfCheetah XML sets this attribute, which MuJoCo 4 deprecates: not the user's to fix
+GYMNASIUM_OWN_MUJOCO_WARNINGS = ("compiler attribute 'settotalmass' is deprecated",)
+
+
+def _mujoco_warning(message: str) -> None:
+    if not message.startswith(GYMNASIUM_OWN_MUJOCO_WARNINGS):
+        warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)  # shown once per message
+
+
+def route_mujoco_warnings(env_id: str) -> None:
+    """Send a MuJoCo env's warnings through Python's `warnings` module.
+
+    MuJoCo's default handler prints every warning to stderr and appends it to MUJOCO_LOG.TXT in
+    the user's working directory. Routed, a warning is shown once and no file is left behind;
+    Gymnasium's own deprecated attributes are dropped.
+    """
+    try:
+        entry_point = str(gym.spec(env_id).entry_point)
+    except gym.error.Error:
+        return  # an unknown id: make_vector_env says so
+    if "mujoco" in entry_point:
+        import mujoco
+
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
+def make_env(env_id: str, **kwargs) -> gym.Env:
+    """One env of `env_id` (`gym.make`), MuJoCo's warnings routed."""
+    route_mujoco_warnings(env_id)
+    return gym.make(env_id, **kwargs)
+
+
 def make_vector_env(env_id: str, num_envs: int) -> VectorEnv:
     """N copies of `env_id` in NEXT_STEP autoreset mode.
 
     Uses the env's native vector implementation when it has one (CartPole steps 64 envs in one
     NumPy call), else SyncVectorEnv.
     """
+    route_mujoco_warnings(env_id)
     try:
         envs = gym.make_vec(env_id, num_envs=num_envs)
     except (gym.error.UnregisteredEnv, gym.error.DeprecatedEnv) as error:

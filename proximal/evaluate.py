@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 
 from proximal.agent import PPOAgent
-from proximal.envs import make_vector_env
+from proximal.envs import make_env, make_vector_env
 
 MAX_PARALLEL_EPISODES = 128
 
@@ -49,7 +48,7 @@ def render_gif(agent: PPOAgent, env_id: str, path: Path, seed: int, fps: int | N
     """
     from PIL import Image
 
-    env = gym.make(env_id, render_mode="rgb_array")
+    env = make_env(env_id, render_mode="rgb_array")
     try:
         observation, _ = env.reset(seed=seed)
         frames = [env.render()]

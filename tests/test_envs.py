@@ -1,5 +1,8 @@
 """Building vector envs: NEXT_STEP autoreset, clear errors for what proximal cannot handle."""
 
+import subprocess
+import sys
+
 import gymnasium as gym
 import pytest
 from gymnasium.vector import AutoresetMode
@@ -52,3 +55,30 @@ def test_deprecated_versions_point_to_the_new_one():
     with pytest.raises(EnvError, match="v3"):
         make_vector_env("LunarLander-v2", 2)
     assert "LunarLander-v3" in gym.registry
+
+
+MUJOCO_NOISE = """
+import numpy as np
+from proximal.envs import make_env, make_vector_env
+envs = make_vector_env("HalfCheetah-v5", 2)
+envs.reset(seed=0)
+envs.close()
+env = make_env("Walker2d-v5")
+env.reset(seed=0)
+env.unwrapped.set_state(env.unwrapped.init_qpos, np.full(env.unwrapped.model.nv, 1e30))  # blows up
+for _ in range(3):
+    env.step(env.action_space.sample())
+"""
+
+
+def test_mujoco_envs_leave_no_log_file_and_drop_gymnasiums_own_deprecation(tmp_path):
+    """MuJoCo 4 prints a warning per env about Gymnasium's own XML (`settotalmass`) and appends
+    every warning to MUJOCO_LOG.TXT in the working directory. Routed through Python's warnings:
+    Gymnasium's deprecation is dropped, a real one (an unstable simulation) is said once, no file."""
+    pytest.importorskip("mujoco")
+    done = subprocess.run([sys.executable, "-c", MUJOCO_NOISE], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "settotalmass" not in done.stderr
+    assert done.stderr.count("RuntimeWarning: MuJoCo: Nan, Inf or huge value in QVEL") == 1, done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -15,10 +15,10 @@ import os
 import threading
 from collections.abc import Callable
 
-import gymnasium as gym
 import numpy as np
 from PIL import Image
 
+from proximal.envs import make_env
 from proximal.errors import EnvError
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws off screen: no display is needed or probed
@@ -53,7 +53,7 @@ TASKS = {
 
 def check_renderable(env_id: str) -> None:
     """Raise EnvError unless clips of `env_id` can be drawn for a person."""
-    env = gym.make(env_id)
+    env = make_env(env_id)
     name = type(env.unwrapped).__name__
     env.close()
     if name not in STATE_SETTERS:
@@ -67,7 +67,7 @@ class ClipRenderer:
 
     def __init__(self, env_id: str):
         check_renderable(env_id)
-        self.env = gym.make(env_id, render_mode="rgb_array")
+        self.env = make_env(env_id, render_mode="rgb_array")
         self.env.reset(seed=0)
         self.set_state = STATE_SETTERS[type(self.env.unwrapped).__name__]
         self.fps = int(self.env.metadata.get("render_fps", 30))
