@@ -1,5 +1,5 @@
 """proximal against a peer, Hugging Face TRL, side by side: one task, one SFT model, one reward
-model, the same number of sampled completions, one machine, one run after another.
+model, the same number of sampled completions, one machine, interleaved rounds at each thread setting.
 
 Optional, never needed by the package or the tests. TRL pulls in accelerate and datasets; keep
 the project's torch by installing it into a venv that sees the system packages:
@@ -91,7 +91,10 @@ def trl_rloo_run(run_dir: Path, work: Path, overrides: dict, iterations: int, th
         temperature=1.0, learning_rate=overrides["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
         beta=overrides["kl_coef"], epsilon=config.ppo.clip_coef, normalize_advantages=True, max_grad_norm=1.0,
         weight_decay=0.0, logging_steps=20, save_strategy="no", report_to=[], use_cpu=True, seed=config.run.seed,
-        disable_tqdm=True, dataloader_num_workers=0)
+        disable_tqdm=True, dataloader_num_workers=0,
+        # RLOOConfig 1.16 defaults to gradient checkpointing and bf16 autocast; on a CPU without bf16
+        # instructions (this VM: AVX2 only) bf16 matmuls are emulated: 134 s of training, not 33. fp32, as proximal.
+        gradient_checkpointing=False, bf16=False)
     torch.set_num_threads(threads)
     trainer = RLOOTrainer(model=model, reward_funcs=[reward], args=args, processing_class=trl_tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": ctx.data.rl}))
@@ -103,40 +106,71 @@ def trl_rloo_run(run_dir: Path, work: Path, overrides: dict, iterations: int, th
     return {"eval": final, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started}
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def median_and_range(values: list[float], digits: int) -> str:
+    """'median (min-max)' of a few measurements; the median alone where they agree."""
+    if min(values) == max(values):
+        return f"{values[0]:.{digits}f}"
+    return f"{median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def summary_rows(runs: list[dict], header: str) -> list[str]:
+    """One row per thread setting and trainer: medians and ranges over the repeats."""
+    rows = [header, "", "| threads | trainer | runs | gold greedy | gold sampled | carry greedy | KL k1 | "
+            "training s | total s |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((run["threads"], run["trainer"]) for run in runs))
+    for threads, trainer in sorted(keys, key=lambda key: (key[0], keys.index(key))):
+        group = [run for run in runs if run["trainer"] == trainer and run["threads"] == threads]
+        cells = [median_and_range([run["eval"][name] for run in group], 3)
+                 for name in ("gold_greedy", "gold_sampled", "gold_carry_greedy")]
+        cells.append(median_and_range([run["eval"]["kl_k1"] for run in group], 2))
+        cells += [median_and_range([run[name] for run in group], 1) for name in ("train_seconds", "total_seconds")]
+        rows.append(f"| {threads} | {trainer} | {len(group)} | {' | '.join(cells)} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a proximal rlhf run with finished sft and reward")
     parser.add_argument("--iterations", type=int, default=150, help="batches of 256 completions (default: 150)")
     parser.add_argument("--kl-coef", type=float, default=0.3, help="fixed beta for all three (default: 0.3)")
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="for all three (default: 2e-4)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch thread settings, each measured (default: 1 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over every trainer and setting (default: 3)")
     parser.add_argument("--only", nargs="+", default=["ppo", "rloo", "trl-rloo"], help="which to run")
     parser.add_argument("--out", type=Path, default=None, help="write trl_peer.json and trl_peer.md here")
     args = parser.parse_args()
     overrides = {"iterations": args.iterations, "relabel_every": 0, "adaptive_kl": False, "kl_coef": args.kl_coef,
                  "learning_rate": args.learning_rate}
-    results = {}
+    names = {"trl-rloo": "TRL 1.16 RLOOTrainer", "ppo": "proximal PPO", "rloo": "proximal RLOO"}
+    runs = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        for name in args.only:
-            if name == "trl-rloo":
-                results["TRL 1.16 RLOOTrainer"] = trl_rloo_run(args.run_dir, work, overrides, args.iterations,
-                                                               args.threads)
-            else:
-                results[f"proximal {name.upper()}"] = proximal_run(args.run_dir, work, name, overrides, args.threads)
-            print(name, json.dumps(results[list(results)[-1]]), flush=True)
-    rows = [f"{args.iterations} x 256 completions, beta {args.kl_coef:g} fixed, lr {args.learning_rate:g}, "
-            f"{args.threads} threads", "",
-            "| trainer | gold greedy | gold sampled | carry greedy | KL k1 | training s | total s |",
-            "|---|---|---|---|---|---|---|"]
-    for name, result in results.items():
-        e = result["eval"]
-        rows.append(f"| {name} | {e['gold_greedy']:.3f} | {e['gold_sampled']:.3f} | {e['gold_carry_greedy']:.3f} | "
-                    f"{e['kl_k1']:.2f} | {result['train_seconds']:.0f} | {result['total_seconds']:.0f} |")
+        # interleaved: every round runs each trainer at each setting, the order rotated per round so
+        # that no trainer always runs first (a warm cache) or last (a machine drifting busier)
+        for repeat in range(args.repeats):
+            order = args.only[repeat % len(args.only):] + args.only[:repeat % len(args.only)]
+            for threads in args.threads:
+                for name in order:
+                    if name == "trl-rloo":
+                        result = trl_rloo_run(args.run_dir, work, overrides, args.iterations, threads)
+                    else:
+                        result = proximal_run(args.run_dir, work, name, overrides, threads)
+                    runs.append({"trainer": names[name], "threads": threads, "repeat": repeat, **result})
+                    print(json.dumps(runs[-1]), flush=True)
+    header = (f"{args.iterations} x 256 completions, beta {args.kl_coef:g} fixed, lr {args.learning_rate:g}; "
+              f"{args.repeats} interleaved rounds; median (range) where the runs differ")
+    rows = summary_rows(runs, header)
     print("\n".join(rows))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "trl_peer.json").write_text(json.dumps(results, indent=2))
+        (args.out / "trl_peer.json").write_text(json.dumps(runs, indent=2))
         (args.out / "trl_peer.md").write_text("\n".join(rows) + "\n")
 
 
