@@ -811,6 +811,60 @@ def test_sigterm_stops_a_human_labelled_run_in_one_line_and_it_resumes(tmp_path)
     assert resumed.wait(timeout=30) == 128 + signal.SIGTERM
 
 
+def docs_screenshot(browser, name: str, tmp_path: Path) -> None:
+    """A screenshot of the page, into PROXIMAL_DOCS_SCREENSHOTS (docs/ regenerates its pictures
+    this way) or the test's folder."""
+    import os
+
+    folder = Path(os.environ.get("PROXIMAL_DOCS_SCREENSHOTS", tmp_path))
+    browser.save_screenshot(str(folder / name))
+    assert (folder / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_stopped_run_leaves_a_calm_page_and_its_resume_continues_in_the_same_tab(browser, tmp_path):
+    """The end-of-run and resume states, in a real browser: SIGTERM mid-round leaves the tab saying
+    the run stopped and the answers are kept; `--resume` serves the same URL (same port, same
+    token) and the open tab, untouched, shows the next unanswered query."""
+    import signal
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runs_dir = tmp_path / "runs"
+    process, url = start_labelling(["prefs", "Pendulum-v1", "--labeller", "human", "--port", str(port), "--labels",
+                                    "20", "--total-timesteps", "20000", "--label-rounds", "4", "--eval-episodes", "1",
+                                    "--runs-dir", str(runs_dir)])
+    run_dir = next(runs_dir.iterdir())
+    browser.set_window_size(760, 640)  # the whole page in the screenshots
+    browser.get(url)
+    for index, answer in enumerate(("left", "right")):
+        wait_for(lambda: shown_query(browser) == index, timeout=60, what=f"query {index}")
+        wait_for(lambda: browser.execute_script("return ready"), what=f"query {index}'s clips")
+        press(browser, KEYS[answer])
+        wait_for(lambda: f"saved: query {index}" in browser.find_element("id", "message").text, what="saved")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    wait_for(lambda: "stopped serving this page" in browser.find_element("id", "message").text, what="stopped")
+    assert browser.find_element("id", "counts").text == "not connected"
+    assert not any(browser.find_element("id", name).is_displayed() for name in ("clips", "answers"))
+    docs_screenshot(browser, "human_feedback_stopped.png", tmp_path)
+    resumed, resumed_url = start_labelling(["prefs", "--resume", str(run_dir)])
+    try:
+        assert resumed_url == url  # the token was kept in the run directory, the port in its config
+        wait_for(lambda: shown_query(browser) == 2, timeout=60, what="the next unanswered query in the same tab")
+        wait_for(lambda: browser.execute_script("return ready"), what="its clips")
+        assert "stopped serving" not in browser.find_element("id", "message").text
+        assert "2 answers in" in browser.find_element("id", "counts").text
+        assert all(browser.find_element("id", name).is_displayed() for name in ("clips", "answers"))
+        docs_screenshot(browser, "human_feedback_resumed.png", tmp_path)
+    finally:
+        resumed.send_signal(signal.SIGTERM)
+        resumed.wait(timeout=30)
+    assert [(r["query"], r["answer"]) for r in read_jsonl(run_dir / COMPARISONS_NAME)] == [(0, "left"), (1, "right")]
+
+
 def test_a_resumed_run_waits_for_the_queries_a_kill_left_unanswered(tmp_path):
     """A kill in a label round leaves asked, unanswered queries; the resumed run has no new label
     due at its next round, yet with --human-pace wait it must wait for those before training on."""
