@@ -11,8 +11,12 @@ What runs, each from the same dequantised start model (converted once into the s
 
   TRL 1.16 GRPOTrainer   every weight trains; 4 prompts x 4 completions per step, lr 1e-5, beta 0.04
                          (the anchor of docs/lm_real_model.md)
-  proximal RLOO          `proximal rlhf sentiment --reward.function proximal.lm.tasks:vader_scores`:
+  proximal RLOO (LoRA)   `proximal rlhf sentiment --reward.function proximal.lm.tasks:vader_scores`:
                          the task's preset (LoRA, k = 4), the function as the reward (no reward model)
+  proximal RLOO (full)   the same with TRL's arguments where proximal has them: every weight trains,
+                         4 prompts x 4 completions per iteration, lr 1e-5, beta 0.04 (on proximal's
+                         per-token k1 in the reward, not GRPO's k3 in the loss), one step per batch:
+                         what is left between it and TRL is the library (and GRPO against RLOO)
 
 Both are measured by proximal's `evaluate_policy` on the same 32 held-out prompts (greedy and one
 sample per prompt at temperature 1; VADER of the text; KL to the start model on the samples).
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -41,17 +46,28 @@ from proximal.lm.stage import MODEL_DIR, START_DIR, open_context, read_summary  
 from proximal.lm.tasks import vader_scores  # noqa: E402
 
 FUNCTION = "proximal.lm.tasks:vader_scores"
+ARMS = ("lora", "full", "trl")
 
 
-def sentiment_config(model: str, seed: int, threads: int, overrides: dict) -> RLHFConfig:
+# proximal RLOO with TRL GRPO's arguments (trl_grpo_run): every weight, 16 completions per step
+TRL_MATCHED = {"model": {"lora_rank": 0, "lora_layers": 0},
+               "ppo": {"prompts_per_iteration": 16, "minibatch_size": 16, "epochs": 1, "learning_rate": 1e-5,
+                       "kl_coef": 0.04}}
+
+
+def sentiment_config(model: str, seed: int, threads: int, overrides: dict, model_overrides: dict | None = None
+                     ) -> RLHFConfig:
     return RLHFConfig.for_task("sentiment").with_overrides(
-        {"model": {"path": model}, "reward": {"function": FUNCTION, "function_role": "reward"},
+        {"model": {"path": model, **(model_overrides or {})},
+         "reward": {"function": FUNCTION, "function_role": "reward"},
          "run": {"seed": seed, "threads": threads}, "ppo": overrides})
 
 
-def proximal_run(model: str, work: Path, seed: int, threads: int, overrides: dict) -> dict:
-    run_dir = work / "proximal"
-    config = sentiment_config(model, seed, threads, overrides)
+def proximal_run(model: str, work: Path, seed: int, threads: int, overrides: dict, model_overrides: dict | None,
+                 name: str) -> dict:
+    run_dir = work / name
+    shutil.copytree(work / "proximal" / START_DIR, run_dir / START_DIR)  # dequantised once, by start_model_eval
+    config = sentiment_config(model, seed, threads, overrides, model_overrides)
     started = time.perf_counter()
     run_pipeline(config, run_dir, ("ppo",))
     summary = read_summary(run_dir / "ppo")
@@ -66,6 +82,7 @@ def proximal_run(model: str, work: Path, seed: int, threads: int, overrides: dic
 def start_model_eval(model: str, work: Path, seed: int, threads: int) -> dict:
     """The start model on the same held-out prompts: the 'before' of both."""
     ctx = open_context(sentiment_config(model, seed, threads, {}), work / "proximal")
+    ctx.prepare_start_model()
     start, tokenizer = load_pretrained(work / "proximal" / START_DIR / MODEL_DIR)
     started = time.perf_counter()
     final = ctx.evaluate(start, tokenizer, start)
@@ -105,6 +122,30 @@ def trl_grpo_run(model: str, work: Path, seed: int, threads: int, steps: int) ->
             "completions": steps * 16}
 
 
+def summary_rows(results: dict, seed: int, threads: int) -> list[str]:
+    """The table of every arm, then when each proximal arm first reached TRL's final sampled VADER."""
+    rows = [f"seed {seed}, {threads} threads, 32 new tokens at temperature 1, VADER compound as the reward", "",
+            "| trainer | completions | held-out VADER greedy | sampled | KL k1 | EOS rate | training s | total s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        e = result["eval"]
+        rows.append(f"| {name} | {result['completions']} | {e['gold_greedy']:.3f} | {e['gold_sampled']:.3f} | "
+                    f"{e['kl_k1']:.2f} | {e['eos_rate']:.2f} | {result['train_seconds']:.0f} | "
+                    f"{result['total_seconds']:.0f} |")
+    if "TRL 1.16 GRPOTrainer" not in results:
+        return rows
+    target = results["TRL 1.16 GRPOTrainer"]["eval"]["gold_sampled"]
+    rows.append("")
+    for name, result in results.items():
+        if "curve" not in result:
+            continue
+        reached = next((row for row in result["curve"] if row.get("eval_gold_sampled", -2) >= target), None)
+        rows.append(f"{name} first reached TRL's final held-out sampled VADER ({target:.3f}) "
+                    + (f"at iteration {reached['iteration']:.0f}, {reached['wall_seconds']:.0f} s of training"
+                       if reached else "at no evaluation") + "  ")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf (docs/lm_real_model.md)")
@@ -113,37 +154,42 @@ def main() -> None:
     parser.add_argument("--trl-steps", type=int, default=29, help="GRPO steps of 16 completions (default: 29)")
     parser.add_argument("--iterations", type=int, default=20, help="proximal RLOO iterations (default: 20)")
     parser.add_argument("--eval-every", type=int, default=5, help="proximal's evaluation interval (default: 5)")
+    parser.add_argument("--full-iterations", type=int, default=29,
+                        help="proximal RLOO (full) iterations of 16 completions (default: 29, TRL's steps)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="which to run after the start model (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="write real_model_trl.json and .md here")
     args = parser.parse_args()
+    arms = {
+        "lora": ("proximal RLOO (LoRA)", lambda work: proximal_run(
+            args.model, work, args.seed, args.threads, {"iterations": args.iterations, "eval_every": args.eval_every},
+            None, name="proximal-lora")),
+        "full": ("proximal RLOO (full, TRL's arguments)", lambda work: proximal_run(
+            args.model, work, args.seed, args.threads,
+            {**TRL_MATCHED["ppo"], "iterations": args.full_iterations, "eval_every": args.eval_every},
+            TRL_MATCHED["model"], name="proximal-full")),
+        "trl": ("TRL 1.16 GRPOTrainer", lambda work: trl_grpo_run(args.model, work, args.seed, args.threads,
+                                                                   args.trl_steps)),
+    }
     results = {}
+
+    def save() -> None:  # after every arm: a crash keeps what was measured
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "real_model_trl.json").write_text(json.dumps(results, indent=2))
+
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        results["proximal RLOO (LoRA)"] = proximal_run(args.model, work, args.seed, args.threads,
-                                                       {"iterations": args.iterations, "eval_every": args.eval_every})
-        print("proximal", json.dumps(results["proximal RLOO (LoRA)"]["eval"]), flush=True)
-        results["start model"] = start_model_eval(args.model, work, args.seed, args.threads)
+        results["start model"] = start_model_eval(args.model, work, args.seed, args.threads)  # converts the GGUF once
         print("start", json.dumps(results["start model"]["eval"]), flush=True)
-        results["TRL 1.16 GRPOTrainer"] = trl_grpo_run(args.model, work, args.seed, args.threads, args.trl_steps)
-        print("trl", json.dumps(results["TRL 1.16 GRPOTrainer"]["eval"]), flush=True)
-    target = results["TRL 1.16 GRPOTrainer"]["eval"]["gold_sampled"]
-    reached = next((row for row in results["proximal RLOO (LoRA)"]["curve"]
-                    if row.get("eval_gold_sampled", -2) >= target), None)
-    rows = [f"seed {args.seed}, {args.threads} threads, 32 new tokens at temperature 1, VADER compound as the reward", "",
-            "| trainer | completions | held-out VADER greedy | sampled | KL k1 | EOS rate | training s | total s |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name, result in results.items():
-        e = result["eval"]
-        rows.append(f"| {name} | {result['completions']} | {e['gold_greedy']:.3f} | {e['gold_sampled']:.3f} | "
-                    f"{e['kl_k1']:.2f} | {e['eos_rate']:.2f} | {result['train_seconds']:.0f} | "
-                    f"{result['total_seconds']:.0f} |")
-    rows.append("")
-    rows.append(f"proximal first reached TRL's final held-out sampled VADER ({target:.3f}) "
-                + (f"at iteration {reached['iteration']:.0f}, {reached['wall_seconds']:.0f} s of training"
-                   if reached else "at no evaluation"))
+        for arm in args.arms:
+            name, run = arms[arm]
+            results[name] = run(work)
+            print(name, json.dumps(results[name]["eval"]), flush=True)
+            save()
+    rows = summary_rows(results, args.seed, args.threads)
     print("\n".join(rows))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "real_model_trl.json").write_text(json.dumps(results, indent=2))
         (args.out / "real_model_trl.md").write_text("\n".join(rows) + "\n")
 
 
