@@ -1,7 +1,6 @@
 """Running statistics against NumPy on the same stream; reward scaling against a plain loop."""
 
 import numpy as np
-import pytest
 
 from proximal.normalize import RewardScaler, RunningMeanStd
 
