@@ -49,10 +49,13 @@ FUNCTION = "proximal.lm.tasks:vader_scores"
 ARMS = ("lora", "full", "trl")
 
 
-# proximal RLOO with TRL GRPO's arguments (trl_grpo_run): every weight, 16 completions per step
+# TRL GRPO's arguments (the anchor's), and proximal RLOO given the same where proximal has them
+TRL_GRPO = {"completions_per_step": 16, "generations": 4, "learning_rate": 1e-5, "beta": 0.04}
 TRL_MATCHED = {"model": {"lora_rank": 0, "lora_layers": 0},
-               "ppo": {"prompts_per_iteration": 16, "minibatch_size": 16, "epochs": 1, "learning_rate": 1e-5,
-                       "kl_coef": 0.04}}
+               "ppo": {"prompts_per_iteration": TRL_GRPO["completions_per_step"],
+                       "rloo_samples": TRL_GRPO["generations"], "minibatch_size": TRL_GRPO["completions_per_step"],
+                       "epochs": 1,
+                       "learning_rate": TRL_GRPO["learning_rate"], "kl_coef": TRL_GRPO["beta"]}}
 
 
 def sentiment_config(model: str, seed: int, threads: int, overrides: dict, model_overrides: dict | None = None
@@ -104,8 +107,9 @@ def trl_grpo_run(model: str, work: Path, seed: int, threads: int, steps: int) ->
         return vader_scores(prompts, completions)
 
     args = GRPOConfig(
-        output_dir=str(work / "trl-grpo"), per_device_train_batch_size=16, num_generations=4, max_steps=steps,
-        max_completion_length=config.ppo.max_new_tokens, temperature=1.0, learning_rate=1e-5, beta=0.04,
+        output_dir=str(work / "trl-grpo"), per_device_train_batch_size=TRL_GRPO["completions_per_step"],
+        num_generations=TRL_GRPO["generations"], max_steps=steps, max_completion_length=config.ppo.max_new_tokens,
+        temperature=1.0, learning_rate=TRL_GRPO["learning_rate"], beta=TRL_GRPO["beta"],
         logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
         dataloader_num_workers=0,
         # GRPOConfig 1.16 defaults to gradient checkpointing and bf16 autocast; on a CPU without bf16
@@ -119,7 +123,7 @@ def trl_grpo_run(model: str, work: Path, seed: int, threads: int, steps: int) ->
     train_seconds = time.perf_counter() - train_started
     final = ctx.evaluate(trainer.model.eval(), tokenizer, reference)
     return {"eval": final, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
-            "completions": steps * 16}
+            "completions": steps * TRL_GRPO["completions_per_step"]}
 
 
 def summary_rows(results: dict, seed: int, threads: int) -> list[str]:

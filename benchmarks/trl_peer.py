@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -106,17 +107,11 @@ def trl_rloo_run(run_dir: Path, work: Path, overrides: dict, iterations: int, th
     return {"eval": final, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started}
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def median_and_range(values: list[float], digits: int) -> str:
     """'median (min-max)' of a few measurements; the median alone where they agree."""
     if min(values) == max(values):
         return f"{values[0]:.{digits}f}"
-    return f"{median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def summary_rows(runs: list[dict], header: str) -> list[str]:

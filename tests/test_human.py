@@ -433,6 +433,16 @@ def press(driver, key_name: str) -> None:
     ActionChains(driver).send_keys(getattr(Keys, names[key_name])).perform()
 
 
+def docs_screenshot(browser, name: str, tmp_path: Path) -> None:
+    """A screenshot of the page, into PROXIMAL_DOCS_SCREENSHOTS (docs/ regenerates its pictures
+    this way) or the test's folder."""
+    import os
+
+    folder = Path(os.environ.get("PROXIMAL_DOCS_SCREENSHOTS", tmp_path))
+    browser.save_screenshot(str(folder / name))
+    assert (folder / name).stat().st_size > 1000
+
+
 def test_the_page_plays_both_clips_in_step_and_records_each_key(serving, browser, tmp_path):
     labeller, server = serving
     browser.get(server.url)
@@ -445,9 +455,7 @@ def test_the_page_plays_both_clips_in_step_and_records_each_key(serving, browser
     assert frames[0] == frames[1] and later[0] == later[1] and later != frames  # playing, in step
     counts = browser.find_element("id", "counts").text
     assert "0 answers in" in counts and "4 waiting in the queue" in counts
-    screenshot = Path(__import__("os").environ.get("PROXIMAL_PAGE_SCREENSHOT", tmp_path / "page.png"))
-    browser.save_screenshot(str(screenshot))
-    assert screenshot.stat().st_size > 1000
+    docs_screenshot(browser, "human_feedback_page.png", tmp_path)
     for index, answer in enumerate(("left", "right", "equal", "cant_tell")):
         wait_for(lambda: shown_query(browser) == index, what=f"query {index}")
         press(browser, KEYS[answer])
@@ -811,31 +819,19 @@ def test_sigterm_stops_a_human_labelled_run_in_one_line_and_it_resumes(tmp_path)
     assert resumed.wait(timeout=30) == 128 + signal.SIGTERM
 
 
-def docs_screenshot(browser, name: str, tmp_path: Path) -> None:
-    """A screenshot of the page, into PROXIMAL_DOCS_SCREENSHOTS (docs/ regenerates its pictures
-    this way) or the test's folder."""
-    import os
-
-    folder = Path(os.environ.get("PROXIMAL_DOCS_SCREENSHOTS", tmp_path))
-    browser.save_screenshot(str(folder / name))
-    assert (folder / name).stat().st_size > 1000
-
-
 @pytest.mark.slow
 def test_a_stopped_run_leaves_a_calm_page_and_its_resume_continues_in_the_same_tab(browser, tmp_path):
     """The end-of-run and resume states, in a real browser: SIGTERM mid-round leaves the tab saying
     the run stopped and the answers are kept; `--resume` serves the same URL (same port, same
     token) and the open tab, untouched, shows the next unanswered query."""
     import signal
-    import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from test_distributed import free_port
+
     runs_dir = tmp_path / "runs"
-    process, url = start_labelling(["prefs", "Pendulum-v1", "--labeller", "human", "--port", str(port), "--labels",
-                                    "20", "--total-timesteps", "20000", "--label-rounds", "4", "--eval-episodes", "1",
-                                    "--runs-dir", str(runs_dir)])
+    process, url = start_labelling(["prefs", "Pendulum-v1", "--labeller", "human", "--port", str(free_port()),
+                                    "--labels", "20", "--total-timesteps", "20000", "--label-rounds", "4",
+                                    "--eval-episodes", "1", "--runs-dir", str(runs_dir)])
     run_dir = next(runs_dir.iterdir())
     browser.set_window_size(760, 640)  # the whole page in the screenshots
     browser.get(url)
