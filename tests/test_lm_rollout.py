@@ -145,6 +145,30 @@ def test_on_the_first_minibatch_of_an_update_the_ratio_is_exactly_one(device):
     assert (new_logprobs - rollout.logprobs)[completions.response_mask].abs().max() > 0
 
 
+def test_the_first_minibatchs_shared_forward_pass_changes_no_weight_and_saves_one_pass():
+    """The rollout's pass over the first minibatch, kept with its graph, is the update's first
+    pass: the weights after the update are those of recomputing it, with one policy pass fewer."""
+    prompts = ["12+34=", "5+6=", "99+1=", "40+44="] * 4
+    config = PPOStageConfig(prompts_per_iteration=16, minibatch_size=8, epochs=2)
+    results = {}
+    for share in (False, True):
+        policy, reference, reward_model, tokenizer = models(policy_seed=5)
+        completions = sample_completions(policy.lm, tokenizer, prompts, 5, 1.0, torch.Generator().manual_seed(0),
+                                         "cpu")
+        passes = []
+        policy.head.register_forward_hook(lambda *_: passes.append(1))  # the head runs once per policy pass
+        generator = torch.Generator().manual_seed(1)
+        first = list(torch.randperm(16, generator=generator).split(8))
+        rollout = collect_rollout(policy, reference, RewardModelScorer(reward_model, config.missing_eos_score),
+                                  prompts, completions, tokenizer, first, config, 0.1, share_first_forward=share)
+        stats = ppo_update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), rollout, first, config,
+                           generator)
+        results[share] = (len(passes), torch.cat([p.detach().flatten() for p in policy.parameters()]), stats)
+    assert results[False][0] == 2 + 2 * 2 and results[True][0] == 2 + 2 * 2 - 1  # rollout + 2 epochs of 2
+    assert torch.equal(results[True][1], results[False][1])
+    assert results[True][2]["first_ratio_error"] == results[False][2]["first_ratio_error"] == 0.0
+
+
 def test_mean_k1_kl_agrees_with_the_exact_kl_within_its_monte_carlo_error():
     """k1 summed over a sampled response is unbiased for KL(pi || pi_ref) of whole responses; so
     is the exact per-token KL (a sum over the vocabulary) summed along the same samples, and so is

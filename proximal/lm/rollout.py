@@ -39,6 +39,8 @@ class LMRollout:
     rewards: torch.Tensor  # [B, R] -kl_penalty, plus the score at the last token
     advantages: torch.Tensor  # [B, R]
     returns: torch.Tensor  # [B, R] advantages + values: the value head's target
+    # (logprobs, values, logits) of the first minibatch with their graph, for the update's first step
+    first_outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def mask(self) -> torch.Tensor:
