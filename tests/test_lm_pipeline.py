@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_helpers import completions_for, tiny_model
+from lm_helpers import ARCHITECTURES, completions_for, tiny_model
 from proximal.cli import main
 from proximal.lm.config import RewardConfig
 from proximal.labellers import make_labeller
@@ -132,6 +132,49 @@ def test_reward_scores_read_the_eos_token():
                    + [tokenizer.eos_token_id])
             hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
             assert math.isclose(float(scores[row]), float(reward_model.head(hidden)), abs_tol=1e-5)
+
+
+def test_mean_pooled_reward_scores_average_the_head_over_the_response_tokens_only():
+    from proximal.lm.model import ScalarHeadLM
+    from proximal.lm.reward import reward_scores
+
+    model, tokenizer = tiny_model()
+    reward_model = ScalarHeadLM(model, pooling="mean")
+    torch.nn.init.normal_(reward_model.head.weight)
+    cases = [("47+38=", "85", True), ("1+2=", "3", True), ("9+9=", "18", False)]
+    batch = completions_for(tokenizer, *(list(column) for column in zip(*cases)))
+    with torch.no_grad():
+        scores = reward_scores(reward_model, batch)
+        for row, (prompt, response, ended) in enumerate(cases):  # each alone, unpadded
+            prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended
+            hidden = model(torch.tensor([prompt_ids + response_ids]), output_hidden_states=True).hidden_states[-1][0]
+            per_token = [float(reward_model.head(hidden[len(prompt_ids) + t])) for t in range(len(response_ids))]
+            assert math.isclose(float(scores[row]), sum(per_token) / len(per_token), abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_a_reward_body_of_the_bottom_blocks_is_the_full_models_hidden_state_there_and_saves_as_such(
+        architecture, tmp_path):
+    """Cut to its bottom block, a model's last hidden state is the full model's hidden state after
+    that block, through the final norm; saved and loaded, it is the same one-block model."""
+    from proximal.lm.model import bottom_blocks, load_pretrained, save_pretrained
+
+    full, tokenizer = ARCHITECTURES[architecture](seed=3)
+    cut, _ = ARCHITECTURES[architecture](seed=3)
+    cut = bottom_blocks(cut, 1)
+    ids = torch.tensor([tokenizer("12+34=46", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        after_block = full(ids, output_hidden_states=True).hidden_states[1]
+        final_norm = full.base_model.norm if architecture == "llama" else full.base_model.ln_f
+        expected = final_norm(after_block)
+        got = cut(ids, output_hidden_states=True).hidden_states[-1]
+        assert torch.allclose(got, expected, atol=1e-6)
+        save_pretrained(cut, tokenizer, tmp_path / "cut")
+        loaded, _ = load_pretrained(tmp_path / "cut")
+        assert loaded.config.num_hidden_layers == 1
+        assert torch.allclose(loaded(ids, output_hidden_states=True).hidden_states[-1], expected, atol=1e-6)
+    assert bottom_blocks(full, 0) is full and full.config.num_hidden_layers == 2
 
 
 def run_cli(args, capsys):

@@ -129,6 +129,7 @@ class SFTConfig:
 LABELLER_NOISES = ("none", "boltzmann", "uniform")
 LABELLERS = ("synthetic", "human")
 FUNCTION_ROLES = ("reward", "labeller")
+POOLINGS = ("last", "mean")
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,10 @@ class RewardConfig:
     validation_fraction: float = _param(0.2, "share of the pairs held out to measure accuracy")
     standardise_samples: int = _param(1024, "start-model samples (at the PPO temperature) whose scores the reward "
                                             "model is shifted and scaled to mean 0, std 1 on")
+    pooling: str = _param("last", "where the scalar head reads the response: last (its last token, the EOS) or "
+                                  "mean (the mean over its tokens: suits a score that adds up words, like VADER)")
+    blocks: int = _param(0, "the reward model's body: the start model's bottom this many transformer blocks and its "
+                            "final norm (0: every block); fewer cost less to fit and to score with")
     epochs: int = _param(8, "passes over the training pairs")
     batch_size: int = _param(64, "pairs per step")
     learning_rate: float = _param(3e-4, "AdamW step size")
@@ -169,6 +174,8 @@ class RewardConfig:
     def __post_init__(self) -> None:
         for name in ("labels", "epochs", "batch_size", "standardise_samples", "validations"):
             _require_positive_int(name, getattr(self, name))
+        _require(self.pooling in POOLINGS, "pooling", " or ".join(POOLINGS), self.pooling)
+        _require(isinstance(self.blocks, int) and self.blocks >= 0, "blocks", "an integer >= 0", self.blocks)
         _require(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 2, "samples_per_prompt",
                  "an integer >= 2", self.samples_per_prompt)
         for name in ("sample_temperature", "labeller_temperature", "learning_rate"):

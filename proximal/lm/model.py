@@ -203,6 +203,20 @@ class AdaptersOff(nn.Module):
             return self.lora_model(**inputs)
 
 
+def bottom_blocks(lm: nn.Module, blocks: int) -> nn.Module:
+    """`lm` cut to its bottom `blocks` transformer blocks (0 or at least its depth: unchanged), its
+    final norm and heads kept; the config says the new depth, so it saves and loads as such a model."""
+    depth = lm.config.num_hidden_layers
+    if blocks == 0 or blocks >= depth:
+        return lm
+    body = lm.base_model
+    name = next(name for name, module in body.named_children()
+                if isinstance(module, nn.ModuleList) and len(module) == depth)  # Llama's layers, GPT-2's h
+    setattr(body, name, getattr(body, name)[:blocks])
+    lm.config.num_hidden_layers = blocks
+    return lm
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
@@ -271,11 +285,12 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 class ScalarHeadLM(nn.Module):
     """A causal LM with a scalar head on its last hidden state: per-token values for the policy
-    (a value head), or a score read at the EOS token (the reward model)."""
+    (a value head), or a response's score (the reward model), read where `pooling` says: at its
+    last token ("last") or averaged over its tokens ("mean"; `reward.reward_scores`)."""
 
-    def __init__(self, lm: nn.Module, head_bias: float = 0.0):
+    def __init__(self, lm: nn.Module, head_bias: float = 0.0, pooling: str = "last"):
         super().__init__()
-        self.lm = lm
+        self.lm, self.pooling = lm, pooling
         self.head = nn.Linear(lm.config.hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, head_bias)

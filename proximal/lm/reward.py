@@ -1,5 +1,6 @@
-"""The reward model: the start (SFT) network with a scalar head, read at the response's last
-token (its EOS), fitted to the labelled pairs with the Bradley-Terry loss (`proximal.losses`).
+"""The reward model: the start (SFT) network (or its bottom --reward.blocks blocks) with a scalar
+head, read at the response's last token (its EOS) or averaged over its tokens (--reward.pooling),
+fitted to the labelled pairs with the Bradley-Terry loss (`proximal.losses`).
 
   P[response 1 > response 2] = sigmoid(r(prompt, response 1) - r(prompt, response 2))
 
@@ -27,11 +28,11 @@ from proximal.errors import CheckpointError, ConfigError, ProximalError
 from proximal.labellers import make_labeller
 from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, ask_person, label_records,
                                 pairs_from_records, read_records, teaches_something, write_records)
-from proximal.lm.model import (Completions, ScalarHeadLM, load_pretrained, sample_completions, save_pretrained,
-                               trainable_parameters)
+from proximal.lm.model import (Completions, ScalarHeadLM, bottom_blocks, load_pretrained, sample_completions,
+                               save_pretrained, trainable_parameters)
 from proximal.lm.reward_function import with_missing_eos
 from proximal.lm.stage import MODEL_DIR, PREFERENCE_PROMPT_SEED, StageContext, finish
-from proximal.losses import bradley_terry_loss
+from proximal.losses import bradley_terry_loss, masked_mean
 from proximal.run import CsvLog
 
 HEAD_NAME = "head.pt"
@@ -39,9 +40,14 @@ COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_accuracy", "val_gold_
 
 
 def reward_scores(model: ScalarHeadLM, completions: Completions) -> torch.Tensor:
-    """The score [B] of each response: the head's output at its last token (its EOS)."""
+    """The score [B] of each response: the head's output at its last token (its EOS), or with
+    `model.pooling` "mean" its mean over the response's tokens (the head of their mean hidden
+    state: the head is linear)."""
     _, scalars = model(completions.input_ids, completions.attention_mask, logits_to_keep=1)  # [B, P + R]
-    last = completions.prompt_ids.shape[1] + completions.last_index  # [B]
+    prompt_length = completions.prompt_ids.shape[1]
+    if model.pooling == "mean":
+        return masked_mean(scalars[:, prompt_length:], completions.response_mask, dim=1)
+    last = prompt_length + completions.last_index  # [B]
     return scalars.gather(1, last[:, None]).squeeze(1)
 
 
@@ -267,7 +273,7 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
     records = comparison_records(ctx, lm, tokenizer)
     sft_samples = dist.on_main(lambda: ctx.sft_samples(lm, tokenizer))  # before the fit: the model shares lm's weights
     train_pairs, val_pairs = labelled_pairs(ctx, records, tokenizer)
-    model = ScalarHeadLM(ctx.trainable(lm)).to(ctx.device)
+    model = ScalarHeadLM(ctx.trainable(bottom_blocks(lm, config.blocks)), pooling=config.pooling).to(ctx.device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.learning_rate, weight_decay=0.0)
     validation = fit_on_pairs(ctx, "reward", model, optimizer, train_pairs, config.epochs, config.batch_size,
                               (lambda: pair_accuracy(model, val_pairs)) if val_pairs.size else None,
@@ -285,7 +291,7 @@ def _finish_reward(ctx: StageContext, model: ScalarHeadLM, tokenizer, records: l
     stage_dir = ctx.stage_dir("reward")
     mean, std = standardise_scores(model, sft_samples, 256)
     save_pretrained(model.lm, tokenizer, stage_dir / MODEL_DIR)
-    save_checkpoint(stage_dir / HEAD_NAME, {"head": model.head.state_dict()})
+    save_checkpoint(stage_dir / HEAD_NAME, {"head": model.head.state_dict(), "pooling": model.pooling})
     labels = torch.tensor([r["label"] if r["label"] is not None else float("nan") for r in records])
     summary = {
         "seconds": time.perf_counter() - started, "labels": len(records),
@@ -303,9 +309,10 @@ def _finish_reward(ctx: StageContext, model: ScalarHeadLM, tokenizer, records: l
 def load_reward_model(ctx: StageContext) -> ScalarHeadLM:
     stage_dir = ctx.stage_dir("reward")
     lm, _ = load_pretrained(stage_dir / MODEL_DIR, ctx.device)
-    model = ScalarHeadLM(lm).to(ctx.device)
     try:
-        model.head.load_state_dict(load_checkpoint(stage_dir / HEAD_NAME)["head"])
+        saved = load_checkpoint(stage_dir / HEAD_NAME)
+        model = ScalarHeadLM(lm, pooling=saved.get("pooling", "last")).to(ctx.device)
+        model.head.load_state_dict(saved["head"])
     except (KeyError, RuntimeError) as error:
         raise CheckpointError(f"{stage_dir / HEAD_NAME} holds no reward head ({error})") from None
     return model.eval()
