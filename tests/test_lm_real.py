@@ -226,10 +226,11 @@ def test_sentiment_prompts_use_the_chat_template_with_a_short_system_prompt(tiny
 
 def test_the_sentiment_preset_is_the_start_and_flags_override_it():
     config = RLHFConfig.for_task("sentiment")
-    assert config.task.name == "sentiment" and config.model.lora_rank == 16 and config.ppo.method == "rloo"
+    assert config.task.name == "sentiment" and config.model.lora_rank == 0 and config.ppo.method == "rloo"
+    assert config.reward.pooling == "mean" and config.reward.blocks == 10
     assert config.ppo.cut_response_score is None  # scored as it stands, as TRL does
-    overridden = config.with_overrides({"ppo": {"iterations": 3}, "model": {"lora_rank": 0}})
-    assert overridden.ppo.iterations == 3 and overridden.model.lora_rank == 0 and overridden.ppo.method == "rloo"
+    overridden = config.with_overrides({"ppo": {"iterations": 3}, "model": {"lora_rank": 16}})
+    assert overridden.ppo.iterations == 3 and overridden.model.lora_rank == 16 and overridden.ppo.method == "rloo"
     assert RLHFConfig.for_task("addition") == RLHFConfig()  # the defaults were tuned on addition
 
 
@@ -240,13 +241,15 @@ def test_rlhf_sentiment_from_a_gguf_file_end_to_end(tiny_llama, tmp_path, capsys
     code, out, err = run_cli(["rlhf", "sentiment", "--model.path", str(path), "--run-dir", str(run_dir),
                      "--reward.labels", "16", "--reward.standardise-samples", "8", "--task.eval-prompts", "4",
                      "--ppo.iterations", "2", "--ppo.prompts-per-iteration", "8", "--ppo.minibatch-size", "8",
-                     "--ppo.max-new-tokens", "6", "--ppo.eval-every", "1", "--model.lora-layers", "1",
-                     "--threads", "1"], capsys)
+                     "--ppo.max-new-tokens", "6", "--ppo.eval-every", "1", "--model.lora-rank", "16",
+                     "--model.lora-layers", "1", "--reward.blocks", "1", "--threads", "1"], capsys)
     assert code == 0, err
     assert [line.split(":")[0] for line in out.splitlines()] == ["reward", "ppo", "run directory"]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["lora_rank"] == 16 and config["ppo"]["method"] == "rloo"
     assert (run_dir / "start" / "model" / "config.json").is_file()  # dequantised once
+    reward_config = json.loads((run_dir / "reward" / "model" / "config.json").read_text())
+    assert reward_config["num_hidden_layers"] == 1  # the start model's bottom block, saved and read back as such
     summary = json.loads((run_dir / "ppo" / "summary.json").read_text())
     assert np.isfinite(summary["eval"]["gold_sampled"]) and -1 <= summary["eval"]["gold_sampled"] <= 1
     model, tokenizer = load_pretrained(run_dir / "ppo" / "model")  # a plain HF directory, adapters merged

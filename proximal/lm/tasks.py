@@ -203,16 +203,18 @@ class SentimentTask:
     instructions = "the more positive response is the better one."
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'-\n"
     has_gold = True
-    # The settings a run of this task starts from (flags override them): tuned on seeds 0-1 for
-    # SmolLM2-135M-Instruct on a 2-core CPU (docs/lm_real_model.md).
+    # The settings a run of this task starts from (flags override them): tuned on seed 0 for
+    # SmolLM2-135M-Instruct on a 2-core CPU (docs/lm_real_model.md). Every weight trains; the reward
+    # model reads the mean of the bottom 10 blocks' states over the response (a lexicon-like score),
+    # and the policy's learning rate and iterations keep its KL to the start model near 2 nats.
     preset = {
         "task": {"eval_prompts": 32},
-        "model": {"lora_rank": 16, "lora_layers": 10},
-        "reward": {"labels": 256, "samples_per_prompt": 2, "sample_temperature": 1.0, "standardise_samples": 64,
-                   "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "validations": 2},
-        "ppo": {"method": "rloo", "iterations": 16, "prompts_per_iteration": 32, "minibatch_size": 32,
-                "max_new_tokens": 32, "epochs": 1, "learning_rate": 2e-4, "kl_coef": 0.05, "adaptive_kl": False,
-                "score_cut_responses": True, "relabel_every": 0, "eval_every": 8, "snapshot_every": 8,
+        "reward": {"labels": 512, "samples_per_prompt": 2, "sample_temperature": 1.0, "standardise_samples": 64,
+                   "pooling": "mean", "blocks": 10, "epochs": 1, "batch_size": 8, "learning_rate": 3e-4,
+                   "validations": 4},
+        "ppo": {"method": "rloo", "iterations": 20, "prompts_per_iteration": 16, "minibatch_size": 16,
+                "max_new_tokens": 32, "epochs": 1, "learning_rate": 1e-5, "kl_coef": 0.1, "adaptive_kl": False,
+                "score_cut_responses": True, "relabel_every": 0, "eval_every": 10, "snapshot_every": 10,
                 "snapshot_prompts": 1},
     }
 
