@@ -72,8 +72,8 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, 
     """Score sampled `completions` of `prompts` and build their per-token rewards and advantages.
     The forward passes run on `minibatches` (index tensors covering the batch): the first epoch's.
     With `share_first_forward`, the first minibatch's policy pass keeps its graph for the update's
-    first step (`LMRollout.first_outputs`): one forward pass fewer per iteration, a third of the
-    policy's work when one minibatch is the whole batch and one epoch is run."""
+    first step (`LMRollout.first_outputs`): one forward pass fewer per iteration (with one minibatch
+    and one epoch: two forward passes and a backward instead of three and a backward)."""
     batch, length = completions.response_ids.shape
     logprobs = torch.zeros(batch, length, device=completions.response_ids.device)
     ref_logprobs, values = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
