@@ -121,11 +121,13 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
     for epoch in range(config.epochs):
         minibatches = first_minibatches if epoch == 0 else torch.randperm(
             len(mask), generator=generator, device=generator.device).split(config.minibatch_size // dist.world_size)
-        for step, index in enumerate(minibatches):
+        for index in minibatches:
             batch_mask = mask[index]
-            shared = epoch == 0 and step == 0 and first_outputs is not None
-            logprobs, values, logits = (first_outputs if shared else
-                                        policy_outputs(policy, rollout.completions.select(index), config.temperature))
+            if first_outputs is not None:  # the very first minibatch: the rollout's own pass
+                (logprobs, values, logits), first_outputs = first_outputs, None
+            else:
+                logprobs, values, logits = policy_outputs(policy, rollout.completions.select(index),
+                                                          config.temperature)
             old_logprobs = rollout.logprobs[index]
             policy_loss = clipped_surrogate_loss(logprobs, old_logprobs, advantages[index], config.clip_coef,
                                                  batch_mask)
