@@ -205,16 +205,18 @@ class SentimentTask:
     has_gold = True
     # The settings a run of this task starts from (flags override them): tuned on seed 0 for
     # SmolLM2-135M-Instruct on a 2-core CPU (docs/lm_real_model.md). Every weight trains; the reward
-    # model reads the mean of the bottom 10 blocks' states over the response (a lexicon-like score),
-    # and the policy's learning rate and iterations keep its KL to the start model near 2 nats.
+    # model reads the mean of the bottom 10 blocks' states over the response (a lexicon-like score)
+    # and learns from 768 pairs (seed 0: 0.794 held-out agreement, 0.699 from 512); the policy takes
+    # 8 prompts x 4 a step, its learning rate and iterations keeping its KL to the start model near
+    # 2 nats on seed 0 (2.14; held-out seed 100: 2.75).
     preset = {
         "task": {"eval_prompts": 32},
-        "reward": {"labels": 512, "samples_per_prompt": 2, "sample_temperature": 1.0, "standardise_samples": 64,
+        "reward": {"labels": 768, "samples_per_prompt": 2, "sample_temperature": 1.0, "standardise_samples": 64,
                    "pooling": "mean", "blocks": 10, "epochs": 1, "batch_size": 8, "learning_rate": 3e-4,
                    "validations": 4},
-        "ppo": {"method": "rloo", "iterations": 20, "prompts_per_iteration": 16, "minibatch_size": 16,
+        "ppo": {"method": "rloo", "iterations": 18, "prompts_per_iteration": 32, "minibatch_size": 32,
                 "max_new_tokens": 32, "epochs": 1, "learning_rate": 1e-5, "kl_coef": 0.1, "adaptive_kl": False,
-                "score_cut_responses": True, "relabel_every": 0, "eval_every": 10, "snapshot_every": 10,
+                "score_cut_responses": True, "relabel_every": 0, "eval_every": 9, "snapshot_every": 9,
                 "snapshot_prompts": 1},
     }
 
