@@ -5,8 +5,8 @@ import torch
 
 from lm_helpers import ARCHITECTURES, DEVICES, completions_for, tiny_model
 from proximal.errors import CheckpointError
-from proximal.lm.model import (ScalarHeadLM, load_pretrained, sample_completions, save_pretrained, token_entropy,
-                               token_logprobs)
+from proximal.lm.model import (ScalarHeadLM, load_pretrained, sample_completions, sample_tokens, save_pretrained,
+                               token_entropy, token_logprobs)
 from proximal.lm.ppo import policy_outputs
 
 
@@ -81,6 +81,24 @@ def test_sampling_stops_each_row_at_eos_and_masks_what_follows():
         eos_positions = (ids[:length] == tokenizer.eos_token_id).nonzero().flatten().tolist()
         assert eos_positions == ([length - 1] if ended else [])
         assert (ids[length:] == tokenizer.pad_token_id).all()
+
+
+def test_sample_tokens_inverts_the_cumulative_distribution_of_each_row():
+    """Against a loop over the tokens with the same uniform draws: the first token whose running
+    probability exceeds u; zero-probability tokens are never drawn; frequencies match."""
+    logits = torch.tensor([[0.0, -float("inf"), 1.0, 2.0, -float("inf")], [3.0, 0.0, -float("inf"), 0.0, 0.0]] * 2000)
+    drawn = sample_tokens(logits, torch.Generator().manual_seed(3))  # [B]
+    uniforms = torch.rand(len(logits), 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    probabilities = torch.softmax(logits, -1).double()
+    expected = []
+    for row, u in zip(probabilities.tolist(), uniforms[:, 0].tolist()):
+        total, running = sum(row), 0.0
+        expected.append(next(token for token, p in enumerate(row) if (running := running + p) > u * total))
+    assert drawn.tolist() == expected
+    assert not bool((probabilities[torch.arange(len(drawn)), drawn] == 0).any())
+    for row in (0, 1):
+        frequency = torch.bincount(drawn[row::2], minlength=5).double() / 2000
+        assert torch.allclose(frequency, probabilities[row], atol=4 * (0.25 / 2000) ** 0.5)  # 4 standard errors
 
 
 def test_sampling_is_repeatable_with_a_seeded_generator():

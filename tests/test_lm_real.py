@@ -244,7 +244,9 @@ def test_rlhf_sentiment_from_a_gguf_file_end_to_end(tiny_llama, tmp_path, capsys
                      "--ppo.max-new-tokens", "6", "--ppo.eval-every", "1", "--model.lora-rank", "16",
                      "--model.lora-layers", "1", "--reward.blocks", "1", "--threads", "1"], capsys)
     assert code == 0, err
-    assert [line.split(":")[0] for line in out.splitlines()] == ["reward", "ppo", "run directory"]
+    # a random model's 6 bytes rarely hold a word VADER scores, so a "every answer was a tie" warning may come
+    stages = [line.split(":")[0] for line in out.splitlines() if not line.startswith("reward: warning")]
+    assert stages == ["reward", "ppo", "run directory"]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["lora_rank"] == 16 and config["ppo"]["method"] == "rloo"
     assert (run_dir / "start" / "model" / "config.json").is_file()  # dequantised once

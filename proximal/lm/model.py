@@ -428,6 +428,17 @@ def response_logprobs(model: nn.Module, completions: Completions, temperature: f
                           temperature)
 
 
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token [B] drawn from softmax(`logits` [B, V]) per row, by inverting its cumulative
+    distribution: the first token whose running total exceeds u ~ U(0, total). Summed in float64,
+    so each token's interval is its probability to ~1e-12 (torch.multinomial draws from the same
+    distribution but is 5-10x slower on a CPU at a 49k-token vocabulary)."""
+    cumulative = torch.softmax(logits, -1).double().cumsum(-1)  # [B, V]
+    u = torch.rand(len(logits), 1, generator=generator, dtype=torch.float64, device=logits.device)  # [B, 1]
+    drawn = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)  # [B, 1]: zero-width intervals never hit
+    return drawn.squeeze(-1).clamp_max(logits.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
                        generator: torch.Generator | None, device: str, greedy: bool = False) -> Completions:
@@ -449,7 +460,7 @@ def sample_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
         if greedy:
             next_tokens = logits.argmax(-1)
         else:
-            next_tokens = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)  # [B]
+            next_tokens = sample_tokens(logits, generator)  # [B]
         is_real = ~ended
         next_tokens = torch.where(is_real, next_tokens, torch.full_like(next_tokens, tokenizer.pad_token_id))
         tokens.append(next_tokens)

@@ -36,6 +36,7 @@ from proximal.losses import bradley_terry_loss, masked_mean
 from proximal.run import CsvLog
 
 HEAD_NAME = "head.pt"
+SAMPLE_BATCH = 128  # prompts sampled at once: SmolLM2-135M on 2 CPU cores decodes 143 tokens/s at 128, 112 at 768
 COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_accuracy", "val_gold_accuracy", "wall_seconds")
 
 
@@ -207,9 +208,14 @@ def sampled_sides(ctx: StageContext, model, tokenizer) -> tuple[list[str], list[
     generator = dist.rank_generator(shared, seed + PREFERENCE_PROMPT_SEED)
     samples = []  # samples_per_prompt rounds of one sample per prompt: (texts, ended)
     for _ in range(config.samples_per_prompt):
-        completions = sample_completions(model, tokenizer, prompts, ctx.config.ppo.max_new_tokens,
-                                         config.sample_temperature, generator, ctx.device)
-        samples.append((completions.texts(tokenizer), completions.ended.tolist()))
+        texts, ended = [], []
+        for start in range(0, len(prompts), SAMPLE_BATCH):
+            completions = sample_completions(model, tokenizer, prompts[start:start + SAMPLE_BATCH],
+                                             ctx.config.ppo.max_new_tokens, config.sample_temperature, generator,
+                                             ctx.device)
+            texts += completions.texts(tokenizer)
+            ended += completions.ended.tolist()
+        samples.append((texts, ended))
     rows = []
     for query in range(len(prompts)):
         candidates = [(texts[query], ended[query]) for texts, ended in samples]
