@@ -27,9 +27,9 @@ import time
 import numpy as np
 import torch
 
-from proximal.lm.model import (ScalarHeadLM, bottom_blocks, encode_completions, load_pretrained, sample_completions,
+from proximal.lm.model import (ScalarHeadLM, bottom_blocks, encode_completions, load_pretrained, sample_texts,
                                trainable_parameters)
-from proximal.lm.reward import SAMPLE_BATCH, reward_scores
+from proximal.lm.reward import reward_scores
 from proximal.lm.tasks import SentimentTask, vader_scores
 from proximal.losses import bradley_terry_loss
 
@@ -39,12 +39,8 @@ TEST_PROMPTS = 300
 
 
 def sample(model, tokenizer, prompts: list[str], generator: torch.Generator) -> list[tuple[str, bool]]:
-    """One (response, ended) per prompt, decoded SAMPLE_BATCH prompts at a time."""
-    out = []
-    for start in range(0, len(prompts), SAMPLE_BATCH):
-        completions = sample_completions(model, tokenizer, prompts[start:start + SAMPLE_BATCH], 32, 1.0, generator, "cpu")
-        out += list(zip(completions.texts(tokenizer), completions.ended.tolist()))
-    return out
+    """One (response, ended) per prompt."""
+    return list(zip(*sample_texts(model, tokenizer, prompts, 32, 1.0, generator, "cpu")))
 
 
 def scores(model: ScalarHeadLM, tokenizer, prompts: list[str], responses: list[tuple[str, bool]]) -> torch.Tensor:
@@ -53,8 +49,10 @@ def scores(model: ScalarHeadLM, tokenizer, prompts: list[str], responses: list[t
     return reward_scores(model, batch)
 
 
-def fit_and_test(path: str, tokenizer, groups, test, pairs: list[tuple[int, int]], seed: int) -> float:
-    """Agreement with VADER on the strict test pairs after one pass over `groups` with `pairs`."""
+def fit_and_test(path: str, tokenizer, groups, test, truth: torch.Tensor, pairs: list[tuple[int, int]], seed: int
+                 ) -> float:
+    """Agreement with VADER (`truth` [N]: the first response of test pair n scores higher) on the
+    strict test pairs after one pass over `groups` with `pairs`."""
     lm, _ = load_pretrained(path)
     model = ScalarHeadLM(bottom_blocks(lm, 10), pooling="mean")
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=3e-4, weight_decay=0.0)
@@ -81,7 +79,6 @@ def fit_and_test(path: str, tokenizer, groups, test, pairs: list[tuple[int, int]
                         for i in range(0, len(test), 64)])
         s2 = torch.cat([scores(model, tokenizer, prompts[i:i + 64], [b for _, _, b in test[i:i + 64]])
                         for i in range(0, len(test), 64)])
-    truth = torch.tensor([vader_scores(None, [a[0]])[0] > vader_scores(None, [b[0]])[0] for _, a, b in test])
     return float(((s1 > s2) == truth).float().mean())
 
 
@@ -106,12 +103,14 @@ def main() -> None:
     test_prompts = pick(np.random.default_rng(args.seed + 999), TEST_PROMPTS)
     test = [(p, a, b) for p, a, b in zip(test_prompts, sample(model, tokenizer, test_prompts, generator),
                                           sample(model, tokenizer, test_prompts, generator))]
-    test = [(p, a, b) for p, a, b in test if vader_scores(None, [a[0]]) != vader_scores(None, [b[0]])]  # strict
+    gold = [vader_scores(None, [a[0], b[0]]) for _, a, b in test]  # [N, 2]
+    test, truth = ([t for t, (x, y) in zip(test, gold) if x != y],  # strict pairs only
+                   torch.tensor([x > y for x, y in gold if x != y]))
     print(f"sampled in {time.perf_counter() - started:.0f} s; {len(test)} strict test pairs", flush=True)
     for arm in args.arm:
         name, count = arm.split(":")
         started = time.perf_counter()
-        agreement = fit_and_test(args.model, tokenizer, groups[:int(count)], test, PAIRS[name], args.seed)
+        agreement = fit_and_test(args.model, tokenizer, groups[:int(count)], test, truth, PAIRS[name], args.seed)
         print(json.dumps({"seed": args.seed, "pairs": name, "prompts": int(count), "agreement": round(agreement, 3),
                           "test_pairs": len(test), "fit_seconds": round(time.perf_counter() - started)}), flush=True)
 

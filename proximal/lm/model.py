@@ -473,3 +473,19 @@ def sample_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
         output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
                        use_cache=True, **{cache_keyword: getattr(output, cache_keyword)})
     return Completions(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1), ended)
+
+
+SAMPLE_BATCH = 128  # prompts decoded at once: SmolLM2-135M on 2 CPU cores decodes 143 tokens/s at 128, 112 at 768
+
+
+def sample_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
+                 generator: torch.Generator | None, device: str) -> tuple[list[str], list[bool]]:
+    """(response texts, ended) of one `sample_completions` draw per prompt, for many prompts:
+    decoded SAMPLE_BATCH at a time from the one `generator`, in prompt order."""
+    texts, ended = [], []
+    for start in range(0, len(prompts), SAMPLE_BATCH):
+        completions = sample_completions(model, tokenizer, prompts[start:start + SAMPLE_BATCH], max_new_tokens,
+                                         temperature, generator, device)
+        texts += completions.texts(tokenizer)
+        ended += completions.ended.tolist()
+    return texts, ended
