@@ -502,6 +502,8 @@ def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
         parts.append(f"KL {held_out['kl_k1']:.2f} nats")
     if stage == "ppo":
         parts.append(f"beta {summary['final_kl_coef']:.3f}, {summary['labels']:,} labels in all")
+        if summary.get("kl_budget_spent"):
+            parts.append(f"stopped after {summary['iterations']} iterations: the KL budget was spent")
     print("; ".join(parts[:2]) + "".join(f", {part}" for part in parts[2:]) + done, flush=True)
 
 

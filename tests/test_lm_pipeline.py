@@ -259,6 +259,32 @@ def test_a_stage_runs_alone_and_a_killed_ppo_stage_resumes_to_the_same_result(tm
 
 
 @pytest.mark.slow
+def test_a_kl_budget_stops_the_ppo_stage_where_the_unbudgeted_runs_sample_kls_say(tmp_path, capsys):
+    free, budgeted = tmp_path / "free", tmp_path / "budgeted"
+    flags = [*TINY, "--ppo.relabel-every", "0", "--ppo.eval-every", "6", "--ppo.learning-rate", "3e-3"]
+    assert run_cli(["rlhf", "--run-dir", str(free), *flags, "--ppo.iterations", "6"], capsys)[0] == 0
+    rows = list(csv.DictReader((free / "ppo" / "metrics.csv").read_text().splitlines()))
+    kls = [float(row["kl_k1"]) for row in rows]
+    window_means = [sum(kls[i - 2:i + 1]) / 3 for i in range(2, 6)]  # iterations 3..6
+    budget = (window_means[0] + max(window_means)) / 2  # far from every mean (metrics.csv rounds to 6 digits)
+    stop = 3 + next(i for i, mean in enumerate(window_means) if mean >= budget)
+    assert stop < 6 and min(abs(mean - budget) for mean in window_means) > 1e-3, window_means  # a real test
+    for stage in ("sft", "reward"):
+        import shutil
+        shutil.copytree(free / stage, budgeted / stage)
+    code, out, err = run_cli(["rlhf", "--run-dir", str(budgeted), *flags, "--ppo.iterations", "6",
+                              "--ppo.kl-budget", repr(budget)], capsys)
+    assert code == 0, err
+    assert f"stopped after {stop} iterations: the KL budget was spent" in out
+    stopped = list(csv.DictReader((budgeted / "ppo" / "metrics.csv").read_text().splitlines()))
+    same = [column for column in rows[0] if not column.startswith("eval_") and column != "wall_seconds"]
+    assert [[row[c] for c in same] for row in stopped] == [[row[c] for c in same] for row in rows[:stop]]
+    summary = json.loads((budgeted / "ppo" / "summary.json").read_text())
+    assert summary["iterations"] == stop and summary["kl_budget_spent"]
+    assert summary["eval"]["gold_greedy"] == float(stopped[-1]["eval_gold_greedy"])  # evaluated where it stopped
+
+
+@pytest.mark.slow
 def test_the_pipeline_starts_from_a_local_hugging_face_directory_of_another_architecture(tmp_path, capsys):
     from lm_helpers import tiny_llama
     from proximal.lm.model import save_pretrained

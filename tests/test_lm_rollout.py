@@ -12,7 +12,7 @@ from proximal.lm.config import PPOStageConfig
 from proximal.lm.model import ScalarHeadLM, sample_completions, token_logprobs
 from proximal.lm.ppo import collect_rollout, policy_outputs, ppo_update
 from proximal.lm.reward import RewardModelScorer
-from proximal.lm.rollout import AdaptiveKLController, sequence_kls, token_advantages, token_rewards
+from proximal.lm.rollout import AdaptiveKLController, KLBudget, sequence_kls, token_advantages, token_rewards
 
 PROMPTS = ["7+5=", "47+38=", "1+99=", "30+4="]
 RESPONSES = ["12", "85", "10000", "3"]
@@ -209,6 +209,15 @@ def test_adaptive_kl_controller_by_hand():
     assert math.isclose(controller.value, 0.1 * 1.01 * 1.02)
     controller.update(current_kl=0.0, batch_size=1000)  # error clipped to -0.2
     assert math.isclose(controller.value, 0.1 * 1.01 * 1.02 * 0.8)
+
+
+def test_the_kl_budget_is_spent_at_the_first_full_window_whose_mean_reaches_it():
+    kls = [3.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5]  # window means of 3: 1.17, 0.5, 1.0, 1.5, 2.0
+    budget = KLBudget(budget=1.5, window=3)
+    assert [budget.spent(kl) for kl in kls] == [False, False, False, False, False, True, True]  # 3.0 alone: not full
+    resumed = KLBudget(budget=1.5, window=3, recent=tuple(kls[:4]))  # a checkpoint's window after iteration 4
+    assert list(resumed.recent) == [0.0, 0.5, 1.0] and [resumed.spent(kl) for kl in kls[4:]] == [False, True, True]
+    assert not any(KLBudget(budget=0.0, window=1).spent(kl) for kl in kls)  # 0: no budget
 
 
 def test_masked_surrogate_loss_equals_the_plain_loss_on_the_selected_entries():

@@ -233,6 +233,10 @@ class PPOStageConfig:
                                     "then it is refitted on every label so far (0: never)")
     relabel_pairs: int = _param(256, "pairs labelled per relabelling round (capped at prompts_per_iteration)")
     refit_steps: int = _param(50, "reward-model AdamW steps after each relabelling round")
+    kl_budget: float = _param(0.0, "stop before --ppo.iterations once the training samples' KL to the start model "
+                                   "(k1, nats per response, the mean over the last --ppo.kl-budget-window "
+                                   "iterations) reaches this (0: always run every iteration)")
+    kl_budget_window: int = _param(3, "iterations whose sample KLs --ppo.kl-budget averages")
     eval_every: int = _param(10, "iterations between evaluations of the policy on held-out prompts")
     snapshot_every: int = _param(10, "every this many iterations (and at the first), record every per-token "
                                      "quantity of a few completions to ppo/snapshots.jsonl for `proximal inspect` "
@@ -246,20 +250,22 @@ class PPOStageConfig:
 
     def __post_init__(self) -> None:
         for name in ("iterations", "prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size",
-                     "kl_horizon", "eval_every", "relabel_pairs", "refit_steps", "snapshot_prompts"):
+                     "kl_horizon", "kl_budget_window", "eval_every", "relabel_pairs", "refit_steps",
+                     "snapshot_prompts"):
             _require_positive_int(name, getattr(self, name))
         _require(isinstance(self.snapshot_every, int) and self.snapshot_every >= 0, "snapshot_every",
                  "an integer >= 0", self.snapshot_every)
         _require(isinstance(self.relabel_every, int) and self.relabel_every >= 0, "relabel_every",
                  "an integer >= 0", self.relabel_every)
         for name in ("temperature", "learning_rate", "clip_coef", "vf_coef", "gae_lambda", "kl_coef", "kl_target",
-                     "missing_eos_score", "max_grad_norm"):
+                     "kl_budget", "missing_eos_score", "max_grad_norm"):
             _require_finite(name, getattr(self, name))
         for name in ("temperature", "learning_rate", "clip_coef", "kl_target", "max_grad_norm"):
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         _require(self.temperature >= MIN_TEMPERATURE, "temperature", f">= {MIN_TEMPERATURE}", self.temperature)
         _require(self.vf_coef >= 0, "vf_coef", ">= 0", self.vf_coef)
         _require(self.kl_coef >= 0, "kl_coef", ">= 0", self.kl_coef)
+        _require(self.kl_budget >= 0, "kl_budget", ">= 0", self.kl_budget)
         _require(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "in [0, 1]", self.gae_lambda)
         _require(self.minibatch_size <= self.prompts_per_iteration, "minibatch_size",
                  f"<= prompts_per_iteration ({self.prompts_per_iteration})", self.minibatch_size)

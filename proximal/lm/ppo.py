@@ -39,7 +39,7 @@ from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
 from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logits_kept, response_logprobs,
                                sample_completions, save_pretrained, token_entropy, token_logprobs, trainable_parameters)
 from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
-from proximal.lm.rollout import (AdaptiveKLController, LMRollout, leave_one_out_advantages, sequence_kls,
+from proximal.lm.rollout import (AdaptiveKLController, KLBudget, LMRollout, leave_one_out_advantages, sequence_kls,
                                  token_advantages, token_rewards)
 from proximal.lm.snapshots import (SNAPSHOT_SEED, SNAPSHOTS_NAME, append_snapshot, keep_snapshots_until,
                                    snapshot_prompts, snapshot_record, take_snapshot)
@@ -241,6 +241,8 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
     start, elapsed, eval_seconds = ((0, 0.0, 0.0) if state is None else
                                     (int(state["iteration"]), float(state["wall_seconds"]),
                                      float(state.get("eval_seconds", 0.0))))
+    kl_budget = KLBudget(config.kl_budget, config.kl_budget_window,
+                         () if state is None else tuple(state.get("recent_kls", ())))
     if state is not None:
         kl_controller.value = float(state["kl_coef"])
         restore_rank_generator(state, sampler, dist, checkpoint_path)
@@ -284,7 +286,9 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                 stats.update(refit_on_policy_samples(
                     ctx, iteration, *(list(column) for column in zip(*rows)), reference, tokenizer, reward_model,
                     reward_optimizer, records, sft_samples, generator, sampler))
-            if iteration % config.eval_every == 0 or iteration == config.iterations:
+            budget_spent = kl_budget.spent(stats["kl_k1"])  # the same on every rank: a global batch mean
+            last = budget_spent or iteration == config.iterations
+            if iteration % config.eval_every == 0 or last:
                 policy.eval()
                 evaluation_started = time.perf_counter()
                 evaluation = ctx.evaluate(policy.lm, tokenizer, reference)
@@ -299,24 +303,26 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
                 log.log(stats)
             progress.update()
             progress.set_postfix(score=f"{stats['score']:.2f}", kl=f"{stats['kl_k1']:.2f}", refresh=False)
-            if iteration % config.eval_every == 0 and iteration < config.iterations:
+            if iteration % config.eval_every == 0 and not last:
                 rank_generators = dist.gather_objects(sampler.get_state()) if dist.distributed else None
                 if dist.is_main:
                     save_checkpoint(checkpoint_path, {
                         **{name: obj.state_dict() for name, obj in stateful.items() if name != "generator"},
                         "generator": generator.get_state(), "rank_generators": rank_generators,
-                        "kl_coef": kl_controller.value, "iteration": iteration, "eval_seconds": eval_seconds,
+                        "kl_coef": kl_controller.value, "recent_kls": list(kl_budget.recent),
+                        "iteration": iteration, "eval_seconds": eval_seconds,
                         "wall_seconds": time.perf_counter() - started})
+            if budget_spent:
+                break
     seconds = time.perf_counter() - started
     policy.eval()
-    # the last iteration's evaluation is the final one; a run resumed after its last iteration has none
-    final = evaluation if start < config.iterations else ctx.evaluate(policy.lm, tokenizer, reference)
 
     def finished() -> dict[str, Any]:  # rank 0
         log.close()
         save_pretrained(policy.lm, tokenizer, stage_dir / MODEL_DIR)
-        summary = {"seconds": seconds, "eval_seconds": eval_seconds, "iterations": config.iterations,
-                   "final_kl_coef": kl_controller.value, "labels": len(records), "eval": final, "last_iteration": stats}
+        summary = {"seconds": seconds, "eval_seconds": eval_seconds, "iterations": iteration,
+                   "kl_budget_spent": budget_spent, "final_kl_coef": kl_controller.value, "labels": len(records),
+                   "eval": evaluation, "last_iteration": stats}  # the last iteration's evaluation is the final one
         from proximal.lm.plots import plot_ppo, write_samples
 
         plot_ppo(stage_dir)

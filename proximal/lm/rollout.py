@@ -18,6 +18,7 @@ response itself, so the gradient stays unbiased).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -107,5 +108,22 @@ class AdaptiveKLController:
     def update(self, current_kl: float, batch_size: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * batch_size / self.horizon
+
+
+class KLBudget:
+    """When RL stops short of its iterations: once the mean KL to the start model (nats per
+    response) of the last `window` iterations' samples reaches `budget` (0: never). The samples
+    are drawn before each iteration's update, so the final policy sits one update past the last
+    figure in the window."""
+
+    def __init__(self, budget: float, window: int, recent: tuple[float, ...] = ()):
+        self.budget = budget
+        self.recent = deque(recent, maxlen=window)  # the last `window` iterations' sample KLs
+
+    def spent(self, sample_kl: float) -> bool:
+        """Record one iteration's sample KL; True when the budget is now spent."""
+        self.recent.append(sample_kl)
+        window_full = len(self.recent) == self.recent.maxlen
+        return self.budget > 0 and window_full and sum(self.recent) / len(self.recent) >= self.budget
 
 
