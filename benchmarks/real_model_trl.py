@@ -72,7 +72,8 @@ def sentiment_config(model: str, seed: int, threads: int, overrides: dict, model
     return RLHFConfig.for_task("sentiment").with_overrides(
         {"model": {"path": model, **(model_overrides or {})},
          "reward": {"function": FUNCTION, "function_role": "reward"},
-         "run": {"seed": seed, "threads": threads}, "ppo": overrides})
+         "run": {"seed": seed, "threads": threads},
+         "ppo": {"kl_budget": 0.0, **overrides}})  # every arm runs all its iterations, as TRL's does
 
 
 def proximal_run(model: str, work: Path, seed: int, threads: int, overrides: dict, model_overrides: dict | None,
