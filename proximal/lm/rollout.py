@@ -125,5 +125,3 @@ class KLBudget:
         self.recent.append(sample_kl)
         window_full = len(self.recent) == self.recent.maxlen
         return self.budget > 0 and window_full and sum(self.recent) / len(self.recent) >= self.budget
-
-
