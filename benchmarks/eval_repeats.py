@@ -3,6 +3,10 @@ the same held-out prompts, repeated over several sampling seeds, for each policy
 start model, its trained models). A run's own evaluation draws one sample per prompt from one
 seed (the run's seed + 3); this script draws from seeds 1000, 1001, ... and reports each repeat,
 then the mean and standard deviation over repeats (the mean over R repeats is R samples a prompt).
+It also asks the run's labeller, for each prompt and repeat, which of two sampled responses is
+better: each policy's or the first policy's (give the start model first). Its win rate is the
+figure a user has where this task's gold is a person's judgement (labels of the policy's samples
+against the start model's), so a setting is chosen on it, never on the gold itself.
 
 Optional, never needed by the tests. Usage (seed 100's held-out runs of docs/lm_real_model.md):
 
@@ -22,11 +26,19 @@ import numpy as np
 import torch
 
 from proximal.lm.config import RLHFConfig
-from proximal.lm.evaluation import evaluate_policy
+from proximal.labellers import make_labeller
+from proximal.lm.evaluation import evaluation_rows, summarise_rows
 from proximal.lm.model import load_pretrained
 from proximal.lm.stage import open_context
 
-FIGURES = ("gold_greedy", "gold_sampled", "kl_k1", "response_length", "eos_rate")
+FIGURES = ("gold_greedy", "gold_sampled", "kl_k1", "response_length", "eos_rate", "win_rate")
+
+
+def labeller_win_rate(labeller, gold: np.ndarray, baseline_gold: np.ndarray) -> float:
+    """The share of prompts on which the labeller prefers the response of gold `gold` to the one of
+    gold `baseline_gold` (the same prompt, the same repeat); "equally good" counts half."""
+    answers = [labeller.answer(float(mine), float(theirs)) for mine, theirs in zip(gold, baseline_gold)]
+    return float(np.mean([answer for answer in answers if answer is not None]))
 
 
 def main() -> None:
@@ -42,13 +54,19 @@ def main() -> None:
     ctx = open_context(config, args.run)
     reference, tokenizer = load_pretrained(args.run / "start" / "model")
     prompts, ppo = ctx.data.evaluation, config.ppo
+    labeller = make_labeller(config.reward, np.random.default_rng(config.run.seed + 2000))
     results: dict[str, list[dict[str, float]]] = {}
+    baseline: list[np.ndarray] = []  # the first policy's per-prompt sampled gold [N], one per repeat
     for name, directory in (entry.split("=", 1) for entry in args.policy):
         model, _ = load_pretrained(directory)
         results[name] = []
         for repeat in range(args.repeats):
-            stats = evaluate_policy(model, tokenizer, prompts, ctx.gold, {}, ppo.max_new_tokens, ppo.temperature,
-                                    1000 + repeat, ctx.device, reference)
+            rows = evaluation_rows(model, tokenizer, prompts, ctx.gold, ppo.max_new_tokens, ppo.temperature,
+                                   1000 + repeat, ctx.device, reference)
+            if len(baseline) < args.repeats:
+                baseline.append(rows["gold_sampled"])
+            stats = summarise_rows(rows, {})
+            stats["win_rate"] = labeller_win_rate(labeller, rows["gold_sampled"], baseline[repeat])
             results[name].append({figure: stats[figure] for figure in FIGURES})
             print(name, 1000 + repeat, " ".join(f"{figure} {stats[figure]:.3f}" for figure in FIGURES), flush=True)
     print(f"\n{len(prompts)} held-out prompts, {args.repeats} repeats: mean (standard deviation over repeats)")

@@ -12,8 +12,10 @@ import torch
 from lm_helpers import ARCHITECTURES, completions_for, tiny_model
 from proximal.cli import main
 from proximal.lm.config import RewardConfig
+from proximal.lm.evaluation import evaluate_policy, evaluation_rows
 from proximal.labellers import make_labeller
 from proximal.lm.labels import label_records, pairs_from_records
+from proximal.lm.model import sample_completions
 from proximal.lm.sft import encode_demonstrations, sft_loss
 from proximal.lm.tasks import AdditionTask, DataSizes
 from proximal.labellers import ReplayLabeller
@@ -49,6 +51,31 @@ def test_evaluation_prompts_are_held_out_and_splits_repeat_by_seed():
     assert len(set(data.evaluation)) == 500
     assert task.data(3, sizes) == data
 
+
+
+def test_evaluation_rows_are_the_responses_a_loop_draws_and_their_means_are_the_evaluation():
+    """Greedy then sampled from one stream seeded `seed`, as a loop over `sample_completions`
+    draws them; a reference equal to the policy gives a KL of exactly 0; `evaluate_policy` is
+    the rows' means, on a slice too."""
+    model, tokenizer = tiny_model()
+    prompts = ["12+34=", "5+6=", "77+1=", "9+9="]
+
+    def gold(prompts, texts, ended):
+        return np.array([len(text) + 0.5 * bool(end) for text, end in zip(texts, ended)])
+
+    rows = evaluation_rows(model, tokenizer, prompts, gold, 5, 1.0, 3, "cpu", reference=model)
+    generator = torch.Generator().manual_seed(3)
+    for mode in ("greedy", "sampled"):
+        drawn = sample_completions(model, tokenizer, prompts, 5, 1.0, generator, "cpu", greedy=mode == "greedy")
+        assert rows[f"gold_{mode}"].tolist() == gold(prompts, drawn.texts(tokenizer), drawn.ended.tolist()).tolist()
+    assert rows["response_length"].tolist() == drawn.response_mask.sum(-1).tolist()
+    assert rows["eos_rate"].tolist() == drawn.ended.float().tolist()
+    assert rows["kl_k1"].tolist() == [0.0] * 4 and rows["kl_k3"].tolist() == [0.0] * 4
+    slices = {"first_two": np.array([True, True, False, False])}
+    stats = evaluate_policy(model, tokenizer, prompts, gold, slices, 5, 1.0, 3, "cpu", reference=model)
+    assert stats == pytest.approx({**{name: float(np.mean(values)) for name, values in rows.items()},
+                                   "gold_first_two_greedy": float(np.mean(rows["gold_greedy"][:2])),
+                                   "gold_first_two_sampled": float(np.mean(rows["gold_sampled"][:2]))})
 
 def test_sft_loss_counts_response_tokens_only():
     """Against a brute-force loop over each demonstration alone, positions after the prompt."""
