@@ -373,3 +373,35 @@ def test_a_reward_stage_without_one_strict_answer_is_said_in_one_line_not_carrie
     assert warning.startswith("reward: warning: every answer was a tie or unanswered")
     _report_stage("reward", {**ties, "strict_labels": 30, "validation": {"accuracy": 0.75}}, skipped=False)
     assert capsys.readouterr().out == "reward: 40 labelled pairs (30 strict), held-out accuracy 0.750, 1.0 s\n"
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_the_reward_stage_keeps_the_model_of_its_last_or_of_its_most_accurate_validation(tmp_path, capsys, keep_best):
+    """The saved reward model, loaded again and scored on the held-out pairs, agrees with the
+    labeller as often as metrics.csv says the fit's last validation did, or with
+    --reward.keep-best its most accurate one (the later on a tie), and the summary says which."""
+    from proximal.lm.config import RLHFConfig
+    from proximal.lm.labels import read_records
+    from proximal.lm.model import load_pretrained
+    from proximal.lm.reward import labelled_pairs, load_reward_model, pair_accuracy
+    from proximal.lm.stage import open_context
+
+    run_dir = tmp_path / "run"
+    flags = [*TINY, "--sft.steps", "100", "--reward.labels", "200", "--reward.labeller-noise", "uniform",
+             "--reward.labeller-error-rate", "0.5", "--reward.epochs", "2", "--reward.batch-size", "8",
+             "--reward.learning-rate", "3e-3", "--reward.validations", "7",
+             "--reward.keep-best" if keep_best else "--no-reward.keep-best"]  # coin flips: a wandering fit
+    assert run_cli(["rlhf", "--run-dir", str(run_dir), "--stages", "sft,reward", *flags], capsys)[0] == 0
+    with open(run_dir / "reward" / "metrics.csv") as file:
+        checks = [(float(row["val_accuracy"]), int(row["step"])) for row in csv.DictReader(file)
+                  if row["val_accuracy"]]
+    best_accuracy = max(accuracy for accuracy, _ in checks)
+    assert checks[-1][0] < best_accuracy  # this fit's last check is not its best, so the two settings differ
+    kept = max((check for check in checks if check[0] == best_accuracy), key=lambda check: check[1]) if keep_best \
+        else checks[-1]
+    ctx = open_context(RLHFConfig.from_dict(json.loads((run_dir / "config.json").read_text())), run_dir)
+    _, tokenizer = load_pretrained(run_dir / "sft" / "model")
+    _, validation_pairs = labelled_pairs(ctx, read_records(run_dir / "reward" / "comparisons.jsonl"), tokenizer)
+    assert pair_accuracy(load_reward_model(ctx), validation_pairs)["accuracy"] == pytest.approx(kept[0], abs=1e-6)
+    summary = json.loads((run_dir / "reward" / "summary.json").read_text())
+    assert (summary["validation"]["accuracy"], summary["validation"]["step"]) == pytest.approx(kept)

@@ -170,6 +170,8 @@ class RewardConfig:
     learning_rate: float = _param(3e-4, "AdamW step size")
     validations: int = _param(20, "accuracy checks on the held-out pairs during the fit (the last, at its end, is "
                                   "the stage's); each costs a forward pass over them")
+    keep_best: bool = _param(False, "keep the reward model as it was at its validation of highest agreement with the "
+                                    "labeller on the held-out pairs (the later on a tie), not as the fit ends")
 
     def __post_init__(self) -> None:
         for name in ("labels", "epochs", "batch_size", "standardise_samples", "validations"):

@@ -157,12 +157,14 @@ def labelled_pairs(ctx: StageContext, records: list[dict], tokenizer) -> tuple[P
 
 
 def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 train_pairs: PairBatch, epochs: int, batch_size: int, validate, loss_of=None, validations: int = 20
-                 ) -> dict[str, float] | None:
+                 train_pairs: PairBatch, epochs: int, batch_size: int, validate, loss_of=None, validations: int = 20,
+                 keep_best: bool = False) -> dict[str, float] | None:
     """`epochs` passes of `fit_reward_model` (its loss, or `loss_of`) with the training loss
     logged to the stage's metrics.csv and `validate()` (None: no held-out pairs) `validations`
-    times, the last at the end; returns the last validation (rank 0 validates and logs, on every
-    rank's behalf). Minutes of work: a killed fit is redone from the start."""
+    times, the last at the end; returns the last validation, or with `keep_best` puts the model
+    back as it was at its most accurate validation (the later on a tie) and returns that one, its
+    step included (rank 0 validates and logs, on every rank's behalf; every rank keeps its own
+    copy of the weights). Minutes of work: a killed fit is redone from the start."""
     dist = ctx.dist
     generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + PREFERENCE_PROMPT_SEED)
     steps_per_epoch = -(-train_pairs.size // batch_size)
@@ -170,6 +172,7 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
     log = CsvLog(ctx.stage_dir(stage) / "metrics.csv", COLUMNS, "step", None) if dist.is_main else None
     started = time.perf_counter()
     validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
+    best: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None  # keep_best: (its check, the weights then)
 
     def validated() -> dict[str, float]:
         model.eval()
@@ -178,11 +181,13 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
         return result
 
     def on_step(step: int, loss: float) -> None:
-        nonlocal validation
+        nonlocal validation, best
         row = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
                "wall_seconds": time.perf_counter() - started}
         if validate is not None and (step % max(1, total // validations) == 0 or step == total):
-            validation = dist.on_main(validated)
+            validation = {**dist.on_main(validated), "step": step}
+            if keep_best and (best is None or not validation["accuracy"] < best[0]["accuracy"]):
+                best = validation, {name: value.detach().clone() for name, value in model.state_dict().items()}
             row.update(val_loss=validation["loss"], val_accuracy=validation["accuracy"],
                        val_gold_accuracy=validation["gold_accuracy"])
         if log is not None:
@@ -193,6 +198,9 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
         fit_reward_model(model, optimizer, train_pairs, total, batch_size, generator, on_step, loss_of, dist)
     if log is not None:
         log.close()
+    if best is not None:
+        validation = best[0]
+        model.load_state_dict(best[1])
     return validation
 
 
@@ -276,7 +284,7 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.learning_rate, weight_decay=0.0)
     validation = fit_on_pairs(ctx, "reward", model, optimizer, train_pairs, config.epochs, config.batch_size,
                               (lambda: pair_accuracy(model, val_pairs)) if val_pairs.size else None,
-                              validations=config.validations)
+                              validations=config.validations, keep_best=config.keep_best)
     require_finite(model, "the reward model")
     return dist.on_main(lambda: _finish_reward(ctx, model, tokenizer, records, sft_samples, train_pairs, val_pairs,
                                                validation, started))
