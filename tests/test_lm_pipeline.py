@@ -52,7 +52,6 @@ def test_evaluation_prompts_are_held_out_and_splits_repeat_by_seed():
     assert task.data(3, sizes) == data
 
 
-
 def test_evaluation_rows_are_the_responses_a_loop_draws_and_their_means_are_the_evaluation():
     """Greedy then sampled from one stream seeded `seed`, as a loop over `sample_completions`
     draws them; a reference equal to the policy gives a KL of exactly 0; `evaluate_policy` is
@@ -76,6 +75,7 @@ def test_evaluation_rows_are_the_responses_a_loop_draws_and_their_means_are_the_
     assert stats == pytest.approx({**{name: float(np.mean(values)) for name, values in rows.items()},
                                    "gold_first_two_greedy": float(np.mean(rows["gold_greedy"][:2])),
                                    "gold_first_two_sampled": float(np.mean(rows["gold_sampled"][:2]))})
+
 
 def test_sft_loss_counts_response_tokens_only():
     """Against a brute-force loop over each demonstration alone, positions after the prompt."""
