@@ -164,7 +164,8 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
     times, the last at the end; returns the last validation, or with `keep_best` puts the model
     back as it was at its most accurate validation (the later on a tie) and returns that one, its
     step included (rank 0 validates and logs, on every rank's behalf; every rank keeps its own
-    copy of the weights). Minutes of work: a killed fit is redone from the start."""
+    copy of the weights that train, frozen ones being the same at every check). Minutes of work:
+    a killed fit is redone from the start."""
     dist = ctx.dist
     generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + PREFERENCE_PROMPT_SEED)
     steps_per_epoch = -(-train_pairs.size // batch_size)
@@ -172,7 +173,8 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
     log = CsvLog(ctx.stage_dir(stage) / "metrics.csv", COLUMNS, "step", None) if dist.is_main else None
     started = time.perf_counter()
     validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
-    best: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None  # keep_best: (its check, the weights then)
+    best: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None  # keep_best: (its check, the trained weights then)
+    trained = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
 
     def validated() -> dict[str, float]:
         model.eval()
@@ -187,7 +189,7 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
         if validate is not None and (step % max(1, total // validations) == 0 or step == total):
             validation = {**dist.on_main(validated), "step": step}
             if keep_best and (best is None or not validation["accuracy"] < best[0]["accuracy"]):
-                best = validation, {name: value.detach().clone() for name, value in model.state_dict().items()}
+                best = validation, {name: parameter.detach().clone() for name, parameter in trained.items()}
             row.update(val_loss=validation["loss"], val_accuracy=validation["accuracy"],
                        val_gold_accuracy=validation["gold_accuracy"])
         if log is not None:
@@ -200,7 +202,9 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
         log.close()
     if best is not None:
         validation = best[0]
-        model.load_state_dict(best[1])
+        with torch.no_grad():
+            for name, parameter in trained.items():
+                parameter.copy_(best[1][name])
     return validation
 
 
