@@ -1,8 +1,9 @@
 """How much of a held-out figure is the evaluation's own noise: proximal's `evaluate_policy` on
 the same held-out prompts, repeated over several sampling seeds, for each policy given (a run's
 start model, its trained models). A run's own evaluation draws one sample per prompt from one
-seed (the run's seed + 3); this script draws from seeds 1000, 1001, ... and reports each repeat,
-then the mean and standard deviation over repeats (the mean over R repeats is R samples a prompt).
+seed (the run's seed + 3); this script draws from seeds 1000, 1001, ... (or from `--first-seed`)
+and reports each repeat, then the mean and standard deviation over repeats (the mean over R
+repeats is R samples a prompt).
 It also asks the run's labeller, for each prompt and repeat, which of two sampled responses is
 better: each policy's or the first policy's (give the start model first). Its win rate is the
 figure a user has where this task's gold is a person's judgement (labels of the policy's samples
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished `proximal rlhf` run directory")
     parser.add_argument("--policy", action="append", required=True, metavar="NAME=DIR", help="a model directory")
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--first-seed", type=int, default=1000,
+                        help="the first repeat's sampling seed (then +1, +2, ...)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write every repeat here as JSON")
     args = parser.parse_args()
@@ -62,13 +65,14 @@ def main() -> None:
         results[name] = []
         for repeat in range(args.repeats):
             rows = evaluation_rows(model, tokenizer, prompts, ctx.gold, ppo.max_new_tokens, ppo.temperature,
-                                   1000 + repeat, ctx.device, reference)
+                                   args.first_seed + repeat, ctx.device, reference)
             if len(baseline) < args.repeats:
                 baseline.append(rows["gold_sampled"])
             stats = summarise_rows(rows, {})
             stats["win_rate"] = labeller_win_rate(labeller, rows["gold_sampled"], baseline[repeat])
             results[name].append({figure: stats[figure] for figure in FIGURES})
-            print(name, 1000 + repeat, " ".join(f"{figure} {stats[figure]:.3f}" for figure in FIGURES), flush=True)
+            print(name, args.first_seed + repeat, " ".join(f"{figure} {stats[figure]:.3f}" for figure in FIGURES),
+                  flush=True)
     print(f"\n{len(prompts)} held-out prompts, {args.repeats} repeats: mean (standard deviation over repeats)")
     for name, rows in results.items():
         print(name, " ".join(f"{figure} {np.mean([r[figure] for r in rows]):.3f} ({np.std([r[figure] for r in rows], ddof=1):.3f})"

@@ -173,7 +173,7 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
     log = CsvLog(ctx.stage_dir(stage) / "metrics.csv", COLUMNS, "step", None) if dist.is_main else None
     started = time.perf_counter()
     validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
-    best: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None  # keep_best: (its check, the trained weights then)
+    best: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None  # keep_best: (its check, trained weights)
     trained = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
 
     def validated() -> dict[str, float]:
