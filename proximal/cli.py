@@ -478,8 +478,11 @@ def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
     """One line per stage of `proximal rlhf`: its time, and what it measured on held-out prompts."""
     done = " (finished before; skipped)" if skipped else ""
     if stage == "reward":
-        accuracy = (summary["validation"] or {}).get("accuracy", math.nan)
+        validation = summary["validation"] or {}
+        accuracy = validation.get("accuracy", math.nan)
         held_out = f"held-out accuracy {accuracy:.3f}" if math.isfinite(accuracy) else "no strict held-out pair"
+        if "steps" in validation and validation["step"] != validation["steps"]:  # keep-best kept an earlier one
+            held_out += f" (the model of step {validation['step']} of {validation['steps']}, its best check)"
         print(f"reward: {summary['labels']:,} labelled pairs ({summary['strict_labels']:,} strict), {held_out}, "
               f"{summary['seconds']:.1f} s{done}", flush=True)
         if summary["strict_labels"] == 0:

@@ -391,7 +391,8 @@ def test_the_reward_stage_keeps_the_model_of_its_last_or_of_its_most_accurate_va
              "--reward.labeller-error-rate", "0.5", "--reward.epochs", "2", "--reward.batch-size", "8",
              "--reward.learning-rate", "3e-3", "--reward.validations", "7",
              "--reward.keep-best" if keep_best else "--no-reward.keep-best"]  # coin flips: a wandering fit
-    assert run_cli(["rlhf", "--run-dir", str(run_dir), "--stages", "sft,reward", *flags], capsys)[0] == 0
+    code, out, _ = run_cli(["rlhf", "--run-dir", str(run_dir), "--stages", "sft,reward", *flags], capsys)
+    assert code == 0
     with open(run_dir / "reward" / "metrics.csv") as file:
         checks = [(float(row["val_accuracy"]), int(row["step"])) for row in csv.DictReader(file)
                   if row["val_accuracy"]]
@@ -405,3 +406,7 @@ def test_the_reward_stage_keeps_the_model_of_its_last_or_of_its_most_accurate_va
     assert pair_accuracy(load_reward_model(ctx), validation_pairs)["accuracy"] == pytest.approx(kept[0], abs=1e-6)
     summary = json.loads((run_dir / "reward" / "summary.json").read_text())
     assert (summary["validation"]["accuracy"], summary["validation"]["step"]) == pytest.approx(kept)
+    assert summary["validation"]["steps"] == checks[-1][1]  # the last check is at the fit's end
+    line = next(line for line in out.splitlines() if line.startswith("reward:"))
+    assert f"held-out accuracy {kept[0]:.3f}" in line
+    assert (f"(the model of step {kept[1]} of {checks[-1][1]}, its best check)" in line) == keep_best

@@ -163,9 +163,9 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
     logged to the stage's metrics.csv and `validate()` (None: no held-out pairs) `validations`
     times, the last at the end; returns the last validation, or with `keep_best` puts the model
     back as it was at its most accurate validation (the later on a tie) and returns that one, its
-    step included (rank 0 validates and logs, on every rank's behalf; every rank keeps its own
-    copy of the weights that train, frozen ones being the same at every check). Minutes of work:
-    a killed fit is redone from the start."""
+    `step` and the fit's `steps` included (rank 0 validates and logs, on every rank's behalf; every
+    rank keeps its own copy of the weights that train, frozen ones being the same at every check).
+    Minutes of work: a killed fit is redone from the start."""
     dist = ctx.dist
     generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + PREFERENCE_PROMPT_SEED)
     steps_per_epoch = -(-train_pairs.size // batch_size)
@@ -205,7 +205,7 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
         with torch.no_grad():
             for name, parameter in trained.items():
                 parameter.copy_(best[1][name])
-    return validation
+    return None if validation is None else {**validation, "steps": total}
 
 
 def sampled_sides(ctx: StageContext, model, tokenizer) -> tuple[list[str], list[bool], list[str], list[bool]]:
