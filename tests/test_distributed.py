@@ -187,7 +187,7 @@ def test_a_killed_torchrun_run_resumes_to_the_end(tmp_path):
     assert json.loads((run_dir / "eval.json").read_text())["env_steps"] == 12800
 
 
-def test_a_world_size_that_does_not_split_the_envs_ends_with_one_line_on_every_rank(tmp_path):
+def test_a_world_size_that_does_not_split_the_envs_fails_in_one_line_per_rank_and_writes_nothing(tmp_path):
     launcher = torchrun(["train", "CartPole-v1", "--num-envs", "8", "--runs-dir", str(tmp_path / "runs")],
                         tmp_path, processes=3)
     out, err = launcher.communicate(timeout=120)

@@ -169,11 +169,13 @@ def test_a_torchrun_rlhf_killed_mid_ppo_resumes_to_the_end(tmp_path):
     assert len(records) == 20 * 16  # no round labelled twice
 
 
-def test_a_world_size_that_does_not_split_a_batch_ends_with_one_line_on_every_rank(tmp_path):
+def test_a_world_size_that_does_not_split_a_batch_fails_in_one_line_per_rank_and_writes_nothing(tmp_path):
     launcher = torchrun(["rlhf", *TINY, "--runs-dir", str(tmp_path / "runs")], tmp_path, processes=3)
     out, err = launcher.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.startswith("proximal rlhf: error:")]
-    assert launcher.returncode != 0 and len(lines) == 3
+    # Once one rank has exited, torchrun stops the others: a rank slower to reach the check (a busy
+    # machine) is stopped before it says anything, so 1 to 3 lines (as for `proximal train`).
+    assert launcher.returncode != 0 and 1 <= len(lines) <= 3
     assert all("--sft.batch-size 32 does not split over 3 processes" in line for line in lines)
     assert not (tmp_path / "runs").exists()
 
