@@ -173,8 +173,8 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
     log = CsvLog(ctx.stage_dir(stage) / "metrics.csv", COLUMNS, "step", None) if dist.is_main else None
     started = time.perf_counter()
     validation: dict[str, float] | None = None  # the latest held-out check; the last one is the fit's
-    best: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None  # keep_best: (its check, trained weights)
-    trained = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+    best: tuple[dict[str, float], list[torch.Tensor]] | None = None  # keep_best: (its check, trained weights)
+    trained = trainable_parameters(model)
 
     def validated() -> dict[str, float]:
         model.eval()
@@ -189,7 +189,7 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
         if validate is not None and (step % max(1, total // validations) == 0 or step == total):
             validation = {**dist.on_main(validated), "step": step}
             if keep_best and (best is None or not validation["accuracy"] < best[0]["accuracy"]):
-                best = validation, {name: parameter.detach().clone() for name, parameter in trained.items()}
+                best = validation, [parameter.detach().clone() for parameter in trained]
             row.update(val_loss=validation["loss"], val_accuracy=validation["accuracy"],
                        val_gold_accuracy=validation["gold_accuracy"])
         if log is not None:
@@ -203,8 +203,8 @@ def fit_on_pairs(ctx: StageContext, stage: str, model: torch.nn.Module, optimize
     if best is not None:
         validation = best[0]
         with torch.no_grad():
-            for name, parameter in trained.items():
-                parameter.copy_(best[1][name])
+            for parameter, weights in zip(trained, best[1]):
+                parameter.copy_(weights)
     return None if validation is None else {**validation, "steps": total}
 
 
