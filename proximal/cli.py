@@ -474,6 +474,12 @@ def _require_lm_dependencies() -> None:
                           "(after torch==2.13.0)")
 
 
+def _peak(summary: dict[str, Any]) -> str:
+    """' (peak 3.1 GB)': the stage's peak resident memory, where its summary has it (runs from
+    before it was recorded do not)."""
+    return f" (peak {summary['peak_memory_gb']:.1f} GB)" if "peak_memory_gb" in summary else ""
+
+
 def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
     """One line per stage of `proximal rlhf`: its time, and what it measured on held-out prompts."""
     done = " (finished before; skipped)" if skipped else ""
@@ -484,7 +490,7 @@ def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
         if "steps" in validation and validation["step"] != validation["steps"]:  # keep-best kept an earlier one
             held_out += f" (the model of step {validation['step']} of {validation['steps']}, its best check)"
         print(f"reward: {summary['labels']:,} labelled pairs ({summary['strict_labels']:,} strict), {held_out}, "
-              f"{summary['seconds']:.1f} s{done}", flush=True)
+              f"{summary['seconds']:.1f} s{_peak(summary)}{done}", flush=True)
         if summary["strict_labels"] == 0:
             print("reward: warning: every answer was a tie or unanswered, so the reward model learned no preference "
                   "and PPO will follow noise: sample more varied pairs (a longer --sft.steps, a higher "
@@ -493,7 +499,7 @@ def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
     held_out = summary["eval"]
     slices = [key[len("gold_"):-len("_greedy")] for key in held_out if key.startswith("gold_")
               and key.endswith("_greedy") and key != "gold_greedy"]
-    parts = [f"{stage}: {summary['seconds']:.1f} s"]
+    parts = [f"{stage}: {summary['seconds']:.1f} s{_peak(summary)}"]
     if "gold_greedy" in held_out:
         by_slice = "".join(f" ({name} {held_out[f'gold_{name}_greedy']:.3f})" for name in slices)
         parts.append(f"held-out gold greedy {held_out['gold_greedy']:.3f}{by_slice}, sampled "

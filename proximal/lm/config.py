@@ -16,6 +16,7 @@ from typing import Any
 
 from proximal.config import _param, _require, _require_finite, _require_host_and_port, _require_positive_int
 from proximal.errors import ConfigError
+from proximal.losses import AGGREGATIONS
 from proximal.lm.tasks import TASKS
 
 FILE_TASK = "files"  # the task's name when the data comes from the user's files
@@ -197,7 +198,9 @@ class RewardConfig:
         _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)
 
 
-RL_METHODS = ("ppo", "rloo")
+RL_METHODS = ("ppo", "rloo", "grpo")
+GROUPED_METHODS = ("rloo", "grpo")  # k samples per prompt, baselined within their group
+KL_PLACES = ("reward", "loss")
 
 
 @dataclass(frozen=True)
@@ -205,10 +208,14 @@ class PPOStageConfig:
     """The RL stage: PPO on the reward model's score with a per-token KL penalty to the SFT model
     (or RLOO, the critic-free alternative, with the same penalty, samples and update)."""
 
-    method: str = _param("ppo", "ppo (value head, GAE over tokens) or rloo (no critic: each of k samples of a "
-                                "prompt is baselined by the mean reward of the other k - 1; Ahmadian et al. 2024)")
-    rloo_samples: int = _param(4, "rloo: samples per prompt, k >= 2 (the prompts per iteration are "
+    method: str = _param("ppo", "ppo (value head, GAE over tokens), rloo (no critic: each of k samples of a "
+                                "prompt is baselined by the mean reward of the other k - 1; Ahmadian et al. 2024) "
+                                "or grpo (no critic: the k samples' rewards minus their mean, over their std; "
+                                "Shao et al. 2024)")
+    rloo_samples: int = _param(4, "rloo and grpo: samples per prompt, k >= 2 (the prompts per iteration are "
                                   "prompts_per_iteration / k)")
+    group_std: bool = _param(True, "grpo: divide each group's advantages by its reward std (off: Dr. GRPO, "
+                                   "Liu et al. 2025)")
     iterations: int = _param(250, "rollout + update cycles")
     prompts_per_iteration: int = _param(256, "responses sampled per iteration (B); one per prompt for ppo")
     max_new_tokens: int = _param(5, "length limit of a response, EOS included")
@@ -216,12 +223,22 @@ class PPOStageConfig:
                                      "the reference whenever log-probs are computed")
     epochs: int = _param(2, "passes over each rollout")
     minibatch_size: int = _param(128, "responses per gradient step")
+    micro_batch_size: int = _param(0, "responses per forward and backward pass inside a minibatch; the passes' "
+                                      "gradients add up to the minibatch's (0: as many as keep a pass's activations "
+                                      "and logits near 256 MiB, lm/memory.py)")
     learning_rate: float = _param(2e-4, "AdamW step size")
     clip_coef: float = _param(0.2, "clip range epsilon of Eq. 7")
+    clip_coef_high: float = _param(0.0, "the clip range's upper side, 1 + this (DAPO's clip-higher, e.g. 0.28; "
+                                        "0: --ppo.clip-coef)")
+    loss_aggregation: str = _param("token", "how the per-token loss is averaged: token (every token of the "
+                                            "minibatch weighs the same), sequence (every response does: GRPO) or "
+                                            "constant (the sum over responses x --ppo.max-new-tokens: Dr. GRPO)")
     vf_coef: float = _param(0.5, "weight of the value head's loss")
     gae_lambda: float = _param(0.95, "GAE lambda over the response tokens (gamma is 1)")
     kl_coef: float = _param(0.3, "beta: weight of the per-token KL penalty to the SFT model (initial value "
                                  "when --ppo.adaptive-kl), >= 0")
+    kl_in: str = _param("reward", "where the KL penalty goes: reward (beta * k1 per token in the reward, "
+                                  "InstructGPT) or loss (beta * k3 per token added to the loss, GRPO as TRL has it)")
     adaptive_kl: bool = _param(True, "adapt beta towards --ppo.kl-target (Ziegler et al. 2019)")
     kl_target: float = _param(0.5, "adaptive KL: the KL per response (nats) beta steers towards")
     kl_horizon: int = _param(2000, "adaptive KL: responses over which beta moves by up to 20%")
@@ -246,6 +263,23 @@ class PPOStageConfig:
     snapshot_prompts: int = _param(4, "fixed RL prompts a snapshot answers (k times each for rloo); never trained on")
 
     @property
+    def group_size(self) -> int:
+        """Samples per prompt: k for rloo and grpo, 1 for ppo."""
+        return self.rloo_samples if self.method in GROUPED_METHODS else 1
+
+    @property
+    def old_logprobs_in_update(self) -> bool:
+        """Whether the rollout can skip its policy pass and the update's first epoch take the old
+        log-probs from its own passes (detached: a ratio of exactly 1): true when nothing else
+        reads them first (no critic's values, no KL in the reward) and one minibatch takes the
+        whole batch, so the first epoch runs before the first step."""
+        return self.method != "ppo" and self.kl_in == "loss" and self.minibatch_size == self.prompts_per_iteration
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_coef_high or self.clip_coef
+
+    @property
     def cut_response_score(self) -> float | None:
         """What a response cut at the length limit scores: missing_eos_score, or None (scored as it stands)."""
         return None if self.score_cut_responses else self.missing_eos_score
@@ -259,13 +293,19 @@ class PPOStageConfig:
                  "an integer >= 0", self.snapshot_every)
         _require(isinstance(self.relabel_every, int) and self.relabel_every >= 0, "relabel_every",
                  "an integer >= 0", self.relabel_every)
-        for name in ("temperature", "learning_rate", "clip_coef", "vf_coef", "gae_lambda", "kl_coef", "kl_target",
-                     "kl_budget", "missing_eos_score", "max_grad_norm"):
+        for name in ("temperature", "learning_rate", "clip_coef", "clip_coef_high", "vf_coef", "gae_lambda", "kl_coef",
+                     "kl_target", "kl_budget", "missing_eos_score", "max_grad_norm"):
             _require_finite(name, getattr(self, name))
         for name in ("temperature", "learning_rate", "clip_coef", "kl_target", "max_grad_norm"):
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         _require(self.temperature >= MIN_TEMPERATURE, "temperature", f">= {MIN_TEMPERATURE}", self.temperature)
         _require(self.vf_coef >= 0, "vf_coef", ">= 0", self.vf_coef)
+        _require(self.clip_coef_high >= 0, "clip_coef_high", ">= 0", self.clip_coef_high)
+        _require(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 0, "micro_batch_size",
+                 "an integer >= 0", self.micro_batch_size)
+        _require(self.kl_in in KL_PLACES, "kl_in", " or ".join(KL_PLACES), self.kl_in)
+        _require(self.loss_aggregation in AGGREGATIONS, "loss_aggregation", " or ".join(AGGREGATIONS),
+                 self.loss_aggregation)
         _require(self.kl_coef >= 0, "kl_coef", ">= 0", self.kl_coef)
         _require(self.kl_budget >= 0, "kl_budget", ">= 0", self.kl_budget)
         _require(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "in [0, 1]", self.gae_lambda)
@@ -274,7 +314,7 @@ class PPOStageConfig:
         _require(self.method in RL_METHODS, "method", " or ".join(RL_METHODS), self.method)
         _require(isinstance(self.rloo_samples, int) and self.rloo_samples >= 2, "rloo_samples", "an integer >= 2",
                  self.rloo_samples)
-        if self.method == "rloo":
+        if self.method in GROUPED_METHODS:
             _require(self.prompts_per_iteration % self.rloo_samples == 0, "prompts_per_iteration",
                      f"a multiple of rloo_samples ({self.rloo_samples})", self.prompts_per_iteration)
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from proximal.dist import DistContext
-from proximal.lm.model import response_logprobs, sample_completions
+from proximal.lm.memory import micro_batch_rows
+from proximal.lm.model import response_logits_kept, response_logprobs, sample_completions
 from proximal.lm.rollout import sequence_kls
 
 Gold = Callable[[list[str], list[str], torch.Tensor], np.ndarray]  # (prompts, texts, ended) -> gold [B]
@@ -41,8 +42,11 @@ def evaluation_rows(model: nn.Module, tokenizer, prompts: list[str], gold: Gold 
             rows["response_length"] = completions.response_mask.sum(-1).float().cpu().numpy()
             rows["eos_rate"] = completions.ended.float().cpu().numpy()
             if reference is not None:
-                k1, k3 = sequence_kls(response_logprobs(model, completions, temperature),
-                                      response_logprobs(reference, completions, temperature), completions.response_mask)
+                per_pass = micro_batch_rows(model, len(prompts), completions.input_ids.shape[1],
+                                            response_logits_kept(completions))
+                k1, k3 = sequence_kls(response_logprobs(model, completions, temperature, per_pass),
+                                      response_logprobs(reference, completions, temperature, per_pass),
+                                      completions.response_mask)
                 rows.update(kl_k1=k1.cpu().numpy(), kl_k3=k3.cpu().numpy())
     gathered = zip(*dist.gather_objects(list(rows.values())))  # every rank's, in prompt order
     return {name: np.concatenate(parts) for name, parts in zip(rows, gathered)}

@@ -419,9 +419,14 @@ def response_logits(kept_logits: torch.Tensor, response_length: int) -> torch.Te
     return kept_logits[:, :response_length]
 
 
-def response_logprobs(model: nn.Module, completions: Completions, temperature: float) -> torch.Tensor:
+def response_logprobs(model: nn.Module, completions: Completions, temperature: float, rows: int = 0) -> torch.Tensor:
     """log pi(response token t | prompt, tokens before t) [B, R] of a causal LM without a head
-    (the reference in PPO, the policy in SFT and DPO); padding positions hold junk: mask them."""
+    (the reference in PPO, the policy in SFT and DPO); padding positions hold junk: mask them.
+    With `rows` > 0 the batch goes through the model that many rows at a time (under no_grad only
+    one slice's logits are ever held: lm/memory.py sizes it)."""
+    if 0 < rows < len(completions.response_ids):
+        return torch.cat([response_logprobs(model, completions.select(part), temperature)
+                          for part in torch.arange(len(completions.response_ids)).split(rows)])
     logits, _ = lm_forward(model, completions.input_ids, completions.attention_mask,
                            logits_to_keep=response_logits_kept(completions))
     return token_logprobs(response_logits(logits, completions.response_ids.shape[1]), completions.response_ids,

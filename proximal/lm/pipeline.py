@@ -29,6 +29,7 @@ from proximal.errors import CheckpointError, ConfigError
 from proximal.lm.config import RLHFConfig
 from proximal.lm.dpo import run_dpo
 from proximal.lm.model import model_context_length, prompt_lengths
+from proximal.lm.memory import reset_peak
 from proximal.lm.ppo import run_ppo
 from proximal.lm.reward import run_reward
 from proximal.lm.sft import run_sft
@@ -141,15 +142,15 @@ def check(ctx: StageContext, stages: tuple[str, ...]) -> RLHFConfig:
 
 
 def check_world_size(config: RLHFConfig, world_size: int) -> None:
-    """K processes share every batch evenly: each batch size a multiple of K (RLOO: its prompt
+    """K processes share every batch evenly: each batch size a multiple of K (RLOO, GRPO: its prompt
     groups), refused in one line on every rank before any rank waits."""
     if world_size == 1:
         return
     ppo = config.ppo
-    groups = ppo.prompts_per_iteration // ppo.rloo_samples if ppo.method == "rloo" else ppo.prompts_per_iteration
+    groups = ppo.prompts_per_iteration // ppo.group_size
     sizes = [("--sft.batch-size", config.sft.batch_size), ("--reward.batch-size", config.reward.batch_size),
              ("--dpo.batch-size", config.dpo.batch_size), ("--ppo.minibatch-size", ppo.minibatch_size),
-             ("--ppo.prompts-per-iteration" + (" / --ppo.rloo-samples" if ppo.method == "rloo" else ""), groups)]
+             ("--ppo.prompts-per-iteration" + (" / --ppo.rloo-samples" if ppo.group_size > 1 else ""), groups)]
     for flag, size in sizes:
         if size % world_size:
             raise ConfigError(f"{flag} {size} does not split over {world_size} processes: use a multiple of "
@@ -178,6 +179,8 @@ def run_pipeline(config: RLHFConfig, run_dir: Path | None, stages: tuple[str, ..
         dist.on_main(prepared)
         for stage in stages:
             skipped = dist.broadcast_object(is_finished(ctx.stage_dir(stage)))
+            if not skipped:
+                reset_peak()  # the stage's summary records its own peak (`finish`)
             summary = read_summary(ctx.stage_dir(stage)) if skipped else STAGES[stage](ctx)
             if report is not None and dist.is_main:
                 report(stage, summary, skipped)

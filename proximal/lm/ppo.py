@@ -6,13 +6,21 @@ Ouyang et al. 2022), one iteration read top to bottom in `ppo_iteration`:
                                                                  score, or --reward.function's)
   per-token rewards: -beta * k1 everywhere, the score at EOS     rollout.token_rewards
   GAE over the response tokens, gamma = 1                        rollout.token_advantages -> compute_gae
-  K epochs of minibatches: Eq. 7 + value loss                    ppo_update -> clipped_surrogate_loss
+  K epochs of minibatches: Eq. 7 + value loss                    ppo_update -> clipped_surrogate
   adapt beta to the measured KL                                  rollout.AdaptiveKLController
 
 `--ppo.method rloo` swaps in the critic-free alternative at two lines and changes nothing else:
 k responses to each of B / k prompts, and leave-one-out advantages
 (rollout.leave_one_out_advantages) instead of GAE; the update is the same Eq. 7 without the
-value loss.
+value loss. `--ppo.method grpo` baselines the same groups by their mean and scales by their std
+(rollout.group_advantages), and usually goes with the KL as k3 in the loss (`--ppo.kl-in loss`),
+a per-sequence mean (`--ppo.loss-aggregation sequence`, or `constant` for Dr. GRPO) and, for
+DAPO, a higher upper clip (`--ppo.clip-coef-high`).
+
+Memory: a minibatch runs through the model in passes of a few rows (`--ppo.micro-batch-size`,
+chosen by lm/memory.py when 0), each pass's loss its share of the minibatch's, so the gradients
+add up to one pass's over the whole minibatch while only one pass's activations and logits are
+ever held: the [rows, tokens, vocabulary] logits of a whole batch are never built.
 
 The value function is a linear head on the policy's last hidden state (one forward pass gives
 logits and values: half the FLOPs of a separate critic, which matters on a CPU). The first
@@ -36,15 +44,18 @@ from proximal.dist import DistContext
 from proximal.errors import ConfigError, TrainingDiverged
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
+from proximal.lm.memory import micro_batch_rows, release_freed_memory
 from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logits_kept, response_logprobs,
                                sample_completions, save_pretrained, token_entropy, token_logprobs, trainable_parameters)
 from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
-from proximal.lm.rollout import (AdaptiveKLController, KLBudget, LMRollout, leave_one_out_advantages, sequence_kls,
-                                 token_advantages, token_rewards)
+from proximal.lm.rollout import (AdaptiveKLController, KLBudget, LMRollout, group_advantages,
+                                 leave_one_out_advantages, sequence_kls, token_advantages, token_rewards,
+                                 update_advantages)
 from proximal.lm.snapshots import (SNAPSHOT_SEED, SNAPSHOTS_NAME, append_snapshot, keep_snapshots_until,
                                    snapshot_prompts, snapshot_record, take_snapshot)
 from proximal.lm.stage import MODEL_DIR, RL_SEED, StageContext, finish
-from proximal.losses import clipped_surrogate_loss, explained_variance, masked_mean, masked_whiten, ratio_statistics
+from proximal.losses import (clipped_surrogate, explained_variance, kl_k3, masked_aggregate, masked_mean,
+                             ratio_statistics)
 from proximal.run import CsvLog, restore_states
 
 
@@ -65,56 +76,75 @@ def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: 
     return token_logprobs(logits, completions.response_ids, temperature), values, logits
 
 
+def micro_batches(minibatches: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """The forward/backward passes over `minibatches` (index tensors): each minibatch's rows,
+    `rows` at a time, in order."""
+    return [part for index in minibatches for part in index.split(rows)]
+
+
 @torch.no_grad()
 def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, prompts: list[str],
-                    completions: Completions, tokenizer, minibatches: list[torch.Tensor], config: PPOStageConfig,
-                    kl_coef: float, share_first_forward: bool = False) -> LMRollout:
+                    completions: Completions, tokenizer, passes: list[torch.Tensor], config: PPOStageConfig,
+                    kl_coef: float, share_first_forward: bool = False, policy_pass: bool = True) -> LMRollout:
     """Score sampled `completions` of `prompts` and build their per-token rewards and advantages.
-    The forward passes run on `minibatches` (index tensors covering the batch): the first epoch's.
-    With `share_first_forward`, the first minibatch's policy pass keeps its graph for the update's
-    first step (`LMRollout.first_outputs`): one forward pass fewer per iteration (with one minibatch
-    and one epoch: two forward passes and a backward instead of three and a backward)."""
+    The forward passes run on `passes` (index tensors covering the batch): the update's first
+    epoch's passes, so that its first ratios are computed on the same rows, shapes and weights.
+    With `share_first_forward`, the first pass keeps its graph for the update's first step
+    (`LMRollout.first_outputs`): one forward pass fewer (with one pass an iteration: two forward
+    passes and a backward instead of three and a backward). Without `policy_pass` (see
+    `PPOStageConfig.old_logprobs_in_update`) the policy's log-probs are left to the update."""
     batch, length = completions.response_ids.shape
     logprobs = torch.zeros(batch, length, device=completions.response_ids.device)
     ref_logprobs, values = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
     scores = torch.zeros(batch, device=logprobs.device)
     first_outputs = None
-    for index in minibatches:
+    for index in passes:
         part = completions.select(index)
-        keep_graph = share_first_forward and first_outputs is None
-        with torch.set_grad_enabled(keep_graph):
-            outputs = policy_outputs(policy, part, config.temperature)
-        if keep_graph:
-            first_outputs = outputs
-        logprobs[index], values[index] = outputs[0].detach(), outputs[1].detach()
+        if policy_pass:
+            keep_graph = share_first_forward and first_outputs is None
+            with torch.set_grad_enabled(keep_graph):
+                outputs = policy_outputs(policy, part, config.temperature)
+            if keep_graph:
+                first_outputs = outputs
+            logprobs[index], values[index] = outputs[0].detach(), outputs[1].detach()
         ref_logprobs[index] = response_logprobs(reference, part, config.temperature)
         scores[index] = scorer.scores([prompts[i] for i in index.tolist()], part, tokenizer)
     mask, last_index = completions.response_mask, completions.last_index
-    kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, kl_coef)
+    reward_kl_coef = kl_coef if config.kl_in == "reward" else 0.0  # else beta * k3 joins the loss (ppo_update)
+    kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, reward_kl_coef)
     if config.method == "ppo":
         advantages, returns = token_advantages(rewards, values, mask, last_index, config.gae_lambda)
-    else:  # rloo: rows are k responses per prompt, in blocks of k
+    else:  # rloo, grpo: rows are k responses per prompt, in blocks of k
         values = torch.zeros_like(values)
-        sequence_advantages = leave_one_out_advantages(rewards.sum(-1).view(-1, config.rloo_samples)).view(-1)  # [B]
+        group_returns = rewards.sum(-1).view(-1, config.group_size)  # [P, k]
+        sequence_advantages = (leave_one_out_advantages(group_returns) if config.method == "rloo"
+                               else group_advantages(group_returns, config.group_std)).view(-1)  # [B]
         advantages = torch.where(mask, sequence_advantages[:, None], torch.zeros(()))  # [B, R]
         returns = advantages
     return LMRollout(completions, logprobs, ref_logprobs, torch.where(mask, values, torch.zeros(())), scores,
-                     kl_penalty, rewards, advantages, returns, first_outputs)
+                     kl_penalty, rewards, advantages, returns, first_outputs, logprobs_pending=not policy_pass)
 
 
 def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: LMRollout,
                first_minibatches: list[torch.Tensor], config: PPOStageConfig, generator: torch.Generator,
-               moments: tuple[torch.Tensor, torch.Tensor] | None = None, dist: DistContext = DistContext()
-               ) -> dict[str, float]:
+               moments: tuple[torch.Tensor, torch.Tensor] | None = None, dist: DistContext = DistContext(),
+               micro_rows: int = 0, kl_coef: float = 0.0) -> dict[str, float]:
     """`config.epochs` passes over the rollout; returns this rank's statistics averaged over
     minibatches, plus `first_ratio_error` (max |ratio - 1| on the very first minibatch: 0 when the
     old log-probs are computed as the update computes them). The advantages are whitened by their
-    `moments` (mean, variance) over the whole batch, all ranks' rows (computed here when None); on
-    K processes each minibatch is this rank's share of a global one and its gradient is averaged
-    over the ranks, weighted by tokens."""
+    `moments` (mean, variance) over the whole batch, all ranks' rows (computed here when None;
+    GRPO's are used as they are). A minibatch runs in forward/backward passes of `micro_rows`
+    rows (0: all at once), the first epoch's as `micro_batches` cut them for the rollout; each
+    pass's loss is its share of the minibatch's (`masked_aggregate`), so the passes' gradients
+    add up to the minibatch's. `kl_coef` is beta for `--ppo.kl-in loss`. A rollout whose
+    log-probs are pending gets them from the first epoch's passes (one minibatch: no step
+    comes before them). On K processes each
+    minibatch is this rank's share of a global one and its gradient is averaged over the ranks,
+    weighted by tokens."""
     mask = rollout.mask
-    moments = dist.masked_moments(rollout.advantages, mask) if moments is None else moments
-    advantages = masked_whiten(rollout.advantages, mask, moments=moments)  # over the whole batch, once
+    if moments is None and config.method != "grpo":
+        moments = dist.masked_moments(rollout.advantages, mask)
+    advantages = update_advantages(rollout.advantages, mask, config.method, moments)  # over the whole batch, once
     parameters = trainable_parameters(policy)
     history, first_ratio_error = [], None
     first_outputs, rollout.first_outputs = rollout.first_outputs, None  # its graph is spent by one backward
@@ -122,32 +152,50 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
         minibatches = first_minibatches if epoch == 0 else torch.randperm(
             len(mask), generator=generator, device=generator.device).split(config.minibatch_size // dist.world_size)
         for index in minibatches:
-            batch_mask = mask[index]
-            if first_outputs is not None:  # the very first minibatch: the rollout's own pass
-                (logprobs, values, logits), first_outputs = first_outputs, None
-            else:
-                logprobs, values, logits = policy_outputs(policy, rollout.completions.select(index),
-                                                          config.temperature)
-            old_logprobs = rollout.logprobs[index]
-            policy_loss = clipped_surrogate_loss(logprobs, old_logprobs, advantages[index], config.clip_coef,
-                                                 batch_mask)
-            value_loss = 0.5 * masked_mean((values - rollout.returns[index]).pow(2), batch_mask)
-            loss = policy_loss + config.vf_coef * value_loss if config.method == "ppo" else policy_loss
+            rows, tokens = len(index), int(mask[index].sum())
+            first_minibatch, ratio_errors = first_ratio_error is None, []
+            statistics, loss_sum = torch.zeros(5, device=mask.device), torch.zeros((), device=mask.device)
             optimizer.zero_grad()
-            loss.backward()
-            if not dist.average_gradients(parameters, float(batch_mask.sum()), loss):  # losses are token means
+            for part in index.split(micro_rows or rows):
+                release_freed_memory()
+                part_mask = mask[part]
+                share = part_mask.sum() / max(tokens, 1)  # of the minibatch's tokens (1.0 for one pass)
+                if first_outputs is not None:  # the very first pass: the rollout's own
+                    (logprobs, values, logits), first_outputs = first_outputs, None
+                else:
+                    logprobs, values, logits = policy_outputs(policy, rollout.completions.select(part),
+                                                              config.temperature)
+                if rollout.logprobs_pending:
+                    rollout.logprobs[part] = logprobs.detach()
+                old_logprobs = rollout.logprobs[part]
+                token_losses = -clipped_surrogate(logprobs, old_logprobs, advantages[part], config.clip_coef,
+                                                  config.clip_high)  # [b, R]: Eq. 7 per token, negated
+                if config.kl_in == "loss":  # beta * k3 of KL(pi || pi_ref) per token (GRPO as TRL has it)
+                    token_losses = token_losses + kl_coef * kl_k3(rollout.ref_logprobs[part] - logprobs)
+                policy_loss = masked_aggregate(token_losses, part_mask, config.loss_aggregation, rows, tokens,
+                                               config.max_new_tokens)
+                value_loss = 0.5 * masked_mean((values - rollout.returns[part]).pow(2), part_mask) * share
+                loss = policy_loss + config.vf_coef * value_loss if config.method == "ppo" else policy_loss
+                loss.backward()
+                with torch.no_grad():
+                    loss_sum += loss.detach()
+                    if first_minibatch:
+                        ratio_error = ((logprobs - old_logprobs).exp() - 1).abs()
+                        ratio_errors.append(float(torch.where(part_mask, ratio_error, torch.zeros(())).max()))
+                    statistics += torch.stack([
+                        policy_loss.detach(), value_loss.detach(),
+                        masked_mean(token_entropy(logits, config.temperature), part_mask) * share,
+                        *(statistic * share for statistic in ratio_statistics(
+                            logprobs, old_logprobs, config.clip_coef, part_mask, config.clip_high)),
+                    ])
+            if not dist.average_gradients(parameters, float(tokens), loss_sum):  # losses are token means
                 raise TrainingDiverged("the PPO loss became NaN or infinite")
             nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
-            with torch.no_grad():
-                if first_ratio_error is None:
-                    ratio_error = ((logprobs - old_logprobs).exp() - 1).abs()
-                    first_ratio_error = float(torch.where(batch_mask, ratio_error, torch.zeros(())).max())
-                history.append(torch.stack([
-                    policy_loss.detach(), value_loss.detach(),
-                    masked_mean(token_entropy(logits, config.temperature), batch_mask),
-                    *ratio_statistics(logprobs, old_logprobs, config.clip_coef, batch_mask),
-                ]))
+            if first_minibatch:
+                first_ratio_error = max(ratio_errors)
+            rollout.logprobs_pending = False
+            history.append(statistics)
     means = torch.stack(history).mean(0).tolist()
     stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
     stats["first_ratio_error"] = first_ratio_error
@@ -168,24 +216,29 @@ def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, to
                   generator: torch.Generator, device: str, snapshot_prompts: list[str] | None = None,
                   snapshot_seed: int = 0, dist: DistContext = DistContext()) -> IterationResult:
     """Sample, score, update: one iteration on B = len(`prompts`) responses: one per prompt
-    (ppo), or k for each of the first B / k prompts (rloo). On K processes every rank is given
+    (ppo), or k for each of the first B / k prompts (rloo, grpo). On K processes every rank is given
     the same `prompts` and takes its B / K rows of them (whole RLOO groups), sampled from its own
     `generator`; the statistics returned are the global batch's. With `snapshot_prompts`, their
     rows are rolled out beside the batch (lm/snapshots.py), never trained on."""
-    if config.method == "rloo":
-        prompts = [prompt for prompt in prompts[:len(prompts) // config.rloo_samples]
-                   for _ in range(config.rloo_samples)]
+    group = config.group_size
+    prompts = [prompt for prompt in prompts[:len(prompts) // group] for _ in range(group)]
     prompts = [prompts[i] for i in dist.shard(torch.arange(len(prompts))).tolist()]  # this rank's rows
     completions = sample_completions(policy.lm, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                      generator, device)
+    minibatch_rows = config.minibatch_size // dist.world_size
     first_minibatches = torch.randperm(len(prompts), generator=generator, device=generator.device
-                                       ).to(device).split(config.minibatch_size // dist.world_size)
-    rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer, first_minibatches, config,
-                              kl_coef, share_first_forward=True)
-    moments = dist.masked_moments(rollout.advantages, rollout.mask)  # of the global batch
+                                       ).to(device).split(minibatch_rows)
+    micro_rows = micro_batch_rows(policy.lm, minibatch_rows, completions.input_ids.shape[1],
+                                  response_logits_kept(completions), config.micro_batch_size)
+    rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer,
+                              micro_batches(first_minibatches, micro_rows), config, kl_coef, share_first_forward=True,
+                              policy_pass=not config.old_logprobs_in_update)
+    moments = None if config.method == "grpo" else dist.masked_moments(rollout.advantages, rollout.mask)  # global
     snapshot = (take_snapshot(policy, reference, scorer, tokenizer, snapshot_prompts, config, kl_coef, moments,
                               snapshot_seed, device) if snapshot_prompts else None)
-    stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator, moments, dist)
+    stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator, moments, dist,
+                       micro_rows=micro_rows, kl_coef=kl_coef)
+    optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next update
     k1, k3 = sequence_kls(rollout.logprobs, rollout.ref_logprobs, rollout.mask)
     stats.update(score=float(rollout.scores.mean()), kl_k1=float(k1.mean()), kl_k3=float(k3.mean()),
                  response_length=float(rollout.mask.sum(-1).float().mean()),
@@ -253,7 +306,7 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
         if dist.is_main:
             write_records(policy_records_path, policy_records)  # drops answers a killed run gave after its checkpoint
         records.extend(policy_records)
-    fixed = snapshot_prompts(ctx.data.rl, config.snapshot_prompts, config.method, config.rloo_samples)
+    fixed = snapshot_prompts(ctx.data.rl, config.snapshot_prompts, config.group_size)
     log = None
     if dist.is_main:
         keep_snapshots_until(stage_dir / SNAPSHOTS_NAME, start)

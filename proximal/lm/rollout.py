@@ -8,12 +8,16 @@ and at every token a KL penalty that leashes the policy to the SFT (reference) m
   kl_penalty_t = beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))       (k1, inside the reward)
   r_t          = -kl_penalty_t + [t = last token] * score
 
-Advantages, PPO: GAE over the response tokens with gamma = 1 (`proximal.utils.compute_gae`, the
+Advantages, PPO: GAE over the response tokens with gamma = 1 (`proximal.losses.compute_gae`, the
 same function the control tasks use), the last token terminal. RLOO (Ahmadian et al. 2024): no
 critic; each prompt has k responses, a response's return is the sum of its rewards (score -
 beta * KL), and its advantage, the same at every one of its tokens, is that return minus the
 mean return of the other k - 1 responses to the prompt (a baseline that does not depend on the
-response itself, so the gradient stays unbiased).
+response itself, so the gradient stays unbiased). GRPO (Shao et al. 2024): the same groups, the
+return minus the group's mean, divided by the group's standard deviation.
+
+With the KL in the loss instead (`--ppo.kl-in loss`, GRPO's convention in TRL), the rewards hold
+the score alone and the update adds beta * k3(pi_ref / pi) per token to the loss.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from proximal.lm.model import Completions
-from proximal.losses import compute_gae
+from proximal.losses import compute_gae, kl_k3, masked_whiten
+
+
+GROUP_STD_EPS = 1e-4  # TRL's epsilon under a group's reward std
 
 
 @dataclass
@@ -42,6 +49,7 @@ class LMRollout:
     returns: torch.Tensor  # [B, R] advantages + values: the value head's target
     # (logprobs, values, logits) of the first minibatch with their graph, for the update's first step
     first_outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    logprobs_pending: bool = False  # `logprobs` are filled in by the update's first epoch (`old_logprobs_in_update`)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -85,6 +93,24 @@ def leave_one_out_advantages(returns: torch.Tensor) -> torch.Tensor:
     return returns - (returns.sum(1, keepdim=True) - returns) / (k - 1)
 
 
+def group_advantages(returns: torch.Tensor, scale: bool = True, eps: float = GROUP_STD_EPS) -> torch.Tensor:
+    """GRPO's advantages [P, K] of K responses to each of P prompts with `returns` [P, K] (Shao et
+    al. 2024): A_i = (R_i - mean_j R_j) / (std_j R_j + eps), the std unbiased as in TRL; with
+    `scale` False, A_i = R_i - mean_j R_j (Dr. GRPO, Liu et al. 2025: no bias towards groups whose
+    rewards barely differ). The mean includes R_i itself, unlike RLOO's baseline."""
+    centred = returns - returns.mean(1, keepdim=True)
+    return centred / (returns.std(1, keepdim=True) + eps) if scale else centred
+
+
+def update_advantages(advantages: torch.Tensor, response_mask: torch.Tensor, method: str,
+                      moments: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The advantages [B, R] the update weighs log-probs by: whitened by the whole batch's
+    `moments` (PPO, RLOO), or GRPO's as they are (already normalised within each group)."""
+    if method == "grpo":
+        return advantages
+    return masked_whiten(advantages, response_mask, moments=moments)
+
+
 def sequence_kls(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-response KL(pi || pi_ref) estimates [B], summed over the response's tokens:
@@ -93,7 +119,7 @@ def sequence_kls(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_ma
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = ref_logprobs - logprobs  # [B, R]
     k1 = torch.where(response_mask, -log_ratio, zero).sum(-1)
-    k3 = torch.where(response_mask, log_ratio.exp() - 1.0 - log_ratio, zero).sum(-1)
+    k3 = torch.where(response_mask, kl_k3(log_ratio), zero).sum(-1)
     return k1, k3
 
 

@@ -2,7 +2,7 @@
 iterations, for `proximal inspect` (lm/inspector.py) to draw.
 
 At a snapshot iteration the policy also answers a fixed set of prompts (the first
---ppo.snapshot-prompts of the RL prompts; k answers each for RLOO), sampled with a generator of
+--ppo.snapshot-prompts of the RL prompts; k answers each for RLOO and GRPO), sampled with a generator of
 their own, so the training batch and every metric stay exactly as without snapshots. These rows
 go through the very functions the batch goes through (`collect_rollout`: old log-probs, values,
 reference log-probs, score, per-token rewards, GAE), their advantages are whitened with the
@@ -18,9 +18,9 @@ stage drops the lines after its checkpoint. Each row holds, per response token t
   logprobs             log pi_old(a_t|s_t), the sampling policy's   ref_logprobs  log pi_ref(a_t|s_t)
   kl_penalty           beta * (logprobs - ref_logprobs)             rewards       -kl_penalty (+ score at EOS)
   values               V(s_t) (0 for RLOO)                          returns       advantages + values
-  advantages           GAE (or RLOO's leave-one-out)                whitened      advantages whitened as the update does
+  advantages           GAE (or RLOO's, GRPO's)                      whitened      advantages as the update weighs them
   first_ratio          pi / pi_old before the update's first step   ratio         pi_new / pi_old after the update
-  clipped              |ratio - 1| > the clip range
+  clipped              the ratio outside the clip range
 and per sequence: the score, the gold (when there is one), and whether EOS was emitted.
 """
 
@@ -33,17 +33,16 @@ from pathlib import Path
 import torch
 
 from proximal.lm.model import sample_completions
-from proximal.losses import masked_whiten
+from proximal.lm.rollout import update_advantages
 from proximal.run import read_jsonl, write_text_atomic
 
 SNAPSHOTS_NAME = "snapshots.jsonl"
 SNAPSHOT_SEED = 4  # offset from the run's seed: the snapshot prompts' own sampling stream
 
 
-def snapshot_prompts(rl_prompts: list[str], count: int, method: str, rloo_samples: int) -> list[str]:
-    """The fixed prompts, each once (PPO) or `rloo_samples` times (RLOO's groups)."""
-    prompts = rl_prompts[:count]
-    return [prompt for prompt in prompts for _ in range(rloo_samples if method == "rloo" else 1)]
+def snapshot_prompts(rl_prompts: list[str], count: int, group_size: int) -> list[str]:
+    """The fixed prompts, each `group_size` times (1 for PPO; k for RLOO's and GRPO's groups)."""
+    return [prompt for prompt in rl_prompts[:count] for _ in range(group_size)]
 
 
 @torch.no_grad()
@@ -73,7 +72,8 @@ def snapshot_record(iteration: int, prompts: list[str], rollout, moments, first_
     ratio = (new_logprobs - rollout.logprobs).exp()  # [B, R]
     fields = {"logprobs": rollout.logprobs, "ref_logprobs": rollout.ref_logprobs, "kl_penalty": rollout.kl_penalty,
               "rewards": rollout.rewards, "values": rollout.values, "returns": rollout.returns,
-              "advantages": rollout.advantages, "whitened": masked_whiten(rollout.advantages, mask, moments=moments),
+              "advantages": rollout.advantages,
+              "whitened": update_advantages(rollout.advantages, mask, config.method, moments),
               "first_ratio": first_ratio, "ratio": ratio}
     texts = rollout.completions.texts(tokenizer)
     ended = rollout.completions.ended.tolist()
@@ -86,7 +86,7 @@ def snapshot_record(iteration: int, prompts: list[str], rollout, moments, first_
                   "gold": None if golds is None else float(golds[row]),
                   "tokens": [tokenizer.decode([token]) for token in ids]}
         record.update({name: values[row, :length].tolist() for name, values in fields.items()})
-        record["clipped"] = [abs(r - 1.0) > config.clip_coef for r in record["ratio"]]
+        record["clipped"] = [r - 1.0 > config.clip_high or 1.0 - r > config.clip_coef for r in record["ratio"]]
         rows.append(record)
     summary = {name: stats.get(name) for name in ("kl_k1", "clip_fraction", "explained_variance", "score", "gold",
                                                   "approx_kl", "entropy")}

@@ -29,6 +29,7 @@ from proximal.dist import DistContext
 from proximal.lm.config import RLHFConfig
 from proximal.lm.data import FileTask
 from proximal.lm.evaluation import evaluate_policy
+from proximal.lm.memory import peak_gb
 from proximal.lm.model import (AdaptersOff, Completions, build_char_tokenizer, load_pretrained, load_tokenizer,
                                sample_completions, save_pretrained, with_lora)
 from proximal.lm.reward_function import RewardFunction
@@ -50,7 +51,9 @@ def read_summary(stage_dir: Path) -> dict[str, Any]:
 
 
 def finish(stage_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Write the stage's summary: from now on the stage counts as finished."""
+    """Write the stage's summary, with the peak resident memory the process reached in the stage
+    (`peak_memory_gb`): from now on the stage counts as finished."""
+    summary["peak_memory_gb"] = peak_gb()
     write_json_atomic(stage_dir / SUMMARY_NAME, summary)
     return summary
 

@@ -1,0 +1,153 @@
+"""Micro-batches: an update cut into forward/backward passes of a few rows computes the same
+gradients as one pass over the minibatch, keeps the first ratio exactly 1, and never builds the
+whole batch's [rows, tokens, vocabulary] logits; and a stage's peak memory is its own."""
+
+import copy
+
+import pytest
+import torch
+
+from lm_helpers import completions_for, tiny_model
+from proximal.lm import memory
+from proximal.lm.config import PPOStageConfig
+from proximal.lm.memory import micro_batch_rows, pass_bytes_per_row
+from proximal.lm.model import ScalarHeadLM, response_logits_kept, sample_completions
+from proximal.lm.ppo import collect_rollout, micro_batches, ppo_update
+from proximal.lm.reward import RewardModelScorer
+
+PROMPTS = ["12+34=", "5+6=", "99+1=", "40+44="]
+
+
+def _setup(config: PPOStageConfig, rows: int, seed: int = 5):
+    """A policy, its reference, a reward model and `rows` sampled completions (k per prompt for
+    the grouped methods)."""
+    policy, tokenizer = tiny_model(seed=seed)
+    reference, _ = tiny_model(seed=0)
+    reward_lm, _ = tiny_model(seed=1)
+    reward_model = ScalarHeadLM(reward_lm)
+    torch.nn.init.normal_(reward_model.head.weight)
+    prompts = [prompt for prompt in (PROMPTS * rows)[:rows // config.group_size] for _ in range(config.group_size)]
+    completions = sample_completions(policy, tokenizer, prompts, 5, 1.0, torch.Generator().manual_seed(0), "cpu")
+    scorer = RewardModelScorer(reward_model.eval(), config.missing_eos_score)
+    return ScalarHeadLM(policy), reference, scorer, tokenizer, prompts, completions
+
+
+def _update(config, policy, reference, scorer, tokenizer, prompts, completions, micro_rows, share=True):
+    """One iteration's rollout and update on one minibatch of every row, in passes of
+    `micro_rows` (0: one pass); returns (stats, each trainable parameter's gradient)."""
+    first = [torch.randperm(len(prompts), generator=torch.Generator().manual_seed(1))]
+    passes = micro_batches(first, micro_rows or len(prompts))
+    rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer, passes, config,
+                              config.kl_coef, share_first_forward=share)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)  # the weights stay: only the gradients are compared
+    stats = ppo_update(policy, optimizer, rollout, first, config, torch.Generator().manual_seed(2),
+                       micro_rows=micro_rows, kl_coef=config.kl_coef)
+    return stats, [parameter.grad.clone() for parameter in policy.parameters() if parameter.grad is not None]
+
+
+VARIANTS = {
+    "ppo": {"method": "ppo"},
+    "rloo": {"method": "rloo", "rloo_samples": 4},
+    "grpo, KL in the loss, per sequence": {"method": "grpo", "rloo_samples": 4, "kl_in": "loss",
+                                           "loss_aggregation": "sequence"},
+    "grpo, Dr. GRPO, clip-higher": {"method": "grpo", "rloo_samples": 4, "loss_aggregation": "constant",
+                                    "group_std": False, "clip_coef_high": 0.28},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("micro_rows", [1, 3, 5])
+def test_passes_of_a_few_rows_give_the_gradient_of_one_pass_and_a_first_ratio_of_exactly_one(variant, micro_rows):
+    """12 rows in passes of 1, 3 or 5 (5, 5, 2: uneven) against one pass over all 12: the
+    gradients agree to float tolerance, the statistics too, and the first ratio is exactly 1."""
+    config = PPOStageConfig(prompts_per_iteration=12, minibatch_size=12, epochs=1, max_grad_norm=1e9, kl_coef=0.2,
+                            **VARIANTS[variant])
+    setup = _setup(config, 12)
+    one_pass = copy.deepcopy(setup)
+    stats, gradients = _update(config, *setup, micro_rows=micro_rows)
+    whole_stats, whole_gradients = _update(config, *one_pass, micro_rows=0)
+    assert stats["first_ratio_error"] == 0.0 and whole_stats["first_ratio_error"] == 0.0
+    assert len(gradients) == len(whole_gradients) > 0
+    for gradient, whole in zip(gradients, whole_gradients):
+        assert torch.allclose(gradient, whole, rtol=1e-4, atol=1e-7)
+    assert max(float(g.abs().max()) for g in whole_gradients) > 1e-4  # a real gradient, not zeros on both sides
+    for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
+        assert stats[name] == pytest.approx(whole_stats[name], rel=1e-4, abs=1e-7), name
+
+
+def test_without_the_shared_first_pass_micro_batches_still_start_at_a_ratio_of_exactly_one():
+    """The update recomputes every pass: its first ratios are exact because the rollout ran the
+    same rows in the same passes."""
+    config = PPOStageConfig(method="rloo", rloo_samples=4, prompts_per_iteration=12, minibatch_size=12, epochs=2)
+    stats, _ = _update(config, *_setup(config, 12), micro_rows=5, share=False)
+    assert stats["first_ratio_error"] == 0.0
+
+
+def test_a_large_vocabulary_never_gets_the_whole_batchs_logits(monkeypatch):
+    """A tiny Llama with Gemma 3's 262,144-token vocabulary under a budget of 64 MiB: the
+    automatic micro-batch keeps each pass's logits within it, and no LM-head output ever has the
+    whole batch's rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(memory, "ACTIVATION_BUDGET", 64 * 2**20)
+    _, tokenizer = tiny_model()
+    torch.manual_seed(0)
+    vocab, rows = 262_144, 16
+
+    def lm():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+            num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)).eval()
+
+    policy, reference = ScalarHeadLM(lm()), lm()
+    prompts = [prompt for prompt in PROMPTS for _ in range(rows // len(PROMPTS))]
+    completions = completions_for(tokenizer, prompts, ["46", "11", "100", "84"] * (rows // len(PROMPTS)),
+                                  [True] * rows)
+    width, kept = completions.input_ids.shape[1], response_logits_kept(completions)
+    chosen = micro_batch_rows(policy.lm, rows, width, kept)
+    assert chosen == memory.ACTIVATION_BUDGET // pass_bytes_per_row(policy.lm.config, width, kept)
+    assert chosen == 4  # the vocabulary alone: 5 kept positions x 262,144 x 3 floats is ~15 MiB a row
+    seen = []
+    for model in (policy.lm, reference):
+        model.get_output_embeddings().register_forward_hook(lambda module, args, output: seen.append(output.shape))
+
+    def score(prompts, completions, tokenizer):
+        return torch.arange(len(prompts), dtype=torch.float32)
+
+    score.scores = score
+    config = PPOStageConfig(method="rloo", rloo_samples=4, prompts_per_iteration=rows, minibatch_size=rows, epochs=1)
+    first = [torch.arange(rows)]
+    rollout = collect_rollout(policy, reference, score, prompts, completions, tokenizer, micro_batches(first, chosen),
+                              config, 0.1, share_first_forward=True)
+    stats = ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), rollout, first, config,
+                       torch.Generator().manual_seed(0), micro_rows=chosen)
+    assert stats["first_ratio_error"] == 0.0
+    assert seen and max(shape[0] for shape in seen) == chosen
+    assert all(shape[-1] == vocab and shape[1] == kept for shape in seen)  # the head runs on response positions only
+
+
+def test_the_automatic_micro_batch_follows_the_budget_and_a_flag_overrides_it(monkeypatch):
+    model, _ = tiny_model()
+    per_row = pass_bytes_per_row(model.config, 16, 6)
+    assert per_row == 4 * (16 * model.config.n_layer * memory.FLOATS_PER_HIDDEN * model.config.n_embd
+                           + 6 * model.config.vocab_size * memory.LOGIT_COPIES)
+    assert micro_batch_rows(model, 128, 16, 6) == 128  # a tiny model: the whole minibatch in one pass
+    monkeypatch.setattr(memory, "ACTIVATION_BUDGET", 10 * per_row + 1)
+    assert micro_batch_rows(model, 128, 16, 6) == 10
+    monkeypatch.setattr(memory, "ACTIVATION_BUDGET", 1)
+    assert micro_batch_rows(model, 128, 16, 6) == 1  # never below one row
+    assert micro_batch_rows(model, 128, 16, 6, requested=7) == 7  # --ppo.micro-batch-size
+    assert micro_batch_rows(model, 4, 16, 6, requested=7) == 4
+
+
+@pytest.mark.skipif(not memory.reset_peak(), reason="the OS offers no reset of the peak resident size")
+def test_the_peak_is_reset_between_stages():
+    memory.reset_peak()
+    big = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched
+    peak_with = memory.peak_gb()
+    del big
+    memory.reset_peak()
+    assert memory.peak_gb() < peak_with - 0.3
