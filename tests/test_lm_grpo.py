@@ -193,7 +193,6 @@ def test_with_the_kl_in_the_loss_the_rollout_skips_its_policy_pass_and_the_updat
         assert torch.allclose(lazy, eager, rtol=1e-4, atol=1e-7)
     assert lazy_stats["approx_kl"] == pytest.approx(stats["approx_kl"], abs=1e-7)
     # PPO reads values, RLOO's reward reads the log-probs, two minibatches would step in between: no skipping
-    assert not PPOStageConfig(method="ppo", kl_in="loss", prompts_per_iteration=8, minibatch_size=8).old_logprobs_in_update
-    assert not PPOStageConfig(method="rloo", prompts_per_iteration=8, minibatch_size=8).old_logprobs_in_update
-    assert not PPOStageConfig(method="grpo", kl_in="loss", prompts_per_iteration=8,
-                              minibatch_size=4).old_logprobs_in_update
+    for settings in ({"method": "ppo", "kl_in": "loss"}, {"method": "rloo"},
+                     {"method": "grpo", "kl_in": "loss", "minibatch_size": 4}):
+        assert not PPOStageConfig(**{"prompts_per_iteration": 8, "minibatch_size": 8, **settings}).old_logprobs_in_update

@@ -12,7 +12,7 @@ from proximal.lm import memory
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.memory import micro_batch_rows, pass_bytes_per_row
 from proximal.lm.model import ScalarHeadLM, response_logits_kept, sample_completions
-from proximal.lm.ppo import collect_rollout, micro_batches, ppo_update
+from proximal.lm.ppo import collect_rollout, micro_batches, ppo_iteration, ppo_update
 from proximal.lm.reward import RewardModelScorer
 
 PROMPTS = ["12+34=", "5+6=", "99+1=", "40+44="]
@@ -81,6 +81,23 @@ def test_without_the_shared_first_pass_micro_batches_still_start_at_a_ratio_of_e
     config = PPOStageConfig(method="rloo", rloo_samples=4, prompts_per_iteration=12, minibatch_size=12, epochs=2)
     stats, _ = _update(config, *_setup(config, 12), micro_rows=5, share=False)
     assert stats["first_ratio_error"] == 0.0
+
+
+@pytest.mark.parametrize("settings", [{"method": "rloo"}, {"method": "grpo", "kl_in": "loss"}])
+def test_an_iteration_in_passes_of_a_few_rows_starts_at_a_ratio_of_exactly_one(settings):
+    """ppo_iteration with --ppo.micro-batch-size 5 over 12 rows, 2 epochs: the rollout and the
+    update cut the batch alike (a first ratio of exactly 1), and the policy runs once per pass:
+    RLOO 3 rollout passes (the first kept for the update) + 2 + 3; GRPO with the KL in the loss
+    no rollout pass + 3 + 3."""
+    config = PPOStageConfig(rloo_samples=4, prompts_per_iteration=12, minibatch_size=12, epochs=2,
+                            micro_batch_size=5, max_new_tokens=5, **settings)
+    policy, reference, scorer, tokenizer, _, _ = _setup(config, 12)
+    passes = []
+    policy.head.register_forward_hook(lambda *_: passes.append(1))
+    result = ppo_iteration(policy, reference, scorer, tokenizer, torch.optim.AdamW(policy.parameters(), lr=1e-3),
+                           PROMPTS * 3, config, 0.1, torch.Generator().manual_seed(0), "cpu")
+    assert result.stats["first_ratio_error"] == 0.0
+    assert len(passes) == (8 if settings["method"] == "rloo" else 6)
 
 
 def test_a_large_vocabulary_never_gets_the_whole_batchs_logits(monkeypatch):

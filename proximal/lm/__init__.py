@@ -13,8 +13,10 @@ How data flows through the rooms (one job each):
   labels.py      pairs of completions -> the labeller's answers -> comparisons.jsonl
   reward.py      SFT weights + a scalar head read at EOS, Bradley-Terry loss -> reward model
      |
-  rollout.py     per-token rewards (-beta * KL, score at EOS) and GAE over tokens (compute_gae)
-  ppo.py         sample -> score -> Eq. 7 update (clipped_surrogate_loss) -> adapt beta
+  rollout.py     per-token rewards (-beta * KL, score at EOS) and GAE over tokens (compute_gae), or
+                 RLOO's and GRPO's group baselines
+  ppo.py         sample -> score -> Eq. 7 update (clipped_surrogate), in passes of a few rows -> adapt beta
+  memory.py      how many rows a pass may take, and each stage's peak resident memory
   snapshots.py   a few completions' per-token quantities, for inspector.py (`proximal inspect`)
   dpo.py         (when asked) the policy fitted to the pairs directly
      |

@@ -125,6 +125,35 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, 
                      kl_penalty, rewards, advantages, returns, first_outputs, logprobs_pending=not policy_pass)
 
 
+def pass_loss(policy: ScalarHeadLM, rollout: LMRollout, part: torch.Tensor, advantages: torch.Tensor, rows: int,
+              tokens: int, config: PPOStageConfig, kl_coef: float, outputs: tuple | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One forward pass over the rows `part` of a minibatch of `rows` rows and `tokens` response
+    tokens (`outputs`: the rollout's pass over them, with its graph, when it is the first): (its
+    share of the minibatch's loss, its share of the minibatch's statistics [5], its largest
+    |ratio - 1|). The shares of a minibatch's passes add up to its loss and its token means."""
+    mask = rollout.mask[part]
+    share = mask.sum() / max(tokens, 1)  # of the minibatch's tokens (1.0 for one pass)
+    logprobs, values, logits = outputs or policy_outputs(policy, rollout.completions.select(part), config.temperature)
+    if rollout.logprobs_pending:  # the first epoch's own passes give the old log-probs (a ratio of exactly 1)
+        rollout.logprobs[part] = logprobs.detach()
+    old_logprobs = rollout.logprobs[part]
+    token_losses = -clipped_surrogate(logprobs, old_logprobs, advantages[part], config.clip_coef,
+                                      config.clip_high)  # [b, R]: Eq. 7 per token, negated
+    if config.kl_in == "loss":  # beta * k3 of KL(pi || pi_ref) per token (GRPO as TRL has it)
+        token_losses = token_losses + kl_coef * kl_k3(rollout.ref_logprobs[part] - logprobs)
+    policy_loss = masked_aggregate(token_losses, mask, config.loss_aggregation, rows, tokens, config.max_new_tokens)
+    value_loss = 0.5 * masked_mean((values - rollout.returns[part]).pow(2), mask) * share
+    loss = policy_loss + config.vf_coef * value_loss if config.method == "ppo" else policy_loss
+    with torch.no_grad():
+        statistics = torch.stack([
+            policy_loss, value_loss, masked_mean(token_entropy(logits, config.temperature), mask) * share,
+            *(statistic * share for statistic in ratio_statistics(logprobs, old_logprobs, config.clip_coef, mask,
+                                                                  config.clip_high))])
+        ratio_error = float(torch.where(mask, ((logprobs - old_logprobs).exp() - 1).abs(), torch.zeros(())).max())
+    return loss, statistics, ratio_error
+
+
 def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: LMRollout,
                first_minibatches: list[torch.Tensor], config: PPOStageConfig, generator: torch.Generator,
                moments: tuple[torch.Tensor, torch.Tensor] | None = None, dist: DistContext = DistContext(),
@@ -134,13 +163,10 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
     old log-probs are computed as the update computes them). The advantages are whitened by their
     `moments` (mean, variance) over the whole batch, all ranks' rows (computed here when None;
     GRPO's are used as they are). A minibatch runs in forward/backward passes of `micro_rows`
-    rows (0: all at once), the first epoch's as `micro_batches` cut them for the rollout; each
-    pass's loss is its share of the minibatch's (`masked_aggregate`), so the passes' gradients
-    add up to the minibatch's. `kl_coef` is beta for `--ppo.kl-in loss`. A rollout whose
-    log-probs are pending gets them from the first epoch's passes (one minibatch: no step
-    comes before them). On K processes each
-    minibatch is this rank's share of a global one and its gradient is averaged over the ranks,
-    weighted by tokens."""
+    rows (0: all at once), the first epoch's as `micro_batches` cut them for the rollout, and
+    each pass's gradient is its share of the minibatch's (`pass_loss`). `kl_coef` is beta for
+    `--ppo.kl-in loss`. On K processes each minibatch is this rank's share of a global one and
+    its gradient is averaged over the ranks, weighted by tokens."""
     mask = rollout.mask
     if moments is None and config.method != "grpo":
         moments = dist.masked_moments(rollout.advantages, mask)
@@ -153,48 +179,22 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
             len(mask), generator=generator, device=generator.device).split(config.minibatch_size // dist.world_size)
         for index in minibatches:
             rows, tokens = len(index), int(mask[index].sum())
-            first_minibatch, ratio_errors = first_ratio_error is None, []
-            statistics, loss_sum = torch.zeros(5, device=mask.device), torch.zeros((), device=mask.device)
+            statistics, loss, ratio_errors = torch.zeros(5, device=mask.device), torch.zeros((), device=mask.device), []
             optimizer.zero_grad()
             for part in index.split(micro_rows or rows):
                 release_freed_memory()
-                part_mask = mask[part]
-                share = part_mask.sum() / max(tokens, 1)  # of the minibatch's tokens (1.0 for one pass)
-                if first_outputs is not None:  # the very first pass: the rollout's own
-                    (logprobs, values, logits), first_outputs = first_outputs, None
-                else:
-                    logprobs, values, logits = policy_outputs(policy, rollout.completions.select(part),
-                                                              config.temperature)
-                if rollout.logprobs_pending:
-                    rollout.logprobs[part] = logprobs.detach()
-                old_logprobs = rollout.logprobs[part]
-                token_losses = -clipped_surrogate(logprobs, old_logprobs, advantages[part], config.clip_coef,
-                                                  config.clip_high)  # [b, R]: Eq. 7 per token, negated
-                if config.kl_in == "loss":  # beta * k3 of KL(pi || pi_ref) per token (GRPO as TRL has it)
-                    token_losses = token_losses + kl_coef * kl_k3(rollout.ref_logprobs[part] - logprobs)
-                policy_loss = masked_aggregate(token_losses, part_mask, config.loss_aggregation, rows, tokens,
-                                               config.max_new_tokens)
-                value_loss = 0.5 * masked_mean((values - rollout.returns[part]).pow(2), part_mask) * share
-                loss = policy_loss + config.vf_coef * value_loss if config.method == "ppo" else policy_loss
-                loss.backward()
-                with torch.no_grad():
-                    loss_sum += loss.detach()
-                    if first_minibatch:
-                        ratio_error = ((logprobs - old_logprobs).exp() - 1).abs()
-                        ratio_errors.append(float(torch.where(part_mask, ratio_error, torch.zeros(())).max()))
-                    statistics += torch.stack([
-                        policy_loss.detach(), value_loss.detach(),
-                        masked_mean(token_entropy(logits, config.temperature), part_mask) * share,
-                        *(statistic * share for statistic in ratio_statistics(
-                            logprobs, old_logprobs, config.clip_coef, part_mask, config.clip_high)),
-                    ])
-            if not dist.average_gradients(parameters, float(tokens), loss_sum):  # losses are token means
+                part_loss, part_statistics, ratio_error = pass_loss(policy, rollout, part, advantages, rows, tokens,
+                                                                    config, kl_coef, first_outputs)
+                first_outputs = None
+                part_loss.backward()
+                loss, statistics = loss + part_loss.detach(), statistics + part_statistics
+                ratio_errors.append(ratio_error)
+            if not dist.average_gradients(parameters, float(tokens), loss):  # weighted by this rank's tokens
                 raise TrainingDiverged("the PPO loss became NaN or infinite")
             nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
-            if first_minibatch:
-                first_ratio_error = max(ratio_errors)
             rollout.logprobs_pending = False
+            first_ratio_error = max(ratio_errors) if first_ratio_error is None else first_ratio_error
             history.append(statistics)
     means = torch.stack(history).mean(0).tolist()
     stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))
