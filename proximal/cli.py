@@ -29,7 +29,7 @@ from proximal.config import (
     prefs_preset_for,
     preset_for,
 )
-from proximal.errors import ConfigError, ProximalError
+from proximal.errors import ConfigError, ProximalError, Terminated
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -627,11 +627,6 @@ def _plot(args: argparse.Namespace) -> int:
 
     print(f"wrote {plot_runs([Path(run_dir) for run_dir in args.run_dirs], Path(args.out))}")
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill PID`, a container stop, a CI timeout, torchrun stopping the other ranks),
-    raised wherever the command is: it stops as on Ctrl-C, files whole and the run resumable."""
 
 
 def _terminate(signum, frame) -> None:

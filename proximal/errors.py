@@ -23,3 +23,9 @@ class CheckpointError(ProximalError):
 
 class TrainingDiverged(ProximalError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, a container stop, a CI timeout, torchrun stopping the other ranks),
+    raised wherever the command is (`proximal.cli` installs the handler): it stops as on Ctrl-C,
+    files whole and the run resumable."""

@@ -96,6 +96,19 @@ def test_a_prompt_that_begins_with_bos_gets_no_second_one():
     assert ids_of(tokenizer, ["<bos>ab", "ab"], ["a", "a"])[0] == [by_hand(tokenizer, "<bos>", "ab")] * 2
 
 
+def test_the_labellers_pairs_are_as_many_as_reward_labels_asks_of_the_training_prompts(tmp_path):
+    """--reward.labels 6 on a file of 40 prompts: 6 distinct training prompts, seeded, in their
+    order; more labels than prompts: each training prompt once."""
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": f"say {i}"} for i in range(40)])
+    task = FileTask(DataConfig(prompts=path, eval_fraction=0.25))
+    six = task.data(0, DataSizes(0, 6, 0, 0, 0.25), None)
+    assert len(six.preference_prompts) == len(set(six.preference_prompts)) == 6
+    assert set(six.preference_prompts) <= set(six.rl)
+    assert six.preference_prompts == sorted(six.preference_prompts, key=six.rl.index)
+    assert task.data(0, DataSizes(0, 6, 0, 0, 0.25), None).preference_prompts == six.preference_prompts
+    assert task.data(0, DataSizes(0, 20_000, 0, 0, 0.25), None).preference_prompts == six.rl
+
+
 def test_held_out_prompts_are_a_seeded_split_disjoint_from_training(tmp_path):
     path = write_lines(tmp_path / "p.jsonl", [{"prompt": f"say {i}"} for i in range(40)])
     task = FileTask(DataConfig(prompts=path, eval_fraction=0.25))
@@ -260,6 +273,13 @@ FUNCTIONS = {  # case -> (the module's source, what the one line must say)
     "wrong count": ("def score(p, c):\n    return [1.0]\n", "returned 1 values for 2 completions"),
     "nan": ("def score(p, c):\n    return [float('nan')] * len(c)\n", "returned nan for the completion"),
     "not numbers": ("def score(p, c):\n    return ['good'] * len(c)\n", "must return one number per completion"),
+    "numbers as strings": ("def score(p, c):\n    return ['1.0'] * len(c)\n", "must return one number per completion"),
+    "beyond a float": ("def score(p, c):\n    return [10 ** 400] * len(c)\n", "must return one number per completion"),
+    "a 2-D array": ("import numpy\ndef score(p, c):\n    return numpy.zeros((len(c), 3))\n",
+                    "must return one number per completion"),
+    "sys.exit(0)": ("import sys\ndef score(p, c):\n    sys.exit(0)\n", "raised SystemExit: 0"),
+    "SystemExit(3)": ("def score(p, c):\n    raise SystemExit(3)\n", "raised SystemExit: 3"),
+    "KeyboardInterrupt": ("def score(p, c):\n    raise KeyboardInterrupt\n", "raised KeyboardInterrupt"),
 }
 
 

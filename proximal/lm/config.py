@@ -137,7 +137,8 @@ POOLINGS = ("last", "mean")
 class RewardConfig:
     """The labelled pairs and the reward model fitted to them."""
 
-    labels: int = _param(20_000, "pairs of SFT samples the labeller compares (one prompt per pair)")
+    labels: int = _param(20_000, "pairs of SFT samples the labeller compares (one prompt per pair; with --data.* "
+                                 "files, at most one pair per training prompt)")
     function: str = _param("", "a reward function, module:callable or path/to/file.py:callable, taking (prompts, "
                                "completions) and returning one float each (see --reward.function-role)")
     function_role: str = _param("reward", "reward (PPO/RLOO optimise the function itself; no reward model is "

@@ -211,7 +211,9 @@ class FileTask:
 
     def data(self, seed: int, sizes: DataSizes, tokenizer) -> TaskData:
         """Prompts for PPO: --data.prompts, else the prompts of the demonstrations and pairs (each
-        once); held out: --data.eval-prompts, else a seeded --data.eval-fraction of them."""
+        once); held out: --data.eval-prompts, else a seeded --data.eval-fraction of them. The
+        labeller's pairs (a --reward.function labeller, a person) are asked of --reward.labels of
+        the training prompts, a seeded choice in their order (each of them at most once)."""
         render = lambda example: render_prompt(tokenizer, example)  # noqa: E731
         prompts = self.prompts or list({render(e): e for e in [*self.demonstrations, *self.preferences]}.values())
         rng = np.random.default_rng(seed)
@@ -232,10 +234,11 @@ class FileTask:
                     "origin": example.origin}
                    for index, (example, is_eval) in enumerate(pairs)]
         train_prompts = [render(e) for e in train]
+        labelled = np.sort(np.random.default_rng(seed + 2).permutation(len(train_prompts))[:sizes.preference_prompts])
         return TaskData(
             sft_prompts=[render(e) for e in self.demonstrations],
             sft_completions=[e.completions[0] for e in self.demonstrations],
-            preference_prompts=train_prompts, rl=train_prompts, evaluation=[render(e) for e in held_out],
+            preference_prompts=[train_prompts[i] for i in labelled], rl=train_prompts, evaluation=[render(e) for e in held_out],
             preferences=records or None,
             origins={"sft": [e.origin for e in self.demonstrations], "rl": [e.origin for e in train],
                      "evaluation": [e.origin for e in held_out], "preferences": [e.origin for e, _ in pairs]})

@@ -6,7 +6,9 @@ The callable takes (prompts, completions), two lists of strings, and returns one
 completion. PPO/RLOO then optimise it in place of a reward model's score (the score sits at the
 response's last token, the KL penalty on every token, exactly as with a reward model), or the
 synthetic labeller answers by it (`--reward.function-role labeller`). Whatever it returns is
-checked: a wrong count, a non-number or a NaN stops the run with one line naming the prompt.
+checked: a wrong count, a non-number (a string too, "1.0" included), a number beyond a float or a
+NaN stops the run with one line naming the prompt, and so does anything it raises, sys.exit()
+(SystemExit) and KeyboardInterrupt included.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from proximal.errors import ConfigError, ProximalError
+from proximal.errors import ConfigError, ProximalError, Terminated
 from proximal.lm.model import Completions
 
 
@@ -73,14 +75,20 @@ class RewardFunction:
         """One checked float per completion [B]."""
         try:
             values = self.function(list(prompts), list(completions))
-        except Exception as error:  # noqa: BLE001
+        except Terminated:  # SIGTERM while it runs: the run stops as everywhere else (rc 143)
+            raise
+        except (Exception, SystemExit, KeyboardInterrupt) as error:  # noqa: BLE001  (sys.exit() in it is no success)
             raise RewardFunctionError(f"--reward.function {self.spec} raised {type(error).__name__}: {error} "
                                       f"(on prompt {prompts[0]!r} and {len(prompts) - 1} more)") from None
         try:
+            values = list(values)
+            if any(isinstance(value, (str, bytes)) for value in values):  # float("1.0") would pass a string
+                pass
             values = [float(value) for value in values]
-        except (TypeError, ValueError):
-            raise RewardFunctionError(f"--reward.function {self.spec} must return one number per completion, "
-                                      f"got {str(values)[:80]}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a float, 10**400
+            shown = " ".join(str(values).split())  # one line, whatever the array's shape
+            raise RewardFunctionError(f"--reward.function {self.spec} must return one number per completion "
+                                      f"(int or float), got {shown[:80]}") from None
         if len(values) != len(completions):
             raise RewardFunctionError(f"--reward.function {self.spec} returned {len(values)} values for "
                                       f"{len(completions)} completions")
