@@ -83,7 +83,7 @@ class RewardFunction:
         try:
             values = list(values)
             if any(isinstance(value, (str, bytes)) for value in values):  # float("1.0") would pass a string
-                pass
+                raise TypeError
             values = [float(value) for value in values]
         except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a float, 10**400
             shown = " ".join(str(values).split())  # one line, whatever the array's shape
