@@ -238,7 +238,8 @@ class FileTask:
         return TaskData(
             sft_prompts=[render(e) for e in self.demonstrations],
             sft_completions=[e.completions[0] for e in self.demonstrations],
-            preference_prompts=[train_prompts[i] for i in labelled], rl=train_prompts, evaluation=[render(e) for e in held_out],
+            preference_prompts=[train_prompts[i] for i in labelled], rl=train_prompts,
+            evaluation=[render(e) for e in held_out],
             preferences=records or None,
             origins={"sft": [e.origin for e in self.demonstrations], "rl": [e.origin for e in train],
                      "evaluation": [e.origin for e in held_out], "preferences": [e.origin for e, _ in pairs]})

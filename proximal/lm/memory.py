@@ -7,13 +7,15 @@ them. `micro_batch_rows` sizes a pass so that its activations and its logits sta
 ACTIVATION_BUDGET; the update adds the passes' gradients up, weighted by tokens, to the
 minibatch's gradient (lm/ppo.py).
 
-The budget is what is left of 4 GB on SmolLM2-135M with every weight training: policy, reference,
-gradients and AdamW's moments take 2.7 GB, the libraries ~0.3 GB, and glibc's heap keeps more
-of what the passes free the larger they are. RL iterations at the sentiment preset's batch
-(VmHWM, 3 iterations, this 2-core machine) peaked at 4,404 MiB with passes of 5 rows (512 MiB),
-4,166 MiB with 5 rows and `release_freed_memory` before each pass, 3,697 MiB with 2 rows (256 MiB)
-and it: larger passes run faster (123 GFLOP/s at 16 rows against 89 at 2, measured here), so a
-machine with room to spare can ask for more with --ppo.micro-batch-size.
+The budget aims at 4 GB on SmolLM2-135M with every weight training: policy, reference, gradients
+and AdamW's moments take 2.7 GB, the libraries ~0.3 GB, and glibc's heap keeps more of what the
+passes free the larger they are. RL iterations at the sentiment preset's batch with VADER as the
+reward (VmHWM, 3 iterations, this 2-core machine) peaked at 4,404 MiB with passes of 5 rows (512
+MiB), 4,166 MiB with 5 rows and `release_freed_memory` before each pass, 3,697 MiB with 2 rows
+(256 MiB) and it; the whole sentiment pipeline, whose RL stage also holds the 10-block reward
+model, still peaked at 4.18 GB (docs/lm_real_model.md). Larger passes run faster (123 GFLOP/s at
+16 rows against 89 at 2, measured here): a machine with room to spare can ask for more with
+--ppo.micro-batch-size.
 
 `reset_peak` / `peak_gb` measure a stage's own peak resident memory: Linux resets the peak
 (VmHWM) when "5" is written to /proc/self/clear_refs; elsewhere the peak is the process's since
