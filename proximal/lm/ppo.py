@@ -168,8 +168,7 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
     `--ppo.kl-in loss`. On K processes each minibatch is this rank's share of a global one and
     its gradient is averaged over the ranks, weighted by tokens."""
     mask = rollout.mask
-    if moments is None and config.method != "grpo":
-        moments = dist.masked_moments(rollout.advantages, mask)
+    moments = dist.masked_moments(rollout.advantages, mask) if moments is None else moments
     advantages = update_advantages(rollout.advantages, mask, config.method, moments)  # over the whole batch, once
     parameters = trainable_parameters(policy)
     history, first_ratio_error = [], None
@@ -233,7 +232,7 @@ def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, to
     rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer,
                               micro_batches(first_minibatches, micro_rows), config, kl_coef, share_first_forward=True,
                               policy_pass=not config.old_logprobs_in_update)
-    moments = None if config.method == "grpo" else dist.masked_moments(rollout.advantages, rollout.mask)  # global
+    moments = dist.masked_moments(rollout.advantages, rollout.mask)  # of the global batch (GRPO's stay unwhitened)
     snapshot = (take_snapshot(policy, reference, scorer, tokenizer, snapshot_prompts, config, kl_coef, moments,
                               snapshot_seed, device) if snapshot_prompts else None)
     stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator, moments, dist,
