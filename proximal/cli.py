@@ -228,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--samples", type=int, default=1, help="samples per prompt (default: 1; ignored with --greedy)")
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     generate.add_argument("--greedy", action="store_true", help="the most probable token at each step")
-    generate.add_argument("--max-new-tokens", type=int, default=5, help="length limit of a response (default: 5)")
+    generate.add_argument("--max-new-tokens", type=int, default=None,
+                          help=f"length limit of a response (default: the length its run trained with, for a stage "
+                               f"folder; else {GENERATE_NEW_TOKENS}, within the model's context)")
+    generate.add_argument("--chat", action="store_true",
+                          help="send each prompt as a user message through the model's chat template")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     generate.set_defaults(handler=_generate)
 
@@ -567,8 +571,22 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+GENERATE_NEW_TOKENS = 64  # a few sentences from a real model
+
+
+def _generate_length(args: argparse.Namespace, stage_dir: Path, prompt_lengths: list[int], context: int | None) -> int:
+    """--max-new-tokens, or the run's own ppo.max_new_tokens for a stage folder, or
+    GENERATE_NEW_TOKENS cut to what the model's context leaves after the longest prompt."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # not a stage folder of a run
+        return int(json.loads((stage_dir.parent / "config.json").read_text(encoding="utf-8"))["ppo"]["max_new_tokens"])
+    room = GENERATE_NEW_TOKENS if context is None else context - max(prompt_lengths)
+    return max(1, min(GENERATE_NEW_TOKENS, room))  # a prompt leaving no room is refused below
+
+
 def _generate(args: argparse.Namespace) -> int:
-    if args.samples <= 0 or args.max_new_tokens <= 0:
+    if args.samples <= 0 or (args.max_new_tokens is not None and args.max_new_tokens <= 0):
         raise ConfigError("--samples and --max-new-tokens must be positive integers")
     if not (0.01 <= args.temperature < float("inf")):
         raise ConfigError(f"--temperature must be a finite number >= 0.01 (--greedy takes the most probable "
@@ -578,22 +596,32 @@ def _generate(args: argparse.Namespace) -> int:
 
     from proximal.lm.model import load_pretrained, model_context_length, prompt_lengths, sample_completions
 
-    model_dir = Path(args.model_dir)
+    stage_dir = model_dir = Path(args.model_dir)
     if (model_dir / "model" / "config.json").is_file():  # a stage folder: its model/ inside
         model_dir = model_dir / "model"
     torch.set_num_threads(1)
     model, tokenizer = load_pretrained(model_dir)
-    context = model_context_length(model_dir)
-    for prompt, length in zip(args.prompts, prompt_lengths(tokenizer, args.prompts)):
-        if context is not None and length + args.max_new_tokens > context:
+    texts = args.prompts
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"--chat needs a chat template, and the tokenizer of {args.model_dir} has none "
+                              f"(a base model: give the prompt as plain text)")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True) for prompt in args.prompts]
+    context, lengths = model_context_length(model_dir), prompt_lengths(tokenizer, texts)
+    new_tokens = _generate_length(args, stage_dir, lengths, context)
+    for prompt, length in zip(args.prompts, lengths):
+        if context is not None and length + new_tokens > context:
             raise ConfigError(f"the prompt {prompt[:60]!r} is {length} tokens: with --max-new-tokens "
-                              f"{args.max_new_tokens} that is more than the model's context of {context} tokens")
+                              f"{new_tokens} that is more than the model's context of {context} tokens")
     samples = 1 if args.greedy else args.samples
-    prompts = [prompt for prompt in args.prompts for _ in range(samples)]
-    completions = sample_completions(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                                     torch.Generator().manual_seed(args.seed), "cpu", greedy=args.greedy)
-    for prompt, text, ended in zip(prompts, completions.texts(tokenizer), completions.ended.tolist()):
-        print(f"{prompt}{text}" + ("" if ended else "  [no EOS within --max-new-tokens]"))
+    shown = [prompt for prompt in args.prompts for _ in range(samples)]
+    completions = sample_completions(model, tokenizer, [text for text in texts for _ in range(samples)], new_tokens,
+                                     args.temperature, torch.Generator().manual_seed(args.seed), "cpu",
+                                     greedy=args.greedy)
+    for prompt, text, ended in zip(shown, completions.texts(tokenizer), completions.ended.tolist()):
+        print(f"{prompt}{' -> ' if args.chat else ''}{text}"
+              + ("" if ended else f"  [no EOS within {new_tokens} new tokens]"))
     return 0
 
 

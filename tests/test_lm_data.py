@@ -392,6 +392,36 @@ def test_generate_refuses_what_the_model_cannot_take_in_one_line(tmp_path, capsy
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_generate_defaults_to_the_runs_length_or_what_the_context_leaves(tmp_path):
+    from argparse import Namespace
+
+    from proximal.cli import GENERATE_NEW_TOKENS, _generate_length
+
+    given, unset = Namespace(max_new_tokens=7), Namespace(max_new_tokens=None)
+    stage = tmp_path / "run" / "ppo"
+    stage.mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"ppo": {"max_new_tokens": 32}}))
+    assert _generate_length(given, stage, [4], 16) == 7  # the flag wins
+    assert _generate_length(unset, stage, [4], 2048) == 32  # a stage folder: the length its run trained with
+    assert _generate_length(unset, tmp_path / "model", [4, 10], 16) == 16 - 10  # the longest prompt's room
+    assert _generate_length(unset, tmp_path / "model", [4], 2048) == GENERATE_NEW_TOKENS == 64
+    assert _generate_length(unset, tmp_path / "model", [4], None) == 64
+
+
+def test_generate_chat_renders_the_template_and_is_refused_without_one(tmp_path, capsys):
+    from lm_helpers import tiny_model
+    from proximal.lm.model import build_tiny_gpt2, save_pretrained
+
+    tokenizer = chat_tokenizer()
+    save_pretrained(build_tiny_gpt2(tokenizer, width=16, layers=1, heads=2, context=64), tokenizer, tmp_path / "chat")
+    save_pretrained(*tiny_model(0), tmp_path / "plain")
+    assert main(["generate", str(tmp_path / "chat"), "hi", "--chat", "--greedy", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("hi -> ")  # the prompt as typed, then the reply to its template
+    assert main(["generate", str(tmp_path / "plain"), "1+1=", "--chat"]) != 0
+    err = capsys.readouterr().err
+    assert "--chat needs a chat template" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("flag", ["--ppo.temperature", "--reward.sample-temperature"])
 def test_a_temperature_that_would_overflow_the_logits_is_refused(flag, capsys):
     try:

@@ -211,7 +211,7 @@ def test_sentiment_gold_is_vader_and_held_out_things_never_train():
     data = task.data(0, DataSizes(0, 20, 50, 32, 0.2), tokenizer=None)
     assert (data.sft_prompts, data.sft_completions) == ([], [])
     assert len(data.preference_prompts) == 20 and len(data.rl) == 50 and len(data.evaluation) == 32
-    rendered_held_out = {question + "\n" for question in held_out}  # no chat template: question + newline
+    rendered_held_out = {f"Question: {question}\nAnswer:" for question in held_out}  # no chat template
     assert set(data.evaluation) <= rendered_held_out
     assert not (set(data.rl) | set(data.preference_prompts)) & rendered_held_out
 

@@ -170,6 +170,7 @@ TEMPLATES = (
     "How was your visit to {thing}?", "Share your opinion of {thing}.", "Sum up {thing} in one sentence.",
 )
 HELD_OUT_THINGS = 16  # the last things of a seeded shuffle: their prompts are held out for evaluation
+BASE_MODEL_FRAME = "Question: {question}\nAnswer:"  # a base model (no chat template) continues this
 SYSTEM_PROMPT = "You are a helpful assistant. Answer in one short sentence."  # 13 tokens, not the default 38
 
 
@@ -237,12 +238,13 @@ class SentimentTask:
 
     @staticmethod
     def render(tokenizer, question: str) -> str:
-        """The question as the model expects it: its chat template with a short system prompt,
-        or the bare question and a newline for a model without one."""
+        """The question as the model expects it: its chat template with a short system prompt, or
+        for a base model without one (Gemma 3 270M) the question-and-answer frame its pretraining text
+        is full of, so that what follows reads as an answer rather than the next question of a list."""
         if getattr(tokenizer, "chat_template", None):
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return question + "\n"
+        return BASE_MODEL_FRAME.format(question=question)
 
     @staticmethod
     def questions(seed: int) -> tuple[list[str], list[str]]:
