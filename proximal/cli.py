@@ -307,7 +307,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         writer = dist.is_main
         with locked_run_dir(run_dir) if run_dir is not None and writer else contextlib.nullcontext():
-            result = train(config, run_dir=run_dir, resume=resume, show_progress=sys.stderr.isatty() and writer,
+            result = train(config, run_dir=run_dir, resume=resume, show_progress=writer,
                            dist=dist)
     finally:
         leave()
@@ -384,7 +384,7 @@ def _prefs(args: argparse.Namespace) -> int:
     from proximal.run import locked_run_dir
 
     with locked_run_dir(run_dir) if run_dir is not None else contextlib.nullcontext():
-        result, fit = train_from_preferences(config, prefs, show_progress=sys.stderr.isatty(), resume=resume,
+        result, fit = train_from_preferences(config, prefs, show_progress=True, resume=resume,
                                              run_dir=run_dir, announce=lambda line: print(line, flush=True))
     returns = result.eval_returns
     print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.2f} s of training, "
@@ -547,7 +547,7 @@ def _rlhf(args: argparse.Namespace) -> int:
     dist = join(args.dist_timeout, config.run.device, "rlhf")  # one process unless launched by torchrun
     try:
         run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), args.stages,
-                               show_progress=sys.stderr.isatty(), report=_report_stage, dist=dist)
+                               show_progress=True, report=_report_stage, dist=dist)
     finally:
         leave()
     if dist.is_main:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from proximal.progress import progress
 from proximal.run import CsvLog, read_csv_rows
 
 METRICS_NAME = "metrics.csv"
@@ -36,8 +35,7 @@ class MetricsLogger:
         self._columns = METRIC_COLUMNS + tuple(extra_columns)
         self._csv = CsvLog(path, self._columns, "iteration", start_iteration if path.exists() else None)
         self._tensorboard = _tensorboard_writer(run_dir)
-        self._progress = tqdm(total=total_steps, initial=start_step, unit="step", unit_scale=True,
-                              disable=not show_progress, dynamic_ncols=True, leave=False)
+        self._progress = progress(total_steps, "train", show_progress, initial=start_step, unit_scale=True)
         self._last_return: float | None = None
 
     def log(self, metrics: dict[str, Any]) -> None:

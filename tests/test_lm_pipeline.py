@@ -214,10 +214,16 @@ def run_cli(args, capsys):
 
 
 @pytest.mark.slow
-def test_the_whole_pipeline_runs_and_each_stage_writes_its_files(tmp_path, capsys):
+def test_the_whole_pipeline_runs_and_each_stage_writes_its_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("proximal.progress.LOG_EVERY_SECONDS", 0.0)  # a line at every step (stderr is no TTY)
     run_dir = tmp_path / "run"
     code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), *TINY], capsys)
     assert code == 0, err
+    progress = [line for line in err.splitlines() if " steps, " in line or " samples, " in line]
+    assert progress[0].startswith("sft: 1/30 steps, ")
+    assert any(line.startswith("sft: 30/30 steps, ") and ", loss=" in line for line in progress), progress
+    assert any(line.startswith("reward: sampling pairs: 480/480 samples, ") for line in progress), progress
+    assert any(line.startswith("ppo: 4/4 steps, ") and ", score=" in line for line in progress), progress
     reported = [line for line in out.splitlines() if not line.startswith("reward: warning:")]  # 30 SFT steps: ties
     assert [line.split(":")[0] for line in reported] == ["sft", "reward", "ppo", "run directory"]
     for stage, files in {"sft": ["sft.png", "metrics.csv", "summary.json", "model/config.json"],

@@ -484,13 +484,16 @@ SAMPLE_BATCH = 128  # prompts decoded at once: SmolLM2-135M on 2 CPU cores decod
 
 
 def sample_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
-                 generator: torch.Generator | None, device: str) -> tuple[list[str], list[bool]]:
+                 generator: torch.Generator | None, device: str, progress=None) -> tuple[list[str], list[bool]]:
     """(response texts, ended) of one `sample_completions` draw per prompt, for many prompts:
-    decoded SAMPLE_BATCH at a time from the one `generator`, in prompt order."""
+    decoded SAMPLE_BATCH at a time from the one `generator`, in prompt order (`progress`, a bar,
+    advanced by each batch's prompts)."""
     texts, ended = [], []
     for start in range(0, len(prompts), SAMPLE_BATCH):
         completions = sample_completions(model, tokenizer, prompts[start:start + SAMPLE_BATCH], max_new_tokens,
                                          temperature, generator, device)
         texts += completions.texts(tokenizer)
         ended += completions.ended.tolist()
+        if progress is not None:
+            progress.update(len(completions.ended))
     return texts, ended

@@ -353,8 +353,8 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
             stats.update(eval_seconds=eval_seconds, wall_seconds=time.perf_counter() - started)  # evaluations included
             if log is not None:
                 log.log(stats)
-            progress.update()
             progress.set_postfix(score=f"{stats['score']:.2f}", kl=f"{stats['kl_k1']:.2f}", refresh=False)
+            progress.update()
             if iteration % config.eval_every == 0 and not last:
                 rank_generators = dist.gather_objects(sampler.get_state()) if dist.distributed else None
                 if dist.is_main:

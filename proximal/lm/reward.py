@@ -218,9 +218,10 @@ def sampled_sides(ctx: StageContext, model, tokenizer) -> tuple[list[str], list[
     shared = torch.Generator(device=ctx.device).manual_seed(seed + PREFERENCE_PROMPT_SEED)
     generator = dist.rank_generator(shared, seed + PREFERENCE_PROMPT_SEED)
     samples = []  # samples_per_prompt rounds of one sample per prompt: (texts, ended)
-    for _ in range(config.samples_per_prompt):
-        samples.append(sample_texts(model, tokenizer, prompts, ctx.config.ppo.max_new_tokens,
-                                    config.sample_temperature, generator, ctx.device))
+    with ctx.progress("reward: sampling pairs", config.samples_per_prompt * len(prompts), unit="sample") as bar:
+        for _ in range(config.samples_per_prompt):
+            samples.append(sample_texts(model, tokenizer, prompts, ctx.config.ppo.max_new_tokens,
+                                        config.sample_temperature, generator, ctx.device, bar))
     rows = []
     for query in range(len(prompts)):
         candidates = [(texts[query], ended[query]) for texts, ended in samples]

@@ -100,13 +100,13 @@ def run_sft(ctx: StageContext) -> dict[str, Any]:
             loss, tokens = sft_step(model, optimizer, [tensor[dist.shard(index)] for tensor in data],
                                     config.max_grad_norm, dist)
             schedule.step()
-            progress.update()
             if (step + 1) % 10 == 0 or step + 1 == config.steps:
                 mean_loss = dist.weighted_mean(loss, tokens)
                 if log is not None:
                     log.log({"step": step + 1, "loss": mean_loss, "learning_rate": schedule.get_last_lr()[0],
                              "wall_seconds": time.perf_counter() - started})
                 progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+            progress.update()
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps and dist.is_main:
                 save_checkpoint(checkpoint_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -34,6 +34,7 @@ from proximal.lm.model import (AdaptersOff, Completions, build_char_tokenizer, l
                                sample_completions, save_pretrained, with_lora)
 from proximal.lm.reward_function import RewardFunction
 from proximal.lm.tasks import TASKS, DataSizes, Task, TaskData
+from proximal.progress import LogLines, progress
 from proximal.run import write_json_atomic
 
 SUMMARY_NAME = "summary.json"
@@ -86,10 +87,8 @@ class StageContext:
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
 
-    def progress(self, stage: str, total: int, initial: int = 0) -> tqdm:
-        shown = self.show_progress and self.dist.is_main
-        return tqdm(total=total, initial=initial, desc=stage, unit="step", disable=not shown, dynamic_ncols=True,
-                    leave=False)
+    def progress(self, stage: str, total: int, initial: int = 0, unit: str = "step") -> tqdm | LogLines:
+        return progress(total, stage, self.show_progress and self.dist.is_main, unit, initial)
 
     def gold(self, prompts: list[str], texts: list[str], ended) -> np.ndarray | None:
         """What a stage is measured by: the task's gold score, else the reward function; None
