@@ -28,7 +28,7 @@ from proximal.config import TrainConfig
 from proximal.dist import DistContext
 from proximal.errors import CheckpointError, ConfigError, TrainingDiverged
 from proximal.normalize import RunningMeanStd
-from proximal.optim import Adam
+from proximal.optim import Adam, clip_gradients
 from proximal.losses import clipped_surrogate_loss, explained_variance, ratio_statistics
 
 
@@ -271,7 +271,7 @@ class PPOAgent:
                 loss.backward()
                 if not dist.average_gradients(parameters, len(indices), loss):  # the mean over every rank's rows
                     raise TrainingDiverged("the PPO loss became NaN or infinite")
-                nn.utils.clip_grad_norm_(parameters, ppo.max_grad_norm)
+                clip_gradients(parameters, ppo.max_grad_norm, "PPO")
                 self.optimizer.step()
                 approx_kl, clip_fraction = ratio_statistics(logprobs, batch.logprobs[indices], ppo.clip_coef)
                 epoch_kls.append(approx_kl)

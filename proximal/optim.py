@@ -1,4 +1,5 @@
-"""Adam (Kingma and Ba 2015, Algorithm 1), written out.
+"""Adam (Kingma and Ba 2015, Algorithm 1), written out, and the gradient clipping every
+trainer's step goes through (`clip_gradients`: a non-finite gradient never reaches the weights).
 
 Why not `torch.optim.Adam`: every `torch.optim` optimiser imports `torch._dynamo` on first use,
 about one second of a three-second `proximal train` process on a laptop CPU, and the update is
@@ -11,6 +12,17 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+
+from proximal.errors import TrainingDiverged
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float, what: str) -> None:
+    """Scale the gradients to a total norm <= `max_norm`, or refuse a NaN or infinite one before
+    the step: a finite loss can have one (a NaN at an entry the loss masks out still meets a 0 in
+    the backward pass, and 0 x NaN is NaN), and one such step would turn every weight NaN."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    if not bool(torch.isfinite(norm)):
+        raise TrainingDiverged(f"the {what} gradient became NaN or infinite although the loss was finite")
 
 
 class Adam:

@@ -42,6 +42,7 @@ from torch import nn
 from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from proximal.dist import DistContext
 from proximal.errors import ConfigError, TrainingDiverged
+from proximal.optim import clip_gradients
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
 from proximal.lm.memory import micro_batch_rows, release_freed_memory
@@ -68,11 +69,15 @@ class Scorer(Protocol):
 def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs [B, R], values [B, R], response logits [B, R, V]) of the responses: the value of
-    s_t (prompt + tokens before t) is read where token t is predicted."""
+    s_t (prompt + tokens before t) is read where token t is predicted. At padded positions both
+    are 0, whatever the model gives there: a NaN would pass the masks of the loss's forward pass
+    but turn its gradient NaN (0 x NaN in the backward pass of exp, pow and softmax)."""
     logits, scalars = policy(completions.input_ids, completions.attention_mask, response_logits_kept(completions))
     prompt_length, response_length = completions.prompt_ids.shape[1], completions.response_ids.shape[1]
-    logits = response_logits(logits, response_length)
-    values = scalars[:, prompt_length - 1: prompt_length - 1 + response_length]
+    kept = completions.response_mask  # [B, R]
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    logits = torch.where(kept[..., None], response_logits(logits, response_length), zero)  # [B, R, V]
+    values = torch.where(kept, scalars[:, prompt_length - 1: prompt_length - 1 + response_length], zero)  # [B, R]
     return token_logprobs(logits, completions.response_ids, temperature), values, logits
 
 
@@ -190,7 +195,7 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
                 ratio_errors.append(ratio_error)
             if not dist.average_gradients(parameters, float(tokens), loss):  # weighted by this rank's tokens
                 raise TrainingDiverged("the PPO loss became NaN or infinite")
-            nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            clip_gradients(policy.parameters(), config.max_grad_norm, "PPO")
             optimizer.step()
             rollout.logprobs_pending = False
             first_ratio_error = max(ratio_errors) if first_ratio_error is None else first_ratio_error
@@ -320,9 +325,14 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
             policy.train()
             snapshot_now = dist.is_main and config.snapshot_every and (
                 iteration == 1 or iteration % config.snapshot_every == 0)
-            result = ppo_iteration(policy, reference, scorer, tokenizer, optimizer, batch_prompts, config,
-                                   kl_controller.value, sampler, ctx.device, fixed if snapshot_now else None,
-                                   ctx.config.run.seed + SNAPSHOT_SEED + iteration, dist)
+            try:
+                result = ppo_iteration(policy, reference, scorer, tokenizer, optimizer, batch_prompts, config,
+                                       kl_controller.value, sampler, ctx.device, fixed if snapshot_now else None,
+                                       ctx.config.run.seed + SNAPSHOT_SEED + iteration, dist)
+            except TrainingDiverged as error:
+                kept = (f"last good checkpoint kept: {checkpoint_path}" if checkpoint_path.exists()
+                        else "no checkpoint had been written yet")
+                raise TrainingDiverged(f"{error} at iteration {iteration}; {kept}") from None
             stats, batch_prompts = result.stats, result.prompts  # this rank's rows
             if config.adaptive_kl:
                 kl_controller.update(stats["kl_k1"], config.prompts_per_iteration)

@@ -20,6 +20,7 @@ from torch import nn
 from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from proximal.dist import DistContext
 from proximal.errors import TrainingDiverged
+from proximal.optim import clip_gradients
 from proximal.lm.model import (Completions, build_tiny_gpt2, encode_prompts, encode_responses, load_pretrained,
                                response_logprobs, save_pretrained, trainable_parameters)
 from proximal.lm.stage import MODEL_DIR, StageContext, finish
@@ -48,7 +49,7 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: list[torc
     tokens = float(rows[3].sum())  # what the loss averaged over
     if not dist.average_gradients(trainable_parameters(model), tokens, loss):
         raise TrainingDiverged("the SFT loss became NaN or infinite")
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    clip_gradients(model.parameters(), max_grad_norm, "SFT")
     optimizer.step()
     return loss, tokens
 
