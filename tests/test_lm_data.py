@@ -318,6 +318,36 @@ def test_a_run_that_cannot_work_is_one_line_before_anything_is_written(case, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+TINY_RUNS = {  # case -> (the files' records by flag, what the one line must say)
+    "one prompt": ({"--data.prompts": [{"prompt": "Say hi."}], "--data.sft": [{"prompt": "Hi?", "completion": " hi"}]},
+                   "prompts.jsonl: 1 distinct prompt(s), too few to hold 1 out for evaluation"),
+    "one demonstration and no prompts": ({"--data.sft": [{"prompt": "Hi?", "completion": " hi"}]},
+                                         "sft.jsonl: 1 distinct prompt(s), too few to hold 1 out"),
+    "one training prompt for a learned reward": (
+        {"--data.prompts": [{"prompt": "Say hi."}], "--data.eval-prompts": [{"prompt": "Say bye."}],
+         "--data.sft": [{"prompt": "Hi?", "completion": " hi"}],
+         "--data.preferences": [{"prompt": "Say hi.", "chosen": " hi", "rejected": " no"}]},
+        "needs at least 2 of them, got 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(TINY_RUNS))
+def test_too_few_records_for_the_splits_is_one_line_before_anything_is_written(case, tmp_path, capsys,
+                                                                              monkeypatch):
+    """One record trained SFT and then raised a traceback (an empty held-out split), or ended in
+    'the PPO loss became NaN' (the std of one reward score): now one line up front."""
+    files, message = TINY_RUNS[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    args = [a for flag, records in files.items()
+            for a in (flag, write_lines(data / f"{flag.removeprefix('--data.')}.jsonl", records))]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["rlhf", *args, "--model.context", "64", "--threads", "1"], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 GOOD_RECORD = {"query": 0, "prompt": "1+1=", "responses": ["2", "3"], "ended": [True, True], "label": 1.0,
                "labeller": "synthetic", "true_returns": [1.0, 0.0], "validation": False}
 

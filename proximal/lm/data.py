@@ -221,11 +221,13 @@ class FileTask:
             train, held_out = prompts, self.eval_prompts
         else:
             order = rng.permutation(len(prompts))
-            cut = max(1, round(self.config.eval_fraction * len(prompts))) if len(prompts) > 1 else 0
+            cut = max(1, round(self.config.eval_fraction * len(prompts)))
             held_out, train = [prompts[i] for i in order[:cut]], [prompts[i] for i in order[cut:]]
-        if not train and (self.prompts or self.demonstrations or self.preferences):
-            raise DataError(f"{self.config.prompts or self.config.sft or self.config.preferences}: too few prompts "
-                            "to hold some out for evaluation; add records or pass --data.eval-prompts")
+            if prompts and not train:
+                raise DataError(f"{self.config.prompts or self.config.sft or self.config.preferences}: "
+                                f"{len(prompts)} distinct prompt(s), too few to hold {cut} out for evaluation "
+                                f"(--data.eval-fraction {self.config.eval_fraction}) and train on the rest; "
+                                "add records or pass --data.eval-prompts")
         pairs = [(e, False) for e in self.preferences] + [(e, True) for e in self.eval_preferences]
         validation = np.random.default_rng(seed + 1).random(len(self.preferences)) < sizes.validation_fraction
         records = [{"query": index, "prompt": render(example), "responses": list(example.completions),

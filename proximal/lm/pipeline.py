@@ -73,6 +73,11 @@ def _check_order(ctx: StageContext, stages: tuple[str, ...]) -> None:
                               "or a --reward.function to optimise")
         if stage == "ppo" and not ctx.data.rl:
             raise ConfigError("stage ppo needs prompts: pass --data.prompts FILE")
+        standardised_on = len(ctx.data.rl[:config.reward.standardise_samples])
+        if stage == "reward" and standardised_on < 2:
+            raise ConfigError(f"the reward stage sets its scores' mean and std on the start model's samples of "
+                              f"the training prompts and needs at least 2 of them, got {standardised_on}: add "
+                              "prompts (--data.prompts) or raise --reward.standardise-samples")
         if stage == "dpo" and "reward" not in done and ctx.data.preferences is None:
             raise ConfigError("stage dpo needs pairs: a finished reward stage in --run-dir, or --data.preferences FILE")
         done.add(stage)
