@@ -635,15 +635,12 @@ def _inspect(args: argparse.Namespace) -> int:
     out = write_page(Path(args.run_dir), None if args.out is None else Path(args.out))
     print(f"wrote {out}", flush=True)
     if args.serve:
-        import signal
         import threading
 
         server = PageServer(out.read_text(encoding="utf-8"), port=args.port)
         print(f"open {server.start()}  (Ctrl-C to stop)", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            stop.wait()
+            threading.Event().wait()  # until Ctrl-C (rc 130) or SIGTERM (rc 143), as every command stops
         finally:
             server.stop()
     return 0

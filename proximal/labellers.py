@@ -10,13 +10,13 @@ language model) alike.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from proximal.errors import ProximalError
+from proximal.jsonl import read_json_lines
 
 
 class ReplayError(ProximalError):
@@ -52,11 +52,12 @@ class ReplayLabeller:
     or answers recorded elsewhere (by a person) reused."""
 
     def __init__(self, path: str | Path):
-        try:
-            lines = Path(path).read_text().splitlines()
-            self.records = [json.loads(line) for line in lines if line.strip()]
-        except (OSError, json.JSONDecodeError) as error:
-            raise ReplayError(f"cannot read recorded comparisons {path}: {error}") from None
+        self.records = []
+        for number, record in read_json_lines(path, ReplayError):
+            if not (isinstance(record, dict) and "label" in record and "true_returns" in record):
+                raise ReplayError(f"{path} line {number}: a recorded comparison is a JSON object with 'label' and "
+                                  "'true_returns'")
+            self.records.append(record)
         self.position = 0
 
     def answer(self, true_return_1: float, true_return_2: float) -> float | None:

@@ -31,6 +31,7 @@ import torch
 
 from proximal.checkpoint import load_checkpoint
 from proximal.errors import ProximalError
+from proximal.jsonl import LineError, file_text, parse_line
 
 
 def unique_run_dir(runs_dir: str | Path, name: str) -> Path:
@@ -140,17 +141,17 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text()
+    text = file_text(path)
     lines = text.split("\n")
     records, cut = [], False
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(parse_line(line))
+        except LineError as problem:
             if number < len(lines) - 1 or (number == len(lines) - 1 and lines[-1] != ""):
-                raise ProximalError(f"{path}: line {number} is not JSON") from None
+                raise ProximalError(f"{path} line {number}: {problem}") from None
             cut = True
     complete = text.endswith("\n") or text == ""
     if repair and (cut or not complete):

@@ -82,7 +82,7 @@ BAD_INPUTS = [
     (["prefs", "--model-error-rate", "1"], None, r"model_error_rate must be in \[0, 1\)"),
     (["prefs", "--segment-length", "300"], None, "segment_length must be <= num_steps = 256"),
     (["prefs", "--labeller", "replay"], None, "replay_from must be a comparisons.jsonl exactly when --labeller replay"),
-    (["prefs", "--labeller", "replay", "--replay-from", "{path}"], "missing", "cannot read recorded comparisons"),
+    (["prefs", "--labeller", "replay", "--replay-from", "{path}"], "missing", "no such file"),
     (["train", "../../etc"], None, "'../../etc' is not a Gymnasium environment id"),
     (["eval", "{path}", "--gif", "/no/such/dir/x.gif"], "empty_dir", "--gif /no/such/dir/x.gif: no such directory"),
     (["plot", "{path}", "--out", "/no/such/dir/x.png"], "empty_dir", "--out /no/such/dir/x.png: no such directory"),

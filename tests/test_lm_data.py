@@ -14,7 +14,7 @@ import torch
 from lm_helpers import tiny_llama
 from proximal.cli import main
 from proximal.lm.config import DataConfig
-from proximal.lm.data import FileTask
+from proximal.lm.data import FileTask, prompt_examples
 from proximal.lm.model import build_char_tokenizer, encode_prompts, encode_responses, save_pretrained
 from proximal.lm.tasks import DataSizes
 
@@ -107,6 +107,15 @@ def test_the_labellers_pairs_are_as_many_as_reward_labels_asks_of_the_training_p
     assert six.preference_prompts == sorted(six.preference_prompts, key=six.rl.index)
     assert task.data(0, DataSizes(0, 6, 0, 0, 0.25), None).preference_prompts == six.preference_prompts
     assert task.data(0, DataSizes(0, 20_000, 0, 0, 0.25), None).preference_prompts == six.rl
+
+
+def test_a_utf8_byte_order_mark_is_skipped_as_utf8_sig_does(tmp_path):
+    """Windows editors begin a UTF-8 file with EF BB BF; it was refused with a Python-specific hint."""
+    lines = '{"prompt": "describe the cat."}\n{"prompt": "caf\u00e9?"}\n'
+    (tmp_path / "plain.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode("utf-8"))
+    plain, marked = prompt_examples(str(tmp_path / "plain.jsonl")), prompt_examples(str(tmp_path / "bom.jsonl"))
+    assert [e.prompt for e in marked] == [e.prompt for e in plain] == ["describe the cat.", "caf\u00e9?"]
 
 
 def test_held_out_prompts_are_a_seeded_split_disjoint_from_training(tmp_path):
@@ -240,12 +249,19 @@ BAD_FILES = {  # case -> (file name, lines, flag, what the one line must say)
         {"chosen": [user("hi"), assistant("a")], "rejected": [user("ho"), assistant("b")]})], "--data.preferences",
         "line 1: fields 'chosen' and 'rejected' must share"),
     "empty file": ("prompts.jsonl", [""], "--data.prompts", "holds no records"),
+    "nested too deeply": ("prompts.jsonl", ['{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"], "--data.prompts",
+                          "line 1: JSON nested too deeply to read"),
+    "a lone surrogate": ("prompts.jsonl", ['{"prompt": "the cat."}', '{"prompt": "a\\ud800b"}'], "--data.prompts",
+                         "line 2: a string holds a lone UTF-16 surrogate (\\ud800), which is not text"),
+    "a directory": ("prompts.jsonl", None, "--data.prompts", "prompts.jsonl: is a directory"),
+    "not UTF-8": ("prompts.jsonl", b'{"prompt": "caf\xe9"}\n', "--data.prompts", "not UTF-8 text (byte 15"),
     "record longer than the context": ("sft.jsonl", [GOOD, '{"prompt": "describe the cat.", "completion": "' + "a" * 80
-                                                     + '"}', GOOD.replace("kind", "a" * 70)], "--data.sft",
+                                                     + '"}', GOOD.replace("kind", "a" * 70).replace("cat.", "dog.")], "--data.sft",
                                        "line 2: prompt plus completion plus EOS is 99 tokens, more than the model's "
                                        "context of 64 (2 of 3 such records are refused"),
-    "conversational without a chat template": ("prompts.jsonl", [json.dumps({"prompt": [user("hi")]})],
-                                               "--data.prompts", "line 1: a conversational record needs a model with "
+    "conversational without a chat template": ("prompts.jsonl", [json.dumps({"prompt": [user("hi")]}),
+                                                                json.dumps({"prompt": [user("ho")]})],
+                                               "--data.prompts", "a conversational record needs a model with "
                                                                  "a chat template"),
 }
 
@@ -254,7 +270,12 @@ BAD_FILES = {  # case -> (file name, lines, flag, what the one line must say)
 def test_a_bad_record_is_one_line_with_its_file_line_and_field(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     name, lines, flag, message = BAD_FILES[case]
-    (tmp_path / name).write_text("\n".join(lines) + "\n")
+    if lines is None:
+        (tmp_path / name).mkdir()
+    elif isinstance(lines, bytes):
+        (tmp_path / name).write_bytes(lines)
+    else:
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
     extra = []
     if case == "conversational without a chat template":
         _chat_model(tmp_path)

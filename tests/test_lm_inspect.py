@@ -120,16 +120,22 @@ def test_the_slider_and_the_colour_choice_move_through_the_snapshots(tiny_run, b
     assert [int(line.get_attribute("data-iteration")) for line in lines] == iterations  # one prompt, every iteration
 
 
-def test_the_page_needs_no_network_and_shows_markup_as_text(tmp_path, browser):  # noqa: F811
-    """A hand-made snapshot whose prompt and tokens are HTML: they render as text; the page loads
-    from a file with the browser offline, and references nothing outside itself."""
+def hand_made_snapshot() -> dict:
+    """One snapshot of one row whose prompt and tokens are HTML, every field as snapshots.py writes it."""
     row = {"prompt": "<img src=x onerror=\"document.title='hacked'\">", "text": "", "ended": True, "score": 1.5,
            "gold": None, "tokens": ["<script>document.title='hacked'</script>", " \n", "</script><b>x</b>"],
            "clipped": [False, True, False]}
     for name in ("logprobs", "ref_logprobs", "kl_penalty", "rewards", "values", "returns", "advantages", "whitened",
                  "first_ratio", "ratio"):
         row[name] = [0.5, -1.0, 0.25]
-    snapshot = {"iteration": 1, "kl_coef": 0.3, "clip_coef": 0.2, "method": "ppo", "summary": {}, "rows": [row]}
+    return {"iteration": 1, "kl_coef": 0.3, "clip_coef": 0.2, "method": "ppo", "summary": {}, "rows": [row]}
+
+
+def test_the_page_needs_no_network_and_shows_markup_as_text(tmp_path, browser):  # noqa: F811
+    """A hand-made snapshot whose prompt and tokens are HTML: they render as text; the page loads
+    from a file with the browser offline, and references nothing outside itself."""
+    snapshot = hand_made_snapshot()
+    row = snapshot["rows"][0]
     (tmp_path / "ppo").mkdir()
     (tmp_path / "ppo" / "snapshots.jsonl").write_text(json.dumps(snapshot) + "\n")
     assert main(["inspect", str(tmp_path)]) == 0
@@ -157,6 +163,56 @@ def test_a_run_without_snapshots_is_one_line_and_nothing_is_written(tmp_path, ca
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+def _with(snapshot: dict, change) -> dict:
+    change(snapshot)
+    return snapshot
+
+
+BAD_SNAPSHOTS = {  # case -> (the file's lines, what the one line must say)
+    "nested too deeply": (['{"rows": ' + "[" * 100_000 + "]" * 100_000 + "}", "{}"], "line 1: JSON nested too deeply"),
+    "not an object": ([json.dumps([1, 2])], "line 1: a snapshot is a JSON object, got list"),
+    "iteration a string": ([json.dumps(_with(hand_made_snapshot(), lambda s: s.update(iteration="1")))],
+                           "line 1: field 'iteration' is missing or of the wrong type"),
+    "no rows": ([json.dumps(_with(hand_made_snapshot(), lambda s: s.update(rows=[])))], "field 'rows'"),
+    "fewer rows than the first": ([json.dumps(hand_made_snapshot()),
+                                   json.dumps(_with(hand_made_snapshot(), lambda s: s["rows"].append(s["rows"][0])))],
+                                  "line 2: field 'rows'"),
+    "tokens not strings": ([json.dumps(_with(hand_made_snapshot(), lambda s: s["rows"][0].update(tokens=[1, 2, 3])))],
+                           "row 0: 'tokens' must be a list of strings"),
+    "a value short": ([json.dumps(_with(hand_made_snapshot(), lambda s: s["rows"][0]["ratio"].pop()))],
+                      "row 0: field 'ratio' is missing or of the wrong type"),
+    "a value a string": ([json.dumps(_with(hand_made_snapshot(), lambda s: s["rows"][0].update(score="1.5")))],
+                         "row 0: field 'score'"),
+    "clipped not booleans": ([json.dumps(_with(hand_made_snapshot(), lambda s: s["rows"][0].update(clipped=[0, 1, 0])))],
+                             "row 0: field 'clipped'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SNAPSHOTS))
+def test_a_snapshot_the_page_could_not_draw_is_one_line_and_nothing_is_written(case, tmp_path, capsys):
+    """The page took any JSON and failed in the browser (a TypeError); a 100,000-deep line was a
+    RecursionError traceback."""
+    lines, message = BAD_SNAPSHOTS[case]
+    (tmp_path / "ppo").mkdir()
+    (tmp_path / "ppo" / "snapshots.jsonl").write_text("".join(line + "\n" for line in lines))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, _, err = run_cli(["inspect", str(tmp_path)], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "snapshots.jsonl " in err and message in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_nan_in_the_summary_is_shown_as_a_dash_not_left_to_break_the_pages_json(tmp_path):
+    snapshot = _with(hand_made_snapshot(), lambda s: s.update(summary={"explained_variance": math.nan, "score": 0.5}))
+    (tmp_path / "ppo").mkdir()
+    (tmp_path / "ppo" / "snapshots.jsonl").write_text(json.dumps(snapshot) + "\n")
+    assert main(["inspect", str(tmp_path)]) == 0
+    page = (tmp_path / "ppo" / "inspect.html").read_text()
+    data = page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
+    summary = json.loads(data, parse_constant=lambda name: pytest.fail(f"{name} is no JSON"))["snapshots"][0]["summary"]
+    assert summary == {"explained_variance": None, "score": 0.5}
+
+
 def test_a_resumed_stage_keeps_the_snapshots_up_to_its_checkpoint(tmp_path):
     path = tmp_path / "snapshots.jsonl"
     path.write_text("".join(json.dumps({"iteration": i, "rows": []}) + "\n" for i in (1, 10, 20)) + '{"iteration": 3')
@@ -173,10 +229,12 @@ def test_serve_needs_the_token_and_stops_on_sigterm(tiny_run):
         assert url.startswith("http://127.0.0.1:") and "?token=" in url, lines
         with urllib.request.urlopen(url, timeout=10) as response:
             assert response.status == 200 and b"What PPO saw" in response.read()
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert "default-src 'none'" in response.headers["Content-Security-Policy"]
         for bad in (url.split("?")[0], url[:-3] + "abc"):
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(bad, timeout=10)
             assert refused.value.code == 403
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
+        assert process.wait(timeout=10) == 128 + signal.SIGTERM  # as every command stops on SIGTERM

@@ -146,6 +146,18 @@ def test_a_missing_gguf_file_is_one_line(tmp_path):
         load_pretrained(tmp_path / "junk.gguf")
 
 
+@pytest.mark.parametrize("kept", [0, 4, 100, 0.5])
+def test_a_gguf_file_cut_short_is_one_line(tiny_llama, tmp_path, kept):
+    """A download cut short: a struct.error from the header's reader (100 bytes) or a reshape
+    error from the tensor data (half the file) was a traceback."""
+    data = tiny_llama[2].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(kept * len(data)) if isinstance(kept, float) else kept])
+    with pytest.raises(CheckpointError, match="cut.gguf holds no loadable causal LM") as raised:
+        load_pretrained(cut)
+    assert "\n" not in str(raised.value)
+
+
 def test_lora_reference_is_the_start_model_exactly_and_stays_so(tiny_llama):
     original, tokenizer, _ = tiny_llama
     from transformers import LlamaForCausalLM

@@ -21,13 +21,12 @@ count of how many are), never truncated: a cut demonstration would teach the mod
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from proximal.errors import ConfigError
+from proximal.jsonl import read_json_lines
 from proximal.lm.tasks import DataSizes, TaskData
 
 Text = str | list  # a string, or a list of messages
@@ -77,22 +76,9 @@ def _field(origin: str, record: dict, name: str) -> Text:
 def read_records(path: str, kinds: tuple[tuple[str, ...], ...]) -> list[Record]:
     """The records of a JSON-lines file, each with the fields of one of `kinds` (tried in order:
     the first whose fields the record has)."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot be read as UTF-8 text ({error})") from None
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in read_json_lines(path, DataError):
         origin = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{origin}: not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{origin}: a record must be a JSON object, got {type(record).__name__}")
         kind = next((kind for kind in kinds if all(name in record for name in kind)), kinds[0])

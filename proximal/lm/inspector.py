@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import secrets
 import threading
 from http import HTTPStatus
@@ -22,6 +23,14 @@ from proximal.lm.snapshots import SNAPSHOTS_NAME
 from proximal.run import read_jsonl, write_text_atomic
 
 PAGE_NAME = "inspect.html"
+PAGE_HEADERS = {  # --serve: the page's own policy (no network, inline script and style) sent as a header too
+    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
+}
+TOKEN_FIELDS = ("logprobs", "ref_logprobs", "kl_penalty", "rewards", "values", "returns", "advantages", "whitened",
+                "first_ratio", "ratio")  # one finite number per token each, as snapshots.py writes them
 
 
 class InspectError(ProximalError):
@@ -42,12 +51,58 @@ def read_snapshots(run_dir: Path) -> list[dict]:
     if not snapshots:
         raise InspectError(f"{run_dir} holds no PPO snapshots ({path} is missing or empty): run `proximal rlhf` "
                            "with --ppo.snapshot-every > 0 (the default, 10)")
+    rows = None  # the first snapshot's count: every one answers the same fixed prompts
+    for number, snapshot in enumerate(snapshots, start=1):
+        problem = _snapshot_problem(snapshot, rows)
+        if problem is not None:
+            raise InspectError(f"{path} line {number}: {problem}; it is not a snapshot proximal wrote")
+        rows = len(snapshot["rows"])
     return snapshots
+
+
+def _is_number(value, finite: bool = True) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (not finite or math.isfinite(value))
+
+
+def _snapshot_problem(snapshot, rows: int | None) -> str | None:
+    """What in one snapshot line the page could not draw (a JavaScript TypeError in the browser),
+    or None: the fields snapshots.py writes, with their types and one value per token."""
+    if not isinstance(snapshot, dict):
+        return f"a snapshot is a JSON object, got {type(snapshot).__name__}"
+    kinds = {"iteration": lambda v: isinstance(v, int) and not isinstance(v, bool), "kl_coef": _is_number,
+             "clip_coef": _is_number, "method": lambda v: isinstance(v, str),
+             "summary": lambda v: isinstance(v, dict) and all(x is None or _is_number(x, False) for x in v.values()),
+             "rows": lambda v: isinstance(v, list) and len(v) > 0 and rows in (None, len(v))}
+    for name, is_kind in kinds.items():
+        if name not in snapshot or not is_kind(snapshot[name]):
+            return f"field {name!r} is missing or of the wrong type" + (
+                " (a non-empty list, as many rows as the first snapshot's)" if name == "rows" else "")
+    for index, row in enumerate(snapshot["rows"]):
+        where = f"row {index}"
+        if not isinstance(row, dict):
+            return f"{where} is not a JSON object"
+        tokens = row.get("tokens")
+        if not (isinstance(tokens, list) and all(isinstance(token, str) for token in tokens)):
+            return f"{where}: 'tokens' must be a list of strings"
+        row_kinds = {"prompt": lambda v: isinstance(v, str), "text": lambda v: isinstance(v, str),
+                     "ended": lambda v: isinstance(v, bool), "score": _is_number,
+                     "gold": lambda v: v is None or _is_number(v),
+                     "clipped": lambda v: isinstance(v, list) and len(v) == len(tokens)
+                     and all(isinstance(x, bool) for x in v),
+                     **{name: lambda v: isinstance(v, list) and len(v) == len(tokens) and all(map(_is_number, v))
+                        for name in TOKEN_FIELDS}}
+        for name, is_kind in row_kinds.items():
+            if name not in row or not is_kind(row[name]):
+                return f"{where}: field {name!r} is missing or of the wrong type (one per token where there is one)"
+    return None
 
 
 def render_page(snapshots: list[dict], source: str) -> str:
     """The page with the snapshots in it; '<' escaped so no completion can close the script."""
-    data = json.dumps({"snapshots": snapshots, "source": source}).replace("<", "\\u003c")
+    snapshots = [{**snapshot, "summary": {name: value if value is None or math.isfinite(value) else None
+                                          for name, value in snapshot["summary"].items()}}
+                 for snapshot in snapshots]  # NaN (the explained variance of constant returns) is no JSON: "-"
+    data = json.dumps({"snapshots": snapshots, "source": source}, allow_nan=False).replace("<", "\\u003c")
     data = data.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     template = resources.files("proximal.lm").joinpath("inspector.html").read_text(encoding="utf-8")
     return template.replace("/*DATA*/", data)
@@ -79,9 +134,8 @@ class PageServer:
 
             def _send(self, status: HTTPStatus, payload: bytes, kind: str) -> None:
                 self.send_response(status)
-                for header, value in (("Content-Type", kind), ("Content-Length", str(len(payload))),
-                                      ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
-                                      ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")):
+                for header, value in {"Content-Type": kind, "Content-Length": str(len(payload)),
+                                      **PAGE_HEADERS}.items():
                     self.send_header(header, value)
                 self.end_headers()
                 if self.command != "HEAD":

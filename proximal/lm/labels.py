@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from proximal.errors import CheckpointError
+from proximal.jsonl import read_json_lines
 from proximal.lm.model import Completions, encode_completions
 from proximal.labellers import SyntheticLabeller
 from proximal.run import write_text_atomic
@@ -135,18 +136,8 @@ def _record_problem(record) -> str | None:
 def read_records(path: Path) -> list[dict]:
     """The records of a comparisons.jsonl file, each checked: a bad one is a one-line error that
     names the file, the line and the field, before anything trains on it."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"cannot read the comparisons in {path}: {error}") from None
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+    for number, record in read_json_lines(path, CheckpointError):
         problem = _record_problem(record)
         if problem is not None:
             raise CheckpointError(f"{path} line {number}: {problem}")

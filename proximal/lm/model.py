@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import io
 import pickle
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,7 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
     return (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, EOFError, pickle.UnpicklingError,
-            SafetensorError)
+            SafetensorError, struct.error, IndexError)  # struct.error, IndexError: a GGUF file cut short
 
 
 def load_tokenizer(path: str | Path):
