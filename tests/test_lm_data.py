@@ -4,6 +4,8 @@ start, and every bad input as one line naming the file, the line and the field."
 
 import json
 import math
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -200,9 +202,8 @@ def test_a_reward_function_replaces_the_reward_model(tmp_path, capsys):
     assert "held-out gold greedy" in out
 
 
-@pytest.mark.slow
-def test_a_users_model_is_the_start_when_sft_is_left_out(tmp_path, capsys):
-    """--model.path with --stages reward,ppo: no SFT; the reward model and PPO start from it."""
+def save_example_model(path: Path) -> None:
+    """A tiny random Llama whose character tokenizer covers the shipped example's files."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     alphabet = FileTask(DataConfig(prompts=str(EXAMPLE / "prompts.jsonl"),
@@ -213,7 +214,13 @@ def test_a_users_model_is_the_start_when_sft_is_left_out(tmp_path, capsys):
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                                          max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    save_pretrained(model, tokenizer, tmp_path / "mine")
+    save_pretrained(model, tokenizer, path)
+
+
+@pytest.mark.slow
+def test_a_users_model_is_the_start_when_sft_is_left_out(tmp_path, capsys):
+    """--model.path with --stages reward,ppo: no SFT; the reward model and PPO start from it."""
+    save_example_model(tmp_path / "mine")
     run_dir = tmp_path / "run"
     code, out, err = run_cli(["rlhf", "--run-dir", str(run_dir), "--model.path", str(tmp_path / "mine"),
                               "--stages", "reward,ppo", "--data.prompts", str(EXAMPLE / "prompts.jsonl"),
@@ -367,6 +374,47 @@ def test_too_few_records_for_the_splits_is_one_line_before_anything_is_written(c
     assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_failed_start_writes_nothing_and_a_corrected_flag_or_another_port_is_accepted(tmp_path, capsys):
+    """Damaged weights and a busy port were found after config.json and sft/ were written, and the
+    corrected rerun was then refused ('was run with another config'), as was a resumed run on
+    another --reward.port."""
+    save_example_model(tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    run_dir = tmp_path / "run"
+    flags = ["--run-dir", str(run_dir), "--data.prompts", str(EXAMPLE / "prompts.jsonl"), "--ppo.max-new-tokens", "4",
+             "--ppo.iterations", "1", "--ppo.prompts-per-iteration", "8", "--ppo.minibatch-size", "8",
+             "--ppo.eval-every", "1", "--threads", "1"]
+    by_function = ["--stages", "ppo", "--reward.function", f"{EXAMPLE / 'reward.py'}:positivity"]
+    code, _, err = run_cli(["rlhf", *flags, *by_function, "--model.path", str(tmp_path / "cut")], capsys)
+    assert code != 0 and "cut holds no loadable causal LM" in err and len(err.strip().splitlines()) == 1, err
+    assert not run_dir.exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = run_cli(["rlhf", *flags, "--stages", "reward,ppo", "--reward.labeller", "human",
+                                "--ppo.relabel-every", "0", "--reward.port", str(port), "--model.path",
+                                str(tmp_path / "good")], capsys)
+    assert code != 0 and f"cannot serve the labelling page on 127.0.0.1:{port}" in err, err
+    assert not run_dir.exists()
+    run_dir.mkdir()  # a directory an older failed start left: its config, no stage begun
+    (run_dir / "config.json").write_text(json.dumps({"ppo": {"iterations": 7}}))
+    (run_dir / "ppo").mkdir()
+    code, _, err = run_cli(["rlhf", *flags, *by_function, "--model.path", str(tmp_path / "good")], capsys)
+    assert code == 0, err
+    recorded = json.loads((run_dir / "config.json").read_text())
+    assert recorded["ppo"]["iterations"] == 1 and (run_dir / "ppo" / "summary.json").is_file()
+    code, _, err = run_cli(["rlhf", *flags, *by_function, "--model.path", str(tmp_path / "good"),
+                            "--reward.port", "9999"], capsys)  # only where the page is served changed
+    assert code == 0, err
+    assert json.loads((run_dir / "config.json").read_text())["reward"]["port"] == 9999
+    code, _, err = run_cli(["rlhf", *flags, *by_function, "--model.path", str(tmp_path / "good"),
+                            "--ppo.max-new-tokens", "5"], capsys)  # a stage has begun: refused as before
+    assert code != 0 and "was run with another config" in err, err
 
 
 GOOD_RECORD = {"query": 0, "prompt": "1+1=", "responses": ["2", "3"], "ended": [True, True], "label": 1.0,

@@ -74,6 +74,20 @@ def keep_token(token: str, token_path: Path) -> None:
 SIDES = ("left", "right")
 
 
+def _listening(host: str, port: int, handler) -> _QuietServer:
+    try:
+        return _QuietServer((host, port), handler)
+    except OSError as error:
+        raise ConfigError(f"cannot serve the labelling page on {host}:{port} ({error.strerror or error}); "
+                          "pick another --port (0: any free one)") from None
+
+
+def check_can_serve(host: str, port: int) -> None:
+    """Refuse, before a run writes anything, a host and port the page could not be served on
+    (another process holds the port): the same one line the server would give later."""
+    _listening(host, port, BaseHTTPRequestHandler).server_close()
+
+
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -125,11 +139,7 @@ class FeedbackServer:
         self.frame_width, self.frame_height = renderer.frame_size() if renderer is not None else (0, 0)
         self.strips: OrderedDict[tuple[int, str], bytes] = OrderedDict()  # a few recent film strips
         self.strips_lock = threading.Lock()
-        try:
-            self.httpd = _QuietServer((host, port), _handler_for(self))
-        except OSError as error:
-            raise ConfigError(f"cannot serve the labelling page on {host}:{port} ({error.strerror or error}); "
-                              "pick another --port (0: any free one)") from None
+        self.httpd = _listening(host, port, _handler_for(self))
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="feedback-server", daemon=True)
 
     @property

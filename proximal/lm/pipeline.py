@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from proximal.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from proximal.dist import DistContext
 from proximal.errors import CheckpointError, ConfigError
+from proximal.human.server import check_can_serve
 from proximal.lm.config import RLHFConfig
 from proximal.lm.dpo import run_dpo
 from proximal.lm.model import model_context_length, prompt_lengths
@@ -33,7 +35,7 @@ from proximal.lm.memory import reset_peak
 from proximal.lm.ppo import run_ppo
 from proximal.lm.reward import run_reward
 from proximal.lm.sft import run_sft
-from proximal.lm.stage import StageContext, is_finished, open_context, read_summary
+from proximal.lm.stage import START_DIR, StageContext, is_finished, open_context, read_summary
 from proximal.run import locked_run_dir, unique_run_dir, write_json_atomic
 
 STAGES = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo, "dpo": run_dpo}  # in the order they run
@@ -124,26 +126,44 @@ def check(ctx: StageContext, stages: tuple[str, ...]) -> RLHFConfig:
         prompts = (ctx.data.rl or ctx.data.evaluation)[:2]
         ctx.reward_function(prompts, (ctx.data.sft_completions[:2] + ["", ""])[:len(prompts)])
     config = ctx.config
+    finished = {stage for stage in STAGES if ctx.run_dir is not None and is_finished(ctx.stage_dir(stage))}
+    if "reward" in stages and "reward" not in finished and config.reward.labeller == "human" and ctx.dist.is_main:
+        check_can_serve(config.reward.host, config.reward.port)  # a busy port: now, not after SFT
+    ctx.check_start_model()
     if ctx.run_dir is None:
         return config
     for stage in stages:
-        if (ctx.stage_dir(stage) / CHECKPOINT_NAME).exists() and not is_finished(ctx.stage_dir(stage)):
+        if (ctx.stage_dir(stage) / CHECKPOINT_NAME).exists() and stage not in finished:
             load_checkpoint(ctx.stage_dir(stage) / CHECKPOINT_NAME)  # a corrupt one fails here
     config_path = ctx.run_dir / "config.json"
-    if config_path.exists():
-        try:
-            saved = RLHFConfig.from_dict(json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
-            raise CheckpointError(f"{config_path} is not a readable RLHF config ({error})") from None
-        # The dpo section is read by the dpo stage alone: it has to match only once that stage has
-        # begun, so DPO can be tried on a finished run's pairs with settings of its own.
-        dpo_begun = "dpo" in stages and ctx.stage_dir("dpo").exists()
-        if (saved if dpo_begun else dataclasses.replace(saved, dpo=config.dpo)) != config:
-            raise ConfigError(f"{ctx.run_dir} was run with another config; continue it with the same flags, "
-                              "or start a new run directory")
-        if "dpo" not in stages:
-            return dataclasses.replace(config, dpo=saved.dpo)  # the record of a dpo stage stays true
+    if not config_path.exists():
+        return config
+    try:
+        saved = RLHFConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{config_path} is not a readable RLHF config ({error})") from None
+    # The dpo section is read by the dpo stage alone: it has to match only once that stage has
+    # begun, so DPO can be tried on a finished run's pairs with settings of its own.
+    dpo_begun = "dpo" in stages and ctx.stage_dir("dpo").exists()
+    if _as_resumed(saved, config, dpo_begun) != config and any(_begun(ctx.stage_dir(s)) for s in STAGES):
+        raise ConfigError(f"{ctx.run_dir} was run with another config; continue it with the same flags, "
+                          "or start a new run directory")
+    if "dpo" not in stages:
+        return dataclasses.replace(config, dpo=saved.dpo)  # the record of a dpo stage stays true
     return config
+
+
+def _as_resumed(saved: RLHFConfig, config: RLHFConfig, dpo_begun: bool) -> RLHFConfig:
+    """`saved` with what a resumed run may change taken from `config`: where the person's page is
+    served (--reward.host, --reward.port), and the dpo section until the dpo stage has begun."""
+    reward = dataclasses.replace(saved.reward, host=config.reward.host, port=config.reward.port)
+    return dataclasses.replace(saved, reward=reward, dpo=saved.dpo if dpo_begun else config.dpo)
+
+
+def _begun(stage_dir: Path) -> bool:
+    """Whether a stage left anything made under the recorded config (a checkpoint, labels, a
+    model): a run directory with no stage begun takes a corrected config, as if it were new."""
+    return stage_dir.is_dir() and any(stage_dir.iterdir())
 
 
 def check_world_size(config: RLHFConfig, world_size: int) -> None:
@@ -178,7 +198,10 @@ def run_pipeline(config: RLHFConfig, run_dir: Path | None, stages: tuple[str, ..
     with locked_run_dir(ctx.run_dir) if dist.is_main else contextlib.nullcontext():  # one run writes a directory
 
         def prepared() -> None:
-            write_json_atomic(ctx.run_dir / "config.json", json.loads(recorded.to_json()))
+            config_path = ctx.run_dir / "config.json"
+            if config_path.exists() and RLHFConfig.from_dict(json.loads(config_path.read_text())).model != config.model:
+                shutil.rmtree(ctx.stage_dir(START_DIR), ignore_errors=True)  # a corrected --model.*: its own copy
+            write_json_atomic(config_path, json.loads(recorded.to_json()))
             ctx.prepare_start_model()
 
         dist.on_main(prepared)

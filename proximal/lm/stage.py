@@ -79,6 +79,7 @@ class StageContext:
     reward_function: RewardFunction | None = None
     tokenizer: Any = None  # the start tokenizer the data was encoded with (`start_tokenizer`), loaded once
     dist: DistContext = DistContext()  # this process of K (torchrun); rank 0 alone writes, labels, evaluates
+    loaded_start: tuple | None = None  # (model, tokenizer) of a GGUF --model.path, from `check_start_model`
 
     @property
     def device(self) -> str:
@@ -127,13 +128,26 @@ class StageContext:
             return self.stage_dir(START_DIR) / MODEL_DIR
         return Path(self.config.model.path) if self.config.model.path else None
 
+    def check_start_model(self) -> None:
+        """Load --model.path before anything is written, so that truncated, empty or mismatched
+        weights are one line then, not after config.json and a stage folder are (a run directory
+        holding those refused the corrected flag). A GGUF file's dequantised model is kept for
+        `prepare_start_model` to save (on rank 0): it is dequantised once."""
+        prepared = self.run_dir is not None and (self.stage_dir(START_DIR) / MODEL_DIR / "config.json").is_file()
+        if not self.config.model.path or prepared:
+            return
+        loaded = load_pretrained(self.config.model.path, self.device)
+        if self.config.model.path.endswith(".gguf") and self.dist.is_main:
+            self.loaded_start = loaded
+
     def prepare_start_model(self) -> None:
         """Dequantise a GGUF --model.path once into RUN_DIR/start/model (loading a GGUF file takes
         ~35 s on a 2-core CPU, the plain directory under a second)."""
         target = self.stage_dir(START_DIR) / MODEL_DIR
         if not self.config.model.path.endswith(".gguf") or (target / "config.json").is_file():
             return
-        model, tokenizer = load_pretrained(self.config.model.path, self.device)
+        model, tokenizer = self.loaded_start or load_pretrained(self.config.model.path, self.device)
+        self.loaded_start = None
         partial = target.with_name(MODEL_DIR + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         save_pretrained(model, tokenizer, partial)
