@@ -58,6 +58,8 @@ class ReplayLabeller:
                 raise ReplayError(f"{path} line {number}: a recorded comparison is a JSON object with 'label' and "
                                   "'true_returns'")
             self.records.append(record)
+        if not self.records:
+            raise ReplayError(f"{path}: holds no recorded comparisons to replay")
         self.position = 0
 
     def answer(self, true_return_1: float, true_return_2: float) -> float | None:

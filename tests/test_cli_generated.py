@@ -1,10 +1,12 @@
 """A generated test of the command line: every subcommand and every flag of the parser itself,
-each given values that are wrong for it. Every case must end with a non-zero exit, exactly one
-line on stderr that names the problem, no traceback, and nothing written; a case that reaches
+each given values that are wrong for it, and every flag that names a file given files whose
+contents are wrong in each way a file can be. Every case must end with a non-zero exit, exactly
+one line on stderr that names the problem, no traceback, and nothing written; a case that reaches
 real work (a rollout, an evaluation, a bench, an RLHF stage, sampling) fails the test instead of
 running it; a plot that got through would write its PNG, which the test sees."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,48 @@ def generated_cases() -> list[tuple[str, list[str]]]:
 
 CASES = generated_cases()
 
+EXAMPLE_PROMPTS = Path(__file__).resolve().parent.parent / "examples" / "positive_words" / "prompts.jsonl"
+# What a JSON-lines file may hold that no reader can use, as bytes on disk.
+BAD_JSON_LINES = {
+    "empty": b"", "blank lines": b"\n \n\t\n", "not JSON": b"{not json\n", "an array": b"[1, 2]\n",
+    "a string": b'"text"\n', "null": b"null\n", "deep nesting": b"[" * 100_000 + b"]" * 100_000 + b"\n",
+    "a lone surrogate": b'{"prompt": "\\ud800"}\n', "not UTF-8": b'{"prompt": "caf\xe9"}\n',
+    "NUL bytes": b"\x00\x00\x00\n", "UTF-16": '{"prompt": "a"}\n'.encode("utf-16"),
+    "no known field": b'{"nothing": 1}\n', "a number too large": b'{"prompt": 1e999}\n',
+    "a field of the wrong type": b'{"prompt": {"a": 1}, "completion": [], "chosen": 3, "rejected": null}\n',
+    "a directory": None,
+}
+# Each flag (or positional) that names a file: the subcommand's arguments with {file} where it goes.
+FILE_ARGUMENTS = {
+    **{f"rlhf {flag}": ["rlhf", flag, "{file}"] for flag in ("--data.prompts", "--data.sft", "--data.preferences",
+                                                             "--data.eval-prompts", "--data.eval-preferences")},
+    "prefs --replay-from": ["prefs", "--labeller", "replay", "--replay-from", "{file}"],
+    "inspect RUN_DIR/ppo/snapshots.jsonl": ["inspect", "{tmp}/run"],
+}
+
+
+# A model file and a reward function's module, wrong in the ways they can be.
+BAD_GGUF = {"empty": b"", "the magic alone": b"GGUF", "junk": b"not a model at all\n" * 10,
+            "a header cut short": b"GGUF\x03\x00\x00\x00" + b"\x02" * 20, "a directory": None}
+BAD_MODULES = {"a syntax error": b"def score(:\n", "a raise at import": b"raise RuntimeError('no')\n",
+               "sys.exit at import": b"import sys\nsys.exit(0)\n", "no such callable": b"x = 1\n",
+               "not callable": b"score = 3\n", "not UTF-8": b"# caf\xe9\ndef score(p, c): pass\n",
+               "empty": b"", "a directory": None}
+
+
+def file_cases() -> list[tuple[str, list[str], str, bytes | None]]:
+    """(case, argv, the file's name, its content: None for a directory of that name)."""
+    return [*[(f"{where} holding {what}", argv, "bad.jsonl", content) for where, argv in FILE_ARGUMENTS.items()
+              for what, content in BAD_JSON_LINES.items()],
+            *[(f"{where} holding {what}", argv, "bad.gguf", content) for where, argv in
+              (("rlhf --model.path", ["rlhf", "sentiment", "--model.path", "{file}"]),
+               ("generate MODEL", ["generate", "{file}", "hi"])) for what, content in BAD_GGUF.items()],
+            *[(f"rlhf --reward.function holding {what}", ["rlhf", "--data.prompts", str(EXAMPLE_PROMPTS),
+                                                          "--reward.function", "{file}:score"], "bad.py", content)
+              for what, content in BAD_MODULES.items()]]
+
+
+FILE_CASES = file_cases()
 
 
 class WorkStarted(Exception):
@@ -100,14 +144,10 @@ def no_real_work(monkeypatch):
 
 def test_the_generated_table_covers_every_subcommand_and_hundreds_of_cases():
     assert {case.split()[0] for case, _ in CASES} == set(BASE)
-    assert len(CASES) >= 300
+    assert len(CASES) >= 300 and len(FILE_CASES) >= 100
 
 
-@pytest.mark.parametrize("case,argv", CASES, ids=[case for case, _ in CASES])
-def test_every_bad_input_is_one_line_nonzero_and_writes_nothing(case, argv, tmp_path, monkeypatch, capsys,
-                                                                no_real_work):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "a_file").write_text("not a directory")
+def assert_one_line_and_nothing_written(case: str, argv: list[str], tmp_path, capsys) -> None:
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     try:
         code = main([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
@@ -120,3 +160,24 @@ def test_every_bad_input_is_one_line_nonzero_and_writes_nothing(case, argv, tmp_
     assert lines[0].startswith("proximal"), lines[0]
     assert "Traceback" not in captured.err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("case,argv", CASES, ids=[case for case, _ in CASES])
+def test_every_bad_input_is_one_line_nonzero_and_writes_nothing(case, argv, tmp_path, monkeypatch, capsys,
+                                                                no_real_work):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a directory")
+    assert_one_line_and_nothing_written(case, argv, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("case,argv,name,content", FILE_CASES, ids=[case for case, *_ in FILE_CASES])
+def test_every_bad_file_is_one_line_nonzero_and_writes_nothing(case, argv, name, content, tmp_path, monkeypatch,
+                                                               capsys, no_real_work):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "run" / "ppo" / "snapshots.jsonl" if case.startswith("inspect") else tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    assert_one_line_and_nothing_written(case, [arg.replace("{file}", str(path)) for arg in argv], tmp_path, capsys)

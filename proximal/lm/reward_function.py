@@ -54,9 +54,9 @@ def import_callable(spec: str):
             if "" not in sys.path:
                 sys.path.insert(0, "")  # a module beside the user's working directory, as `python -m` finds it
             module = importlib.import_module(module_name)
-    except RewardFunctionError:
+    except (RewardFunctionError, Terminated):  # SIGTERM while it imports: rc 143 as everywhere
         raise
-    except Exception as error:  # noqa: BLE001  (any error in the user's module is reported in one line)
+    except (Exception, SystemExit, KeyboardInterrupt) as error:  # noqa: BLE001  (sys.exit() at import is no success)
         raise RewardFunctionError(f"--reward.function {spec!r}: importing {module_name} failed "
                                   f"({type(error).__name__}: {error})") from None
     function = getattr(module, name, None)
