@@ -2,8 +2,8 @@
 written so that a kill at any moment leaves each one absent or whole.
 
 - `unique_run_dir`: RUNS_DIR/<name>__<time>/, unique even when two runs start in the same second.
-- `locked_run_dir`: one process at a time writes into a run directory (RUN_DIR/run.lock holds its
-  pid; a second is refused in one line; a dead holder's lock is taken over).
+- `locked_run_dir`: one process at a time writes into a run directory (an flock on RUN_DIR/run.lock,
+  which holds the holder's pid; a second is refused in one line; a dead holder's lock is free).
 - `restore_states`: put each object back as a checkpoint holds it (resume).
 - `write_text_atomic`, `write_json_atomic`, `save_figure_atomic`: a result, summary or plot,
   written to a temp file and renamed into place.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
@@ -50,48 +51,51 @@ LOCK_NAME = "run.lock"
 _HELD: set[Path] = set()  # run directories this process holds (a nested lock on one is a no-op)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def locked_run_dir(run_dir: Path):
-    """Hold RUN_DIR/run.lock (this process's pid) for the duration of a `with` block: a second
-    process writing into the same run (two identical `rlhf` runs, a `--resume` beside a live run)
-    would interleave its records with this one's. A lock whose process is gone is taken over."""
+    """Hold RUN_DIR/run.lock for the duration of a `with` block: a second process writing into the
+    same run (two identical `rlhf` runs, a `--resume` beside a live run) would interleave its
+    records with this one's. The lock is the kernel's (`flock` on the file, which holds the
+    holder's pid for the error message): it is released when its process ends, however it ends,
+    and taking it is one atomic step, so no two processes can both hold it and no live one loses it."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _HELD:
         yield
         return
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new one: the user's alone, as unique_run_dir's
     lock = run_dir / LOCK_NAME
-    while True:
-        try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            break
-        except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                raise ProximalError(f"{run_dir} is in use by process {holder} (its {LOCK_NAME}); wait for it "
-                                    f"to finish, or delete {lock} if that process is not a proximal run") from None
-            lock.unlink(missing_ok=True)  # its holder is gone: take it over
-    with os.fdopen(descriptor, "w") as file:
-        file.write(f"{os.getpid()}\n")
+    descriptor = _take_lock(lock, run_dir)
+    os.fchmod(descriptor, 0o600)  # a file left by a killed holder keeps whatever mode it had
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
     _HELD.add(run_dir)
     try:
         yield
     finally:
         _HELD.discard(run_dir)
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # before the lock goes: a waiting process then finds the path gone
+        os.close(descriptor)
+
+
+def _take_lock(lock: Path, run_dir: Path) -> int:
+    """An open descriptor of `lock` holding its exclusive flock, or the one-line error naming the
+    holder. A lock file its holder unlinked while this process waited is not the lock any more:
+    opened again."""
+    while True:
+        descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "that holds it"
+            os.close(descriptor)
+            raise ProximalError(f"{run_dir} is in use by process {holder} (its {LOCK_NAME}); wait for it "
+                                "to finish") from None
+        try:
+            if os.fstat(descriptor).st_ino == os.stat(lock).st_ino:
+                return descriptor
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
 
 
 def restore_states(checkpoint_path: Path, **stateful: Any) -> dict[str, Any] | None:
