@@ -2,8 +2,11 @@
 its files, the server's refusals, 1,000 fast answers, and the page itself in a real headless
 Chromium (Debian's chromium + chromium-driver, installed by the README's test command)."""
 
+import contextlib
 import http.client
 import json
+import select
+import socket
 import threading
 import time
 from pathlib import Path
@@ -325,6 +328,74 @@ def test_an_idle_connection_is_closed(tmp_path):
     finally:
         server.stop()
         labeller.close()
+
+
+@contextlib.contextmanager
+def served(tmp_path, idle_seconds: float):
+    labeller = make_labeller(tmp_path)
+    server = FeedbackServer(None, port=0, task="t", idle_seconds=idle_seconds)
+    server.start(labeller)
+    try:
+        yield server, server.httpd.server_address[:2]
+    finally:
+        server.stop()
+        labeller.close()
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes `sock` within `within` seconds (EOF or a reset; what it sends
+    before that is read and dropped)."""
+    end = time.monotonic() + within
+    while select.select([sock], [], [], max(0.0, end - time.monotonic()))[0]:
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except ConnectionError:
+            return True
+    return False
+
+
+def test_a_request_sent_one_byte_at_a_time_is_cut_off_at_its_deadline(tmp_path):
+    """One byte every 0.2 s is never idle for the 1 s a per-read timeout waits: the connection
+    (a thread) was held for as long as the sender liked. Now the whole request has 1 s."""
+    with served(tmp_path, idle_seconds=1.0) as (_, address):
+        with socket.create_connection(address, timeout=10) as drip:
+            request = b"GET /api/state HTTP/1.1\r\nHost: x\r\n" + b"X-Padding: " + b"a" * 300
+            for byte in request:  # 70 s of dripping at most: far past the deadline
+                drip.sendall(bytes([byte]))
+                if closed_by_server(drip, 0.2):
+                    break
+            else:
+                pytest.fail("the server kept a dripping connection open")
+
+
+def test_connections_beyond_the_cap_are_closed_unread(tmp_path, monkeypatch):
+    import proximal.human.server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 4)
+    with served(tmp_path, idle_seconds=60.0) as (server, address):
+        sockets = [socket.create_connection(address, timeout=10) for _ in range(10)]
+        try:
+            closed = [s for s in sockets if closed_by_server(s, 10.0 if s is sockets[-1] else 0.0)]
+            deadline = time.monotonic() + 10
+            while len(closed) < 6 and time.monotonic() < deadline:
+                closed += [s for s in sockets if s not in closed and closed_by_server(s, 0.1)]
+            assert len(closed) == 6 and len(server.httpd.open_connections) == 4
+        finally:
+            for s in sockets:
+                s.close()
+
+
+def test_a_post_without_the_token_is_refused_before_its_body_is_read(tmp_path):
+    """The body was read first (up to 4 KiB, as slowly as the sender liked) and only then the
+    token checked: a request with no token held a thread until the idle timeout."""
+    with served(tmp_path, idle_seconds=60.0) as (_, address):
+        with socket.create_connection(address, timeout=10) as raw:
+            raw.sendall(b"POST /api/answer HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 4000\r\n\r\n" % address[1])  # headers only: the body never comes
+            reply = raw.recv(65536)  # within the 10 s socket timeout, not the server's 60 s
+            assert reply.startswith(b"HTTP/1.1 403") and b"Connection: close" in reply, reply[:200]
+            assert closed_by_server(raw, 10.0)
 
 
 def test_the_token_is_kept_across_a_resume_readable_by_the_user_alone(tmp_path):

@@ -25,12 +25,15 @@ so an open tab keeps working.
 from __future__ import annotations
 
 import hmac
+import io
 import json
+import math
 import os
 import secrets
 import socket
 import sys
 import threading
+import time
 from collections import OrderedDict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,7 +47,8 @@ from proximal.human.clips import ClipRenderer
 from proximal.human.labeller import AnswerRefused, HumanLabeller
 
 MAX_BODY_BYTES = 4096
-IDLE_SECONDS = 60.0  # a connection that sends nothing for this long is closed (one thread each)
+IDLE_SECONDS = 60.0  # each request (the wait for it, its headers and body) must arrive within this
+MAX_CONNECTIONS = 32  # open at once (a thread each); a browser opens ~6 to one host; more are closed at once
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -97,8 +101,15 @@ class _QuietServer(ThreadingHTTPServer):
         super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address) -> None:
+        """A thread for the connection, unless MAX_CONNECTIONS are open: then it is closed unread
+        (sockets held open by anyone on the machine cannot take a thread each without end)."""
         with self.connections_lock:
-            self.open_connections.add(request)
+            full = len(self.open_connections) >= MAX_CONNECTIONS
+            if not full:
+                self.open_connections.add(request)
+        if full:
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
     def shutdown_request(self, request) -> None:
@@ -119,6 +130,25 @@ class _QuietServer(ThreadingHTTPServer):
         """A browser that drops a connection (a closed tab, an image no longer wanted) is normal."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's bytes, every read bounded by the deadline of the request being read: a
+    client that sends one byte every 20 s (never idle long enough for a per-read timeout) is cut
+    off all the same."""
+
+    def __init__(self, connection: socket.socket):
+        self.connection, self.deadline = connection, math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long to arrive")
+        self.connection.settimeout(left)
+        return self.connection.recv_into(buffer)
 
 
 class FeedbackServer:
@@ -199,10 +229,23 @@ def _handler_for(server: FeedbackServer) -> type[BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
         timeout = server.idle_seconds  # an idle connection is closed, its thread freed
 
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the standard library's reader, replaced by one that keeps a deadline
+            self.reader = _DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self.reader)
+
+        def handle_one_request(self) -> None:
+            """One request, which must arrive whole (request line, headers, body) within
+            `idle_seconds` of the last reply: else the connection is closed."""
+            self.reader.deadline = time.monotonic() + server.idle_seconds
+            super().handle_one_request()
+
         def log_message(self, format: str, *args: Any) -> None:  # quiet: the terminal shows training
             pass
 
         def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.connection.settimeout(server.idle_seconds)  # the reply's own time, whatever the request left
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -283,9 +326,13 @@ def _handler_for(server: FeedbackServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else HTTPStatus.BAD_REQUEST,
                                    f"the body must be 1 to {MAX_BODY_BYTES} bytes")
-            raw = self.rfile.read(length)  # read before any refusal, so it is never parsed as a request
             url = urlsplit(self.path)
-            if not self._authorised(parse_qs(url.query)) or not self._same_site():
+            keep_alive, self.close_connection = self.close_connection, True  # refused unread: close after
+            if not self._authorised(parse_qs(url.query)):  # no token: not one more byte is read
+                return
+            self.close_connection = keep_alive
+            raw = self.rfile.read(length)  # read before any other refusal, so the connection stays usable
+            if not self._same_site():
                 return
             if url.path != "/api/answer":
                 return self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path}")
