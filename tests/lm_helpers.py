@@ -35,4 +35,19 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
-ARCHITECTURES = {"gpt2": tiny_model, "llama": tiny_llama}
+def tiny_gemma3(seed: int = 0):
+    """Gemma 3's text model (the second family the real-model task runs): scaled embeddings,
+    sliding-window and full attention by block (`layer_types`), norms around each sublayer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = build_char_tokenizer(AdditionTask.alphabet)
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=16,
+                              sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    return Gemma3ForCausalLM(config).eval(), tokenizer
+
+
+ARCHITECTURES = {"gpt2": tiny_model, "llama": tiny_llama, "gemma3": tiny_gemma3}

@@ -193,7 +193,7 @@ def test_a_reward_body_of_the_bottom_blocks_is_the_full_models_hidden_state_ther
     ids = torch.tensor([tokenizer("12+34=46", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         after_block = full(ids, output_hidden_states=True).hidden_states[1]
-        final_norm = full.base_model.norm if architecture == "llama" else full.base_model.ln_f
+        final_norm = full.base_model.ln_f if architecture == "gpt2" else full.base_model.norm
         expected = final_norm(after_block)
         got = cut(ids, output_hidden_states=True).hidden_states[-1]
         assert torch.allclose(got, expected, atol=1e-6)

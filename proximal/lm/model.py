@@ -215,6 +215,8 @@ def bottom_blocks(lm: nn.Module, blocks: int) -> nn.Module:
                 if isinstance(module, nn.ModuleList) and len(module) == depth)  # Llama's layers, GPT-2's h
     setattr(body, name, getattr(body, name)[:blocks])
     lm.config.num_hidden_layers = blocks
+    if isinstance(getattr(lm.config, "layer_types", None), list):  # Gemma 3: one attention kind per block
+        lm.config.layer_types = lm.config.layer_types[:blocks]
     return lm
 
 
