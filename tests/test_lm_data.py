@@ -325,6 +325,47 @@ def test_a_bad_reward_function_is_one_line_before_anything_is_written(case, tmp_
     assert sorted(str(p) for p in tmp_path.rglob("*") if "__pycache__" not in str(p)) == before
 
 
+SLOW = """import time
+def score(p, c):
+    for _ in range(300):
+        try:
+            time.sleep(0.1)
+        except Exception:  # a function that swallows errors is stopped all the same
+            pass
+    return [0.0] * len(c)
+"""
+
+
+def test_a_reward_function_past_its_timeout_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_reward.py").write_text(SLOW)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, out, err = run_cli(["rlhf", "--data.prompts", str(EXAMPLE / "prompts.jsonl"), "--data.sft",
+                              str(EXAMPLE / "sft.jsonl"), "--model.context", "64", "--reward.function",
+                              "my_reward.py:score", "--reward.function-timeout", "0.3"], capsys)
+    assert code != 0 and err.strip().splitlines() == [
+        "proximal rlhf: error: --reward.function my_reward.py:score took more than 0.3 s on 2 completions "
+        "(--reward.function-timeout)"], err
+    assert sorted(str(p) for p in tmp_path.rglob("*") if "__pycache__" not in str(p)) == before
+
+
+def test_a_slow_reward_function_call_is_announced_once_and_runs_on(tmp_path, monkeypatch):
+    import threading
+
+    import proximal.lm.reward_function as reward_function
+
+    announced, lines = threading.Event(), []
+    monkeypatch.setattr(reward_function, "SLOW_CALL_SECONDS", 0.05)
+    monkeypatch.setattr(reward_function, "print", lambda line, **_: (lines.append(line), announced.set()),
+                        raising=False)
+    (tmp_path / "waits.py").write_text("def score(p, c):\n    assert EVENT.wait(20)\n    return [1.0] * len(c)\n")
+    function = reward_function.RewardFunction(f"{tmp_path / 'waits.py'}:score", None)
+    function.function.__globals__["EVENT"] = announced  # it returns once the announcement is made
+    assert function(["a", "b", "c"], ["x", "y", "z"]).tolist() == [1.0, 1.0, 1.0]
+    assert lines == [f"--reward.function {tmp_path / 'waits.py'}:score: one call on 3 completions has run 0.05 s "
+                     "so far (--reward.function-timeout S stops such a call)"]
+
+
 BAD_RUNS = {  # case -> (arguments after the example's files, what the one line must say)
     "a task beside files": (["addition"], "task must be left out when --data.* files are given"),
     "sft without demonstrations": (["--stages", "sft"], "the sft stage needs demonstrations"),

@@ -144,6 +144,8 @@ class RewardConfig:
     function_role: str = _param("reward", "reward (PPO/RLOO optimise the function itself; no reward model is "
                                           "fitted) or labeller (the synthetic labeller prefers the completion the "
                                           "function scores higher, and a reward model is fitted to its answers)")
+    function_timeout: float = _param(0.0, "seconds one call of --reward.function may take before the run stops with "
+                                          "the checkpoint kept (0: no limit; a call past 30 s is announced either way)")
     labeller: str = _param("synthetic", "synthetic (the gold reward decides, with --reward.labeller-noise) or human "
                                         "(a person on a local web page whose URL is printed; needs "
                                         "--ppo.relabel-every 0, and a --reward.labels a person can answer)")
@@ -194,6 +196,8 @@ class RewardConfig:
                  self.function_role)
         _require(isinstance(self.function, str) and (self.function == "" or ":" in self.function), "function",
                  "module:callable or path/to/file.py:callable", self.function)
+        _require_finite("function_timeout", self.function_timeout)
+        _require(self.function_timeout >= 0, "function_timeout", ">= 0 (0: no limit)", self.function_timeout)
         _require_host_and_port(self.host, self.port)
         _require_probability("labeller_error_rate", self.labeller_error_rate)
         _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)

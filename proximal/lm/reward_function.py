@@ -8,15 +8,21 @@ response's last token, the KL penalty on every token, exactly as with a reward m
 synthetic labeller answers by it (`--reward.function-role labeller`). Whatever it returns is
 checked: a wrong count, a non-number (a string too, "1.0" included), a number beyond a float or a
 NaN stops the run with one line naming the prompt, and so does anything it raises, sys.exit()
-(SystemExit) and KeyboardInterrupt included.
+(SystemExit) and KeyboardInterrupt included. A call that runs past SLOW_CALL_SECONDS is announced
+on stderr (which function, on how many completions), and `--reward.function-timeout` stops one
+that runs past its limit (SIGALRM: Python code is interrupted where it is; a call into C code
+when it returns).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +39,42 @@ def with_missing_eos(scores: torch.Tensor, ended: torch.Tensor, missing_eos_scor
     return torch.where(ended, scores, torch.full_like(scores, missing_eos_score))
 
 
+SLOW_CALL_SECONDS = 30.0  # a call running this long is announced on stderr (once)
+
+
 class RewardFunctionError(ProximalError):
     """The user's reward function could not be imported, raised, or returned something unusable."""
+
+
+class _TimedOut(BaseException):
+    """Raised inside the user's function when its time is up: a BaseException, so that an
+    `except Exception` in the function cannot swallow it."""
+
+
+@contextlib.contextmanager
+def _watched(spec: str, completions: int, timeout: float):
+    """Announce a call that runs past SLOW_CALL_SECONDS; raise _TimedOut inside it after `timeout`
+    seconds (0: never; only where signals can be set, the main thread)."""
+    announce = threading.Timer(SLOW_CALL_SECONDS, lambda: print(
+        f"--reward.function {spec}: one call on {completions} completions has run {SLOW_CALL_SECONDS:g} s so far"
+        + (f" (it is stopped at {timeout:g} s)" if timeout else " (--reward.function-timeout S stops such a call)"),
+        file=sys.stderr, flush=True))
+    announce.daemon = True
+    limited = timeout > 0 and threading.current_thread() is threading.main_thread()
+    if limited:
+        def time_up(signum, frame):
+            raise _TimedOut()
+
+        previous = signal.signal(signal.SIGALRM, time_up)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    announce.start()
+    try:
+        yield
+    finally:
+        announce.cancel()
+        if limited:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def import_callable(spec: str):
@@ -68,13 +108,18 @@ def import_callable(spec: str):
 class RewardFunction:
     """The user's function, called on text and checked; also a scorer for PPO (`scores`)."""
 
-    def __init__(self, spec: str, missing_eos_score: float | None):
+    def __init__(self, spec: str, missing_eos_score: float | None, timeout: float = 0.0):
         self.spec, self.function, self.missing_eos_score = spec, import_callable(spec), missing_eos_score
+        self.timeout = timeout
 
     def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         """One checked float per completion [B]."""
         try:
-            values = self.function(list(prompts), list(completions))
+            with _watched(self.spec, len(completions), self.timeout):
+                values = self.function(list(prompts), list(completions))
+        except _TimedOut:
+            raise RewardFunctionError(f"--reward.function {self.spec} took more than {self.timeout:g} s on "
+                                      f"{len(completions)} completions (--reward.function-timeout)") from None
         except Terminated:  # SIGTERM while it runs: the run stops as everywhere else (rc 143)
             raise
         except (Exception, SystemExit, KeyboardInterrupt) as error:  # noqa: BLE001  (sys.exit() in it is no success)

@@ -198,7 +198,7 @@ def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool =
     sizes = DataSizes(config.task.demonstrations, config.reward.labels, prompt_budget(config),
                       config.task.eval_prompts, config.reward.validation_fraction)
     data = task.data(config.run.seed, sizes, tokenizer)
-    function = (RewardFunction(config.reward.function, config.ppo.cut_response_score)
+    function = (RewardFunction(config.reward.function, config.ppo.cut_response_score, config.reward.function_timeout)
                 if config.reward.function else None)
     return StageContext(config, task, data, None if run_dir is None else Path(run_dir), show_progress, function,
                         tokenizer, dist)
