@@ -168,3 +168,31 @@ def test_the_peak_is_reset_between_stages():
     del big
     memory.reset_peak()
     assert memory.peak_gb() < peak_with - 0.3
+
+
+@pytest.mark.parametrize("settings", [{"method": "rloo"}, {"method": "grpo", "kl_in": "loss"}])
+def test_the_reference_holds_no_weights_during_the_update_and_changes_nothing(settings, tmp_path, monkeypatch):
+    """A ReloadedReference (the RL stage's reference when every weight trains) is read from its
+    directory for the rollout and dropped before the update: two iterations give exactly the
+    statistics and weights of a reference kept in memory throughout."""
+    from proximal.lm import ppo
+    from proximal.lm.model import ReloadedReference, save_pretrained
+
+    config = PPOStageConfig(rloo_samples=4, prompts_per_iteration=8, minibatch_size=8, max_new_tokens=5, **settings)
+    _, kept, scorer, tokenizer, _, _ = _setup(config, 8)
+    save_pretrained(kept, tokenizer, tmp_path / "start")
+    reloaded = ReloadedReference(tmp_path / "start", "cpu")
+    held_during_update = []
+    real_update = ppo.ppo_update
+    monkeypatch.setattr(ppo, "ppo_update", lambda *a, **k: (held_during_update.append(reloaded.loaded is not None),
+                                                             real_update(*a, **k))[1])
+    runs = []
+    for reference in (kept, reloaded):
+        policy = _setup(config, 8)[0]
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(0)
+        stats = [ppo_iteration(policy, reference, scorer, tokenizer, optimizer, PROMPTS * 2, config, 0.1, generator,
+                               "cpu").stats for _ in range(2)]
+        runs.append((stats, [parameter.detach().clone() for parameter in policy.parameters()]))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert held_during_update == [False, False, False, False] and list(reloaded.parameters()) == []

@@ -150,8 +150,13 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) from a local directory holding a Hugging Face causal LM and its tokenizer,
     or from a GGUF file (dequantised: fp32 on the CPU, bf16 on CUDA). Never reaches a hub: a
     missing or foreign path is a CheckpointError."""
-    path = Path(path)
     tokenizer = load_tokenizer(path)
+    return load_model(path, device), tokenizer
+
+
+def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
+    """The model of `load_pretrained` without its tokenizer."""
+    path = Path(path)
     source = _source(path)
     from transformers import AutoModelForCausalLM
 
@@ -162,7 +167,7 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
             model = AutoModelForCausalLM.from_pretrained(**source)
     except _load_errors() as error:
         raise _unloadable(path, error) from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def with_lora(model: nn.Module, rank: int, alpha: float, top_layers: int = 0) -> nn.Module:
@@ -202,6 +207,37 @@ class AdaptersOff(nn.Module):
     def forward(self, **inputs):
         with self.lora_model.disable_adapter():
             return self.lora_model(**inputs)
+
+
+class ReloadedReference(nn.Module):
+    """The start model as a frozen reference that holds its weights only while they are used:
+    loaded from its directory when first called, dropped by `release` (before an update, whose
+    passes need the room: a second copy of every weight is the largest thing the RL stage holds
+    besides the policy and its AdamW moments), and loaded again when next called. Each load is the
+    same file, so the reference is exactly the same model every time. Owns no parameters."""
+
+    def __init__(self, path: Path, device: str):
+        super().__init__()
+        self.path, self.device_name = Path(path), device
+        object.__setattr__(self, "loaded", None)  # not a submodule: parameters() stays empty
+
+    def get_base_model(self) -> nn.Module:
+        if self.loaded is None:
+            model = load_model(self.path, self.device_name).requires_grad_(False)
+            object.__setattr__(self, "loaded", model)
+        return self.loaded
+
+    def forward(self, **inputs):
+        return self.get_base_model()(**inputs)
+
+    def release(self) -> None:
+        object.__setattr__(self, "loaded", None)
+
+
+def release_weights(model: nn.Module) -> None:
+    """Let `model` drop the weights it can load again (a ReloadedReference); any other keeps them."""
+    if isinstance(model, ReloadedReference):
+        model.release()
 
 
 def bottom_blocks(lm: nn.Module, blocks: int) -> nn.Module:
@@ -416,10 +452,15 @@ def response_logits_kept(completions: Completions) -> int:
     return completions.response_ids.shape[1] + 1
 
 
-def response_logits(kept_logits: torch.Tensor, response_length: int) -> torch.Tensor:
+def response_logits(kept_logits: torch.Tensor, completions: Completions) -> torch.Tensor:
     """The logits that predicted each response token [B, R, V], of the last R + 1 positions'
-    logits [B, R + 1, V] (`response_logits_kept`): all but the last, which predicts past the end."""
-    return kept_logits[:, :response_length]
+    logits [B, R + 1, V] (`response_logits_kept`): all but the last, which predicts past the end.
+    At padded positions they are 0, whatever the model gives there: a NaN would pass every mask
+    of a loss's forward pass but turn its gradient NaN (0 x NaN in the backward pass of the
+    softmax); every model's padded log-probs are then the same -log V."""
+    logits = kept_logits[:, :completions.response_ids.shape[1]]
+    return torch.where(completions.response_mask[..., None], logits, torch.zeros((), dtype=logits.dtype,
+                                                                                    device=logits.device))
 
 
 def response_logprobs(model: nn.Module, completions: Completions, temperature: float, rows: int = 0) -> torch.Tensor:
@@ -432,8 +473,7 @@ def response_logprobs(model: nn.Module, completions: Completions, temperature: f
                           for part in torch.arange(len(completions.response_ids)).split(rows)])
     logits, _ = lm_forward(model, completions.input_ids, completions.attention_mask,
                            logits_to_keep=response_logits_kept(completions))
-    return token_logprobs(response_logits(logits, completions.response_ids.shape[1]), completions.response_ids,
-                          temperature)
+    return token_logprobs(response_logits(logits, completions), completions.response_ids, temperature)
 
 
 def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -46,8 +46,9 @@ from proximal.optim import clip_gradients
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
 from proximal.lm.memory import micro_batch_rows, release_freed_memory
-from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logits_kept, response_logprobs,
-                               sample_completions, save_pretrained, token_entropy, token_logprobs, trainable_parameters)
+from proximal.lm.model import (Completions, ScalarHeadLM, release_weights, response_logits, response_logits_kept,
+                               response_logprobs, sample_completions, save_pretrained, token_entropy, token_logprobs,
+                               trainable_parameters)
 from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
 from proximal.lm.rollout import (AdaptiveKLController, KLBudget, LMRollout, group_advantages,
                                  leave_one_out_advantages, sequence_kls, token_advantages, token_rewards,
@@ -69,15 +70,14 @@ class Scorer(Protocol):
 def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs [B, R], values [B, R], response logits [B, R, V]) of the responses: the value of
-    s_t (prompt + tokens before t) is read where token t is predicted. At padded positions both
-    are 0, whatever the model gives there: a NaN would pass the masks of the loss's forward pass
-    but turn its gradient NaN (0 x NaN in the backward pass of exp, pow and softmax)."""
+    s_t (prompt + tokens before t) is read where token t is predicted. Logits and values are 0 at
+    padded positions, whatever the model gives there (`response_logits`: a NaN there would pass
+    the loss's masks but turn its gradient NaN, 0 x NaN in the backward pass of exp and pow)."""
     logits, scalars = policy(completions.input_ids, completions.attention_mask, response_logits_kept(completions))
     prompt_length, response_length = completions.prompt_ids.shape[1], completions.response_ids.shape[1]
-    kept = completions.response_mask  # [B, R]
-    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-    logits = torch.where(kept[..., None], response_logits(logits, response_length), zero)  # [B, R, V]
-    values = torch.where(kept, scalars[:, prompt_length - 1: prompt_length - 1 + response_length], zero)  # [B, R]
+    logits = response_logits(logits, completions)  # [B, R, V]
+    values = torch.where(completions.response_mask, scalars[:, prompt_length - 1: prompt_length - 1 + response_length],
+                         torch.zeros((), dtype=scalars.dtype, device=scalars.device))  # [B, R]
     return token_logprobs(logits, completions.response_ids, temperature), values, logits
 
 
@@ -240,6 +240,7 @@ def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, to
     moments = dist.masked_moments(rollout.advantages, rollout.mask)  # of the global batch (GRPO's stay unwhitened)
     snapshot = (take_snapshot(policy, reference, scorer, tokenizer, snapshot_prompts, config, kl_coef, moments,
                               snapshot_seed, device) if snapshot_prompts else None)
+    release_weights(reference)  # the update's passes get its room; loaded again when next asked
     stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator, moments, dist,
                        micro_rows=micro_rows, kl_coef=kl_coef)
     optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next update

@@ -30,8 +30,8 @@ from proximal.lm.config import RLHFConfig
 from proximal.lm.data import FileTask
 from proximal.lm.evaluation import evaluate_policy
 from proximal.lm.memory import peak_gb
-from proximal.lm.model import (AdaptersOff, Completions, build_char_tokenizer, load_pretrained, load_tokenizer,
-                               sample_completions, save_pretrained, with_lora)
+from proximal.lm.model import (AdaptersOff, Completions, ReloadedReference, build_char_tokenizer, load_pretrained,
+                               load_tokenizer, sample_completions, save_pretrained, with_lora)
 from proximal.lm.reward_function import RewardFunction
 from proximal.lm.tasks import TASKS, DataSizes, Task, TaskData
 from proximal.progress import LogLines, progress
@@ -165,15 +165,18 @@ class StageContext:
     def load_policy(self):
         """(policy LM, reference, tokenizer), both from the start model: with LoRA, the policy
         carries adapters and the reference is the same weights with them disabled; otherwise
-        the reference is a second, frozen copy."""
-        reference, tokenizer = self.load_start_model()
+        the reference is a frozen copy, loaded from the start model's directory only while it is
+        used (`ReloadedReference`; a GGUF file without a run directory to hold its plain copy is
+        loaded once and kept)."""
+        policy, tokenizer = self.load_start_model()
         if self.config.model.lora_rank:
-            policy = self.trainable(reference)
+            policy = self.trainable(policy)
             return policy, AdaptersOff(policy), tokenizer
-        for parameter in reference.parameters():
-            parameter.requires_grad_(False)
-        policy, _ = self.load_start_model()
-        return policy, reference, tokenizer
+        path = self.start_model_dir()
+        if path.is_dir():
+            return policy, ReloadedReference(path, self.device), tokenizer
+        reference, _ = self.load_start_model()
+        return policy, reference.requires_grad_(False), tokenizer
 
     def sft_samples(self, start_model: torch.nn.Module, tokenizer) -> Completions:
         """--reward.standardise-samples samples of the start model at the PPO temperature: the
