@@ -132,7 +132,7 @@ def test_a_reward_function_reaches_ppo_exactly_as_the_score_at_eos(tmp_path):
     from lm_helpers import tiny_model
     from proximal.lm.config import PPOStageConfig
     from proximal.lm.model import ScalarHeadLM, encode_completions
-    from proximal.lm.ppo import collect_rollout
+    from proximal.lm.rollout import collect_rollout
     from proximal.lm.reward_function import RewardFunction
 
     (tmp_path / "my_reward.py").write_text("def score(prompts, completions):\n"

@@ -23,9 +23,9 @@ from proximal.lm.config import PPOStageConfig, RewardConfig
 from proximal.lm.dpo import dpo_loss, reference_pair_logprobs
 from proximal.lm.labels import label_records, pairs_from_records
 from proximal.lm.model import ScalarHeadLM, sample_completions
-from proximal.lm.ppo import collect_rollout, ppo_update
+from proximal.lm.ppo import ppo_update
 from proximal.lm.reward import RewardModelScorer, fit_reward_model
-from proximal.lm.rollout import LMRollout
+from proximal.lm.rollout import LMRollout, collect_rollout
 from proximal.lm.sft import encode_demonstrations, sft_step
 
 PROMPTS = ["12+34=", "5+6=", "99+1=", "40+44=", "7+7=", "10+90=", "3+4=", "55+55="]

@@ -13,8 +13,8 @@ from lm_helpers import completions_for, tiny_model
 from proximal.errors import ConfigError
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.model import ScalarHeadLM
-from proximal.lm.ppo import collect_rollout, policy_outputs, ppo_update
-from proximal.lm.rollout import GROUP_STD_EPS, group_advantages
+from proximal.lm.ppo import ppo_update
+from proximal.lm.rollout import GROUP_STD_EPS, collect_rollout, group_advantages, policy_outputs
 from proximal.losses import clipped_surrogate, kl_k3, masked_aggregate, ratio_statistics
 
 

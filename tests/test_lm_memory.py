@@ -12,7 +12,8 @@ from proximal.lm import memory
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.memory import micro_batch_rows, pass_bytes_per_row
 from proximal.lm.model import ScalarHeadLM, response_logits_kept, sample_completions
-from proximal.lm.ppo import collect_rollout, micro_batches, ppo_iteration, ppo_update
+from proximal.lm.ppo import ppo_iteration, ppo_update
+from proximal.lm.rollout import collect_rollout, micro_batches
 from proximal.lm.reward import RewardModelScorer
 
 PROMPTS = ["12+34=", "5+6=", "99+1=", "40+44="]

@@ -14,9 +14,8 @@ from proximal.lm.config import PPOStageConfig
 from proximal.lm.dpo import dpo_loss, implicit_accuracy, reference_pair_logprobs, sequence_logprobs
 from proximal.lm.labels import pairs_from_records
 from proximal.lm.model import ScalarHeadLM
-from proximal.lm.ppo import collect_rollout
 from proximal.lm.reward import RewardModelScorer
-from proximal.lm.rollout import leave_one_out_advantages
+from proximal.lm.rollout import collect_rollout, leave_one_out_advantages
 
 
 def test_leave_one_out_advantages_by_hand():

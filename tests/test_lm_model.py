@@ -7,7 +7,7 @@ from lm_helpers import ARCHITECTURES, DEVICES, completions_for, tiny_model
 from proximal.errors import CheckpointError
 from proximal.lm.model import (ScalarHeadLM, load_pretrained, sample_completions, sample_tokens, save_pretrained,
                                token_entropy, token_logprobs)
-from proximal.lm.ppo import policy_outputs
+from proximal.lm.rollout import policy_outputs
 
 
 def unpadded_logprobs(model, tokenizer, prompt, response_ids, temperature, device="cpu"):

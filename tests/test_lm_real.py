@@ -5,6 +5,7 @@ as llama.cpp lays it out; the sentiment task; LoRA and its adapters-off referenc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,6 +271,22 @@ def test_rlhf_sentiment_from_a_gguf_file_end_to_end(tiny_llama, tmp_path, capsys
     assert not hasattr(model, "peft_config")
     rows = (run_dir / "ppo" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3
+
+
+def test_a_gguf_start_model_is_dequantised_once_per_run(tiny_llama, tmp_path, capsys, monkeypatch):
+    """The up-front check loads it, the run keeps that plain copy in RUN_DIR/start, and SFT starts
+    from the copy (SFT dequantised the file a second time)."""
+    import proximal.lm.model as model_module
+
+    calls = []
+    real = model_module._dequantised
+    monkeypatch.setattr(model_module, "_dequantised", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    example = Path(__file__).resolve().parent.parent / "examples" / "positive_words"
+    code, out, err = run_cli(["rlhf", "--model.path", str(tiny_llama[2]), "--run-dir", str(tmp_path / "run"),
+                              "--data.sft", str(example / "sft.jsonl"), "--stages", "sft", "--sft.steps", "2",
+                              "--sft.batch-size", "4", "--ppo.max-new-tokens", "4", "--threads", "1"], capsys)
+    assert code == 0, err
+    assert len(calls) == 1 and (tmp_path / "run" / "sft" / "summary.json").is_file()
 
 
 def test_the_sentiment_task_without_a_model_says_where_to_get_one(capsys):

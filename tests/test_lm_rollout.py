@@ -10,9 +10,10 @@ from lm_helpers import DEVICES, completions_for, tiny_model
 from proximal.losses import clipped_surrogate_loss, masked_mean, masked_whiten
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.model import ScalarHeadLM, sample_completions, token_logprobs
-from proximal.lm.ppo import collect_rollout, policy_outputs, ppo_update
+from proximal.lm.ppo import ppo_update
 from proximal.lm.reward import RewardModelScorer
-from proximal.lm.rollout import AdaptiveKLController, KLBudget, sequence_kls, token_advantages, token_rewards
+from proximal.lm.rollout import (AdaptiveKLController, KLBudget, collect_rollout, policy_outputs, sequence_kls,
+                                 token_advantages, token_rewards)
 
 PROMPTS = ["7+5=", "47+38=", "1+99=", "30+4="]
 RESPONSES = ["12", "85", "10000", "3"]

@@ -2,8 +2,8 @@
 Ouyang et al. 2022), one iteration read top to bottom in `ppo_iteration`:
 
   sample B responses from the policy (KV cache)                  model.sample_completions
-  old log-probs, values, reference log-probs, scores             collect_rollout (a reward model's
-                                                                 score, or --reward.function's)
+  old log-probs, values, reference log-probs, scores             rollout.collect_rollout (a reward
+                                                                 model's score, or --reward.function's)
   per-token rewards: -beta * k1 everywhere, the score at EOS     rollout.token_rewards
   GAE over the response tokens, gamma = 1                        rollout.token_advantages -> compute_gae
   K epochs of minibatches: Eq. 7 + value loss                    ppo_update -> clipped_surrogate
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,88 +46,17 @@ from proximal.optim import clip_gradients
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
 from proximal.lm.memory import micro_batch_rows, release_freed_memory
-from proximal.lm.model import (Completions, ScalarHeadLM, release_weights, response_logits, response_logits_kept,
-                               response_logprobs, sample_completions, save_pretrained, token_entropy, token_logprobs,
-                               trainable_parameters)
+from proximal.lm.model import (ScalarHeadLM, release_weights, response_logits_kept, sample_completions,
+                               save_pretrained, token_entropy, trainable_parameters)
 from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
-from proximal.lm.rollout import (AdaptiveKLController, KLBudget, LMRollout, group_advantages,
-                                 leave_one_out_advantages, sequence_kls, token_advantages, token_rewards,
-                                 update_advantages)
+from proximal.lm.rollout import (AdaptiveKLController, KLBudget, LMRollout, Scorer, collect_rollout, micro_batches,
+                                 policy_outputs, sequence_kls, update_advantages)
 from proximal.lm.snapshots import (SNAPSHOT_SEED, SNAPSHOTS_NAME, append_snapshot, keep_snapshots_until,
                                    snapshot_prompts, snapshot_record, take_snapshot)
 from proximal.lm.stage import MODEL_DIR, RL_SEED, StageContext, finish
 from proximal.losses import (clipped_surrogate, explained_variance, kl_k3, masked_aggregate, masked_mean,
                              ratio_statistics)
 from proximal.run import CsvLog, restore_states
-
-
-class Scorer(Protocol):
-    """What scores a response for PPO: `RewardModelScorer` or a `RewardFunction`."""
-
-    def scores(self, prompts: list[str], completions: Completions, tokenizer) -> torch.Tensor: ...
-
-
-def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logprobs [B, R], values [B, R], response logits [B, R, V]) of the responses: the value of
-    s_t (prompt + tokens before t) is read where token t is predicted. Logits and values are 0 at
-    padded positions, whatever the model gives there (`response_logits`: a NaN there would pass
-    the loss's masks but turn its gradient NaN, 0 x NaN in the backward pass of exp and pow)."""
-    logits, scalars = policy(completions.input_ids, completions.attention_mask, response_logits_kept(completions))
-    prompt_length, response_length = completions.prompt_ids.shape[1], completions.response_ids.shape[1]
-    logits = response_logits(logits, completions)  # [B, R, V]
-    values = torch.where(completions.response_mask, scalars[:, prompt_length - 1: prompt_length - 1 + response_length],
-                         torch.zeros((), dtype=scalars.dtype, device=scalars.device))  # [B, R]
-    return token_logprobs(logits, completions.response_ids, temperature), values, logits
-
-
-def micro_batches(minibatches: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
-    """The forward/backward passes over `minibatches` (index tensors): each minibatch's rows,
-    `rows` at a time, in order."""
-    return [part for index in minibatches for part in index.split(rows)]
-
-
-@torch.no_grad()
-def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, prompts: list[str],
-                    completions: Completions, tokenizer, passes: list[torch.Tensor], config: PPOStageConfig,
-                    kl_coef: float, share_first_forward: bool = False, policy_pass: bool = True) -> LMRollout:
-    """Score sampled `completions` of `prompts` and build their per-token rewards and advantages.
-    The forward passes run on `passes` (index tensors covering the batch): the update's first
-    epoch's passes, so that its first ratios are computed on the same rows, shapes and weights.
-    With `share_first_forward`, the first pass keeps its graph for the update's first step
-    (`LMRollout.first_outputs`): one forward pass fewer (with one pass an iteration: two forward
-    passes and a backward instead of three and a backward). Without `policy_pass` (see
-    `PPOStageConfig.old_logprobs_in_update`) the policy's log-probs are left to the update."""
-    batch, length = completions.response_ids.shape
-    logprobs = torch.zeros(batch, length, device=completions.response_ids.device)
-    ref_logprobs, values = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
-    scores = torch.zeros(batch, device=logprobs.device)
-    first_outputs = None
-    for index in passes:
-        part = completions.select(index)
-        if policy_pass:
-            keep_graph = share_first_forward and first_outputs is None
-            with torch.set_grad_enabled(keep_graph):
-                outputs = policy_outputs(policy, part, config.temperature)
-            if keep_graph:
-                first_outputs = outputs
-            logprobs[index], values[index] = outputs[0].detach(), outputs[1].detach()
-        ref_logprobs[index] = response_logprobs(reference, part, config.temperature)
-        scores[index] = scorer.scores([prompts[i] for i in index.tolist()], part, tokenizer)
-    mask, last_index = completions.response_mask, completions.last_index
-    reward_kl_coef = kl_coef if config.kl_in == "reward" else 0.0  # else beta * k3 joins the loss (ppo_update)
-    kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, reward_kl_coef)
-    if config.method == "ppo":
-        advantages, returns = token_advantages(rewards, values, mask, last_index, config.gae_lambda)
-    else:  # rloo, grpo: rows are k responses per prompt, in blocks of k
-        values = torch.zeros_like(values)
-        group_returns = rewards.sum(-1).view(-1, config.group_size)  # [P, k]
-        sequence_advantages = (leave_one_out_advantages(group_returns) if config.method == "rloo"
-                               else group_advantages(group_returns, config.group_std)).view(-1)  # [B]
-        advantages = torch.where(mask, sequence_advantages[:, None], torch.zeros(()))  # [B, R]
-        returns = advantages
-    return LMRollout(completions, logprobs, ref_logprobs, torch.where(mask, values, torch.zeros(())), scores,
-                     kl_penalty, rewards, advantages, returns, first_outputs, logprobs_pending=not policy_pass)
 
 
 def pass_loss(policy: ScalarHeadLM, rollout: LMRollout, part: torch.Tensor, advantages: torch.Tensor, rows: int,

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from torch import nn
 
-from proximal.lm.model import Completions
+from proximal.lm.config import PPOStageConfig
+from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logits_kept, response_logprobs,
+                               token_logprobs)
 from proximal.losses import compute_gae, kl_k3, masked_whiten
 
 
@@ -151,3 +155,74 @@ class KLBudget:
         self.recent.append(sample_kl)
         window_full = len(self.recent) == self.recent.maxlen
         return self.budget > 0 and window_full and sum(self.recent) / len(self.recent) >= self.budget
+
+
+# -- collecting a rollout: the policy, the reference and the scorer on sampled responses ----------
+
+class Scorer(Protocol):
+    """What scores a response for PPO: `RewardModelScorer` or a `RewardFunction`."""
+
+    def scores(self, prompts: list[str], completions: Completions, tokenizer) -> torch.Tensor: ...
+
+
+def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs [B, R], values [B, R], response logits [B, R, V]) of the responses: the value of
+    s_t (prompt + tokens before t) is read where token t is predicted. Logits and values are 0 at
+    padded positions, whatever the model gives there (`response_logits`: a NaN there would pass
+    the loss's masks but turn its gradient NaN, 0 x NaN in the backward pass of exp and pow)."""
+    logits, scalars = policy(completions.input_ids, completions.attention_mask, response_logits_kept(completions))
+    prompt_length, response_length = completions.prompt_ids.shape[1], completions.response_ids.shape[1]
+    logits = response_logits(logits, completions)  # [B, R, V]
+    values = torch.where(completions.response_mask, scalars[:, prompt_length - 1: prompt_length - 1 + response_length],
+                         torch.zeros((), dtype=scalars.dtype, device=scalars.device))  # [B, R]
+    return token_logprobs(logits, completions.response_ids, temperature), values, logits
+
+
+def micro_batches(minibatches: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """The forward/backward passes over `minibatches` (index tensors): each minibatch's rows,
+    `rows` at a time, in order."""
+    return [part for index in minibatches for part in index.split(rows)]
+
+
+@torch.no_grad()
+def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, prompts: list[str],
+                    completions: Completions, tokenizer, passes: list[torch.Tensor], config: PPOStageConfig,
+                    kl_coef: float, share_first_forward: bool = False, policy_pass: bool = True) -> LMRollout:
+    """Score sampled `completions` of `prompts` and build their per-token rewards and advantages.
+    The forward passes run on `passes` (index tensors covering the batch): the update's first
+    epoch's passes, so that its first ratios are computed on the same rows, shapes and weights.
+    With `share_first_forward`, the first pass keeps its graph for the update's first step
+    (`LMRollout.first_outputs`): one forward pass fewer (with one pass an iteration: two forward
+    passes and a backward instead of three and a backward). Without `policy_pass` (see
+    `PPOStageConfig.old_logprobs_in_update`) the policy's log-probs are left to the update."""
+    batch, length = completions.response_ids.shape
+    logprobs = torch.zeros(batch, length, device=completions.response_ids.device)
+    ref_logprobs, values = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+    scores = torch.zeros(batch, device=logprobs.device)
+    first_outputs = None
+    for index in passes:
+        part = completions.select(index)
+        if policy_pass:
+            keep_graph = share_first_forward and first_outputs is None
+            with torch.set_grad_enabled(keep_graph):
+                outputs = policy_outputs(policy, part, config.temperature)
+            if keep_graph:
+                first_outputs = outputs
+            logprobs[index], values[index] = outputs[0].detach(), outputs[1].detach()
+        ref_logprobs[index] = response_logprobs(reference, part, config.temperature)
+        scores[index] = scorer.scores([prompts[i] for i in index.tolist()], part, tokenizer)
+    mask, last_index = completions.response_mask, completions.last_index
+    reward_kl_coef = kl_coef if config.kl_in == "reward" else 0.0  # else beta * k3 joins the loss (ppo_update)
+    kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, reward_kl_coef)
+    if config.method == "ppo":
+        advantages, returns = token_advantages(rewards, values, mask, last_index, config.gae_lambda)
+    else:  # rloo, grpo: rows are k responses per prompt, in blocks of k
+        values = torch.zeros_like(values)
+        group_returns = rewards.sum(-1).view(-1, config.group_size)  # [P, k]
+        sequence_advantages = (leave_one_out_advantages(group_returns) if config.method == "rloo"
+                               else group_advantages(group_returns, config.group_std)).view(-1)  # [B]
+        advantages = torch.where(mask, sequence_advantages[:, None], torch.zeros(()))  # [B, R]
+        returns = advantages
+    return LMRollout(completions, logprobs, ref_logprobs, torch.where(mask, values, torch.zeros(())), scores,
+                     kl_penalty, rewards, advantages, returns, first_outputs, logprobs_pending=not policy_pass)

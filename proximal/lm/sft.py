@@ -21,7 +21,7 @@ from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from proximal.dist import DistContext
 from proximal.errors import TrainingDiverged
 from proximal.optim import clip_gradients
-from proximal.lm.model import (Completions, build_tiny_gpt2, encode_prompts, encode_responses, load_pretrained,
+from proximal.lm.model import (Completions, build_tiny_gpt2, encode_prompts, encode_responses,
                                response_logprobs, save_pretrained, trainable_parameters)
 from proximal.lm.stage import MODEL_DIR, StageContext, finish
 from proximal.losses import masked_mean
@@ -64,11 +64,12 @@ def encode_demonstrations(tokenizer, prompts: list[str], responses: list[str], d
 
 
 def initial_model(ctx: StageContext):
-    """The model SFT starts from: the user's local HF directory, or a fresh tiny GPT-2 over the
-    task's characters."""
+    """The model SFT starts from: the user's (a local HF directory, or the plain copy of a GGUF
+    file the run made in RUN_DIR/start: it is dequantised once per run), or a fresh tiny GPT-2
+    over the task's characters."""
     model_config = ctx.config.model
     if model_config.path:
-        return load_pretrained(model_config.path, ctx.device)
+        return ctx.load_start_model()
     tokenizer = ctx.tokenizer
     torch.manual_seed(ctx.config.run.seed)
     model = build_tiny_gpt2(tokenizer, model_config.width, model_config.layers, model_config.heads,

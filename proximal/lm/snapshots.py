@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from proximal.lm.model import sample_completions
-from proximal.lm.rollout import update_advantages
+from proximal.lm.rollout import collect_rollout, policy_outputs, update_advantages
 from proximal.run import read_jsonl, write_text_atomic
 
 SNAPSHOTS_NAME = "snapshots.jsonl"
@@ -50,8 +50,6 @@ def take_snapshot(policy, reference, scorer, tokenizer, prompts: list[str], conf
                   moments, seed: int, device: str):
     """(The snapshot rows' rollout, the batch's advantage `moments` (mean, variance: the update
     whitens with them), the ratio [B, R] the update's first step would see), before the update."""
-    from proximal.lm.ppo import collect_rollout, policy_outputs
-
     generator = torch.Generator(device=device).manual_seed(seed)
     completions = sample_completions(policy.lm, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                      generator, device)
@@ -65,8 +63,6 @@ def take_snapshot(policy, reference, scorer, tokenizer, prompts: list[str], conf
 def snapshot_record(iteration: int, prompts: list[str], rollout, moments, first_ratio, policy, tokenizer, config,
                     kl_coef: float, stats: dict, gold) -> dict:
     """The JSON record of a snapshot, after the update (`policy` is the updated one)."""
-    from proximal.lm.ppo import policy_outputs
-
     mask = rollout.mask
     new_logprobs, _, _ = policy_outputs(policy, rollout.completions, config.temperature)
     ratio = (new_logprobs - rollout.logprobs).exp()  # [B, R]
