@@ -46,6 +46,8 @@ def _flag(name: str) -> str:
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """An output file's folder must exist and be writable: checked before any work is done."""
+    if not str(path):
+        raise ConfigError(f"{flag} needs a file name")
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -254,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resumed(read, run_dir: str):
+    """`read(run_dir)` of --resume RUN_DIR, its error saying the flag."""
+    if not run_dir:
+        raise ConfigError("--resume needs a run directory")
+    try:
+        return read(run_dir)
+    except ProximalError as error:
+        raise type(error)(f"--resume {error}") from None
+
+
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
     """The config to run, the checkpoint to resume from and its run directory (None for a new run)."""
     overrides = {name: value for name, value in vars(args).items()
@@ -273,7 +285,7 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
     if changed:
         raise ConfigError("--resume keeps the run's config; only --total-timesteps (or --dist-timeout) may change, "
                           f"not {', '.join(changed)}")
-    checkpoint_path = resolve_checkpoint_path(args.resume)
+    checkpoint_path = _resumed(resolve_checkpoint_path, args.resume)
     payload = load_checkpoint(checkpoint_path)
     try:
         config = TrainConfig.from_dict(json.loads(payload["config"])).with_overrides(overrides)
@@ -350,9 +362,9 @@ def _prefs_config(args: argparse.Namespace) -> tuple[TrainConfig, PrefsConfig, d
 
     if args.env_id is not None:
         raise ConfigError("--resume continues the run's own environment; drop ENV_ID")
-    run_dir = Path(args.resume)
+    run_dir = _resumed(Path, args.resume)
     if not (run_dir / PREFS_CONFIG_NAME).is_file() or not (run_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"{run_dir} is not a proximal prefs run directory (no {PREFS_CONFIG_NAME} and "
+        raise ConfigError(f"--resume {run_dir} is not a proximal prefs run directory (no {PREFS_CONFIG_NAME} and "
                           f"{CONFIG_NAME} in it)")
     payload = load_checkpoint(run_dir) if (run_dir / CHECKPOINT_NAME).exists() else None
     try:
@@ -401,7 +413,8 @@ def _prefs(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be a positive integer, got {args.episodes}")
-    if args.gif:
+    _require_seed(args.seed)
+    if args.gif is not None:
         check_output_file(args.gif, "--gif")
     import torch
 
@@ -421,10 +434,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_seed(seed: int | None) -> None:
+    if seed is not None and seed < 0:
+        raise ConfigError(f"--seed must be an integer >= 0, got {seed}")
+
+
 def _bench(args: argparse.Namespace) -> int:
     for name in ("seeds", "eval_every"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise ConfigError(f"--threshold must be a finite number, got {args.threshold}")
     from proximal import bench
     from proximal.envs import make_vector_env
 
@@ -591,6 +611,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not (0.01 <= args.temperature < float("inf")):
         raise ConfigError(f"--temperature must be a finite number >= 0.01 (--greedy takes the most probable "
                           f"token), got {args.temperature}")
+    _require_seed(args.seed)
     _require_lm_dependencies()
     import torch
 
@@ -654,6 +675,23 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_typed(error: ProximalError, command: str) -> str:
+    """The error's message with the config field it begins with said as the flag that sets it
+    ("kl_coef must be >= 0" -> "--ppo.kl-coef must be >= 0"): the field's own flag, else the one
+    flag of the command whose field it is in whatever section."""
+    field = getattr(error, "field", None)
+    message = str(error)
+    if field is None:
+        return message
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    dests = {action.dest: action.option_strings[0] for action in commands.choices[command]._actions
+             if action.option_strings}
+    name = field.rpartition(".")[2]
+    in_some_section = [flag for dest, flag in dests.items() if "." not in field and dest.endswith("." + name)]
+    flag = dests.get(field) or (in_some_section[0] if len(in_some_section) == 1 else None)
+    return message.replace(name, flag, 1) if flag is not None and message.startswith(name) else message
+
+
 def _terminate(signum, frame) -> None:
     raise Terminated()
 
@@ -675,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   f"run `proximal {args.command}` as one process")
         return args.handler(args)
     except ProximalError as error:
-        print(f"proximal {args.command}: error: {error}", file=sys.stderr)
+        print(f"proximal {args.command}: error: {_as_typed(error, args.command)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
         how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"

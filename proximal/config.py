@@ -25,7 +25,7 @@ def _param(default: Any, help: str) -> Any:
 
 def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}", field=name)
 
 
 def _require_positive_int(name: str, value: Any) -> None:

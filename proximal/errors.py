@@ -10,7 +10,13 @@ class ProximalError(Exception):
 
 
 class ConfigError(ProximalError):
-    """A hyperparameter or option outside its allowed range."""
+    """A hyperparameter or option outside its allowed range. `field` names the config field the
+    message begins with ("kl_coef must be >= 0, ..."; "ppo.kl_coef" once its section is known),
+    so the command line can say it as the flag the user typed (`--ppo.kl-coef`)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class EnvError(ProximalError):

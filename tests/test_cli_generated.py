@@ -53,14 +53,15 @@ def _kind(action: argparse.Action) -> str:
     return getattr(action.type, "__name__", "str") if action.type is not None else "str"
 
 
-def generated_cases() -> list[tuple[str, list[str]]]:
+def generated_cases() -> list[tuple[str, list[str], str | None]]:
+    """(case, argv, the flag the one line must name as typed: None for a positional)."""
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     cases = []
     for command, subparser in commands.choices.items():
-        cases.append((f"{command} unknown flag", [*BASE[command], "--no-such-flag"]))
+        cases.append((f"{command} unknown flag", [*BASE[command], "--no-such-flag"], "--no-such-flag"))
         for argv in BAD_POSITIONALS.get(command, []):
-            cases.append((f"{command} positional {argv[1:]!r}", argv))
+            cases.append((f"{command} positional {argv[1:]!r}", argv, None))
         for action in subparser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):
                 continue
@@ -69,7 +70,7 @@ def generated_cases() -> list[tuple[str, list[str]]]:
                 if value == "" and flag in EMPTY_MEANS_UNSET:
                     continue
                 argv = [*BASE[command], flag + value] if _kind(action) == "flag" else [*BASE[command], flag, value]
-                cases.append((f"{command} {flag} {value!r}", argv))
+                cases.append((f"{command} {flag} {value!r}", argv, flag))
     return cases
 
 
@@ -143,11 +144,12 @@ def no_real_work(monkeypatch):
 
 
 def test_the_generated_table_covers_every_subcommand_and_hundreds_of_cases():
-    assert {case.split()[0] for case, _ in CASES} == set(BASE)
+    assert {case.split()[0] for case, _, _ in CASES} == set(BASE)
     assert len(CASES) >= 300 and len(FILE_CASES) >= 100
 
 
-def assert_one_line_and_nothing_written(case: str, argv: list[str], tmp_path, capsys) -> None:
+def assert_one_line_and_nothing_written(case: str, argv: list[str], tmp_path, capsys, flag: str | None = None
+                                        ) -> None:
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     try:
         code = main([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
@@ -158,16 +160,17 @@ def assert_one_line_and_nothing_written(case: str, argv: list[str], tmp_path, ca
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, f"{case}: {captured.err!r}"
     assert lines[0].startswith("proximal"), lines[0]
+    assert flag is None or flag in lines[0], f"{case}: the line does not name {flag} as typed: {lines[0]}"
     assert "Traceback" not in captured.err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("case,argv", CASES, ids=[case for case, _ in CASES])
-def test_every_bad_input_is_one_line_nonzero_and_writes_nothing(case, argv, tmp_path, monkeypatch, capsys,
-                                                                no_real_work):
+@pytest.mark.parametrize("case,argv,flag", CASES, ids=[case for case, _, _ in CASES])
+def test_every_bad_input_is_one_line_naming_the_flag_nonzero_and_writes_nothing(case, argv, flag, tmp_path,
+                                                                                monkeypatch, capsys, no_real_work):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("not a directory")
-    assert_one_line_and_nothing_written(case, argv, tmp_path, capsys)
+    assert_one_line_and_nothing_written(case, argv, tmp_path, capsys, flag)
 
 
 @pytest.mark.parametrize("case,argv,name,content", FILE_CASES, ids=[case for case, *_ in FILE_CASES])

@@ -372,7 +372,7 @@ BAD_RUNS = {  # case -> (arguments after the example's files, what the one line 
     "no model to start from": (["--stages", "reward,ppo"], "needs a model to start from"),
     "reward without pairs or a labeller": (["--data.sft", str(EXAMPLE / "sft.jsonl"), "--stages", "sft,reward"],
                                            "the reward stage needs labelled pairs"),
-    "a role that is none": (["--reward.function-role", "judge"], "function_role must be reward or labeller"),
+    "a role that is none": (["--reward.function-role", "judge"], "--reward.function-role must be reward or labeller"),
 }
 
 

@@ -417,9 +417,17 @@ class RLHFConfig:
         return cls().with_overrides(merged)
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> RLHFConfig:
-        """A copy with `{section: {field: value}}` applied."""
-        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)
-                                            for section, values in overrides.items() if values})
+        """A copy with `{section: {field: value}}` applied; a refused value's error knows its
+        section (`ConfigError.field` "ppo.kl_coef")."""
+        replaced = {}
+        for section, values in overrides.items():
+            try:
+                replaced[section] = dataclasses.replace(getattr(self, section), **values) if values else None
+            except ConfigError as error:
+                if error.field is not None and "." not in error.field:
+                    error.field = f"{section}.{error.field}"
+                raise
+        return dataclasses.replace(self, **{section: value for section, value in replaced.items() if value is not None})
 
 
 STUDIES = ("overoptimisation", "best-of-n", "methods", "label-noise")

@@ -169,6 +169,16 @@ def render_prompt(tokenizer, example: Example) -> str:
     return tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
 
 
+def _read(flag: str, examples, path: str | None) -> list[Example]:
+    """`examples(path)` ([] when the flag is not given), a bad file's error saying the flag too."""
+    if not path:
+        return []
+    try:
+        return examples(path)
+    except DataError as error:
+        raise DataError(f"{flag} {error}") from None
+
+
 class FileTask:
     """The task made of a user's files (`DataConfig`): no gold score of its own and no slices;
     `--reward.function` can give one."""
@@ -179,12 +189,11 @@ class FileTask:
 
     def __init__(self, data_config):
         self.config = data_config
-        self.prompts = prompt_examples(data_config.prompts) if data_config.prompts else []
-        self.eval_prompts = prompt_examples(data_config.eval_prompts) if data_config.eval_prompts else []
-        self.demonstrations = sft_examples(data_config.sft) if data_config.sft else []
-        self.preferences = preference_examples(data_config.preferences) if data_config.preferences else []
-        self.eval_preferences = (preference_examples(data_config.eval_preferences)
-                                 if data_config.eval_preferences else [])
+        self.prompts = _read("--data.prompts", prompt_examples, data_config.prompts)
+        self.eval_prompts = _read("--data.eval-prompts", prompt_examples, data_config.eval_prompts)
+        self.demonstrations = _read("--data.sft", sft_examples, data_config.sft)
+        self.preferences = _read("--data.preferences", preference_examples, data_config.preferences)
+        self.eval_preferences = _read("--data.eval-preferences", preference_examples, data_config.eval_preferences)
         every = [*self.prompts, *self.eval_prompts, *self.demonstrations, *self.preferences, *self.eval_preferences]
         texts = [text for e in every for text in (e.prompt if isinstance(e.prompt, str) else "", *e.completions)]
         self.alphabet = "".join(sorted(set("".join(texts))))

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from proximal.dist import DistContext
+from proximal.errors import CheckpointError
 from proximal.lm.config import RLHFConfig
 from proximal.lm.data import FileTask
 from proximal.lm.evaluation import evaluate_policy
@@ -189,7 +190,12 @@ class StageContext:
 
 def start_tokenizer(config: RLHFConfig, task: Task):
     """The tokenizer every stage shares: the user's model's, or a character tokenizer over the task."""
-    return load_tokenizer(config.model.path) if config.model.path else build_char_tokenizer(task.alphabet)
+    if not config.model.path:
+        return build_char_tokenizer(task.alphabet)
+    try:
+        return load_tokenizer(config.model.path)
+    except CheckpointError as error:
+        raise CheckpointError(f"--model.path {error}") from None
 
 
 def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool = False, tokenizer=None,
