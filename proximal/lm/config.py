@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from proximal.config import _param, _require, _require_finite, _require_host_and_port, _require_positive_int
+from proximal.config import (LABELLER_NOISES, LABELLERS, _param, _require, _require_finite, _require_host_and_port,
+                             _require_positive_int)
 from proximal.errors import ConfigError
 from proximal.losses import AGGREGATIONS
 from proximal.lm.tasks import TASKS
@@ -127,8 +128,7 @@ class SFTConfig:
         _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
 
 
-LABELLER_NOISES = ("none", "boltzmann", "uniform")
-LABELLERS = ("synthetic", "human")
+LM_LABELLERS = tuple(kind for kind in LABELLERS if kind != "replay")  # a run's own labels replay by --run-dir
 FUNCTION_ROLES = ("reward", "labeller")
 POOLINGS = ("last", "mean")
 
@@ -191,7 +191,7 @@ class RewardConfig:
                  self.sample_temperature)
         _require(self.labeller_noise in LABELLER_NOISES, "labeller_noise", " or ".join(LABELLER_NOISES),
                  self.labeller_noise)
-        _require(self.labeller in LABELLERS, "labeller", " or ".join(LABELLERS), self.labeller)
+        _require(self.labeller in LM_LABELLERS, "labeller", " or ".join(LM_LABELLERS), self.labeller)
         _require(self.function_role in FUNCTION_ROLES, "function_role", " or ".join(FUNCTION_ROLES),
                  self.function_role)
         _require(isinstance(self.function, str) and (self.function == "" or ":" in self.function), "function",
