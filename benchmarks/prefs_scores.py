@@ -64,7 +64,7 @@ def random_return(env_id: str, seed: int, episodes: int) -> float:
 def run_seed(env_id: str, seed: int, prefs_overrides: dict, variants: list[str], runs_dir: str) -> dict:
     import torch
 
-    from proximal.config import prefs_preset_for, preset_for
+    from proximal.presets import prefs_preset_for, preset_for
     from proximal.preferences import train_from_preferences
     from proximal.train import train
 

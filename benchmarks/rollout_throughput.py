@@ -15,7 +15,7 @@ import time
 import torch
 
 from proximal.agent import PPOAgent
-from proximal.config import preset_for
+from proximal.presets import preset_for
 from proximal.envs import make_vector_env
 from proximal.train import EnvState, collect_rollout
 

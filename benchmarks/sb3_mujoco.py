@@ -50,7 +50,7 @@ def time_sb3(env_id: str, timesteps: int, seed: int) -> float:
 
 
 def time_proximal(env_id: str, timesteps: int, seed: int) -> float:
-    from proximal.config import preset_for
+    from proximal.presets import preset_for
     from proximal.train import train
 
     with tempfile.TemporaryDirectory() as runs_dir:

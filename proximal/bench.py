@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from proximal.config import PRESETS, TrainConfig, preset_for
+from proximal.config import TrainConfig
+from proximal.presets import PRESETS, preset_for
 from proximal.errors import ConfigError
 from proximal.run import save_figure_atomic, write_text_atomic
 

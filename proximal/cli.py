@@ -26,10 +26,9 @@ from proximal.config import (
     PrefsConfig,
     RunConfig,
     TrainConfig,
-    prefs_preset_for,
-    preset_for,
 )
 from proximal.errors import ConfigError, ProximalError, Terminated
+from proximal.presets import prefs_preset_for, preset_for
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -475,7 +474,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from proximal.config import PRESETS, describe_preset
+    from proximal.presets import PRESETS, SENTIMENT_PRESET, describe_preset
 
     for env_id, preset in PRESETS.items():
         print(f"{env_id} (v{preset.version}): {describe_preset(preset.config)}")
@@ -486,6 +485,12 @@ def _presets(args: argparse.Namespace) -> int:
         if prefs_flags:
             print("    proximal prefs starts from: " + " ".join(prefs_flags))
     print("any other env id trains with the generic defaults: " + describe_preset(TrainConfig()))
+    flags = []
+    for section, settings in SENTIMENT_PRESET.items():
+        for name, value in settings.items():
+            flag = f"--{section}.{name.replace('_', '-')}"
+            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+    print("proximal rlhf sentiment starts from: " + " ".join(flags))
     return 0
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from proximal.bench import SeedResult, bench_config, markdown_table, reward_threshold, summary, write_outputs
-from proximal.config import preset_for
+from proximal.presets import preset_for
 from proximal.errors import ConfigError
 
 

@@ -176,7 +176,7 @@ def test_bench_smoke_two_seeds(tmp_path):
 
 
 def test_presets_lists_every_preset_and_the_generic_defaults(capsys):
-    from proximal.config import PRESETS
+    from proximal.presets import PRESETS
 
     code, out, _ = run_main(["presets"], capsys)
     assert code == 0

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from proximal.config import PRESETS, EnvConfig, PPOConfig, RunConfig, TrainConfig, preset_for
+from proximal.config import EnvConfig, PPOConfig, RunConfig, TrainConfig
+from proximal.presets import PRESETS, preset_for
 from proximal.errors import ConfigError
 
 

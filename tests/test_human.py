@@ -656,7 +656,7 @@ def metrics_without_timings(run_dir: Path) -> list[dict]:
 
 def untrained_greedy_return(env_id: str, seed: int, episodes: int) -> float:
     from proximal.agent import PPOAgent
-    from proximal.config import preset_for
+    from proximal.presets import preset_for
     from proximal.envs import make_vector_env
     from proximal.evaluate import evaluate
 
@@ -936,7 +936,8 @@ def test_a_resumed_run_waits_for_the_queries_a_kill_left_unanswered(tmp_path):
     """A kill in a label round leaves asked, unanswered queries; the resumed run has no new label
     due at its next round, yet with --human-pace wait it must wait for those before training on."""
     from proximal.agent import PPOAgent
-    from proximal.config import PrefsConfig, preset_for
+    from proximal.config import PrefsConfig
+    from proximal.presets import preset_for
     from proximal.envs import make_vector_env
     from proximal.preferences import PreferenceLearner
     from proximal.train import EnvState, collect_rollout

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from proximal.cli import main
-from proximal.config import PrefsConfig, preset_for
+from proximal.config import PrefsConfig
+from proximal.presets import preset_for
 from proximal.fixed_horizon import FIXED_HORIZON_CARTPOLE_ID, FixedHorizonCartPole
 from proximal.labellers import SyntheticLabeller, make_labeller
 from proximal.preferences import (COMPARISONS_NAME, LabelSchedule, PreferenceLearner, clip_starts,

@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from proximal.errors import ConfigError
+from proximal.presets import SENTIMENT_PRESET
 
 
 @dataclass(frozen=True)
@@ -204,27 +205,7 @@ class SentimentTask:
     instructions = "the more positive response is the better one."
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'-\n"
     has_gold = True
-    # The settings a run of this task starts from (flags override them): tuned on seed 0 for
-    # SmolLM2-135M-Instruct on a 2-core CPU (docs/lm_real_model.md). Every weight trains; the reward
-    # model reads the mean of the bottom 10 blocks' states over the response (a lexicon-like score)
-    # and learns from 1,024 pairs (its held-out agreement rose with the pairs on seed 0: 0.69 from 384,
-    # 0.78 from 768 on a fixed test set; 1,536 gave no more, 0.746 against 0.753), kept as it was at the
-    # best of 8 checks on the labeller's held-out pairs (a fit wanders: seeds 0-1 ended 0.03 and 0.09 below
-    # their best check; on the same labels RLOO on the kept model gained +0.285 against +0.327 on seed 0,
-    # +0.292 against +0.150 on seed 1: more on average, a better worst case); the policy takes
-    # 16 prompts x 4 a step (seed 0: the same KL per step as 8 x 4, more VADER for it) until its samples'
-    # KL to the start model, averaged over 3 iterations, reaches 1.6 nats: the policy, one update past
-    # the window and judged on other prompts, was then 0.6-0.75 nats further on seed 0.
-    preset = {
-        "task": {"eval_prompts": 32},
-        "reward": {"labels": 1024, "samples_per_prompt": 2, "sample_temperature": 1.0, "standardise_samples": 64,
-                   "pooling": "mean", "blocks": 10, "epochs": 1, "batch_size": 8, "learning_rate": 3e-4,
-                   "validations": 8, "keep_best": True},
-        "ppo": {"method": "rloo", "iterations": 18, "kl_budget": 1.6, "prompts_per_iteration": 64,
-                "minibatch_size": 64, "max_new_tokens": 32, "epochs": 1, "learning_rate": 1e-5, "kl_coef": 0.1,
-                "adaptive_kl": False, "score_cut_responses": True, "relabel_every": 0, "eval_every": 9,
-                "snapshot_every": 9, "snapshot_prompts": 1},
-    }
+    preset = SENTIMENT_PRESET  # proximal/presets.py
 
     @classmethod
     def from_config(cls, task_config) -> SentimentTask:
