@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     rlhf.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                       help="launched by torchrun: seconds a rank waits for the others to join, or in a collective "
                            "(rank 0's labelling, evaluating and writing are waited for without limit)")
+    rlhf.add_argument("--config", default=None, metavar="FILE",
+                      help="settings by section, as the flags name them, in a .toml or .json file (a run's "
+                           "config.json reproduces that run); the flags given override it")
     _add_rlhf_flags(rlhf)
     rlhf.set_defaults(handler=_rlhf)
 
@@ -545,19 +548,55 @@ def _report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
     print("; ".join(parts[:2]) + "".join(f", {part}" for part in parts[2:]) + done, flush=True)
 
 
-def _rlhf(args: argparse.Namespace) -> int:
+def read_config_file(path: str, sections: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} of a .toml or .json config file, each section and field checked
+    against `sections` (the values are checked by the config itself, as a flag's are)."""
+    import tomllib
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ConfigError(f"--config {path}: not a readable {file.suffix.lstrip('.') or 'JSON'} file "
+                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the sections {', '.join(sections)} are expected, got a {type(data).__name__}")
+    for section, values in data.items():
+        if section not in sections or not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: {section!r} is not a section ({', '.join(sections)})")
+        known = {f.name for f in dataclasses.fields(sections[section])}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"--config {path}: no setting {section}.{unknown[0]} (--{section}.* flags name them)")
+    return data
+
+
+def rlhf_config(args: argparse.Namespace):
+    """The RLHFConfig of `proximal rlhf`'s arguments: the task's preset, under --config FILE's
+    settings, under the flags given."""
     from proximal.lm.config import FILE_TASK, SECTIONS, RLHFConfig
 
-    _require_lm_dependencies()
-
     overrides: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    if args.config is not None:
+        for section, values in read_config_file(args.config, SECTIONS).items():
+            overrides[section].update(values)
     for dest, value in vars(args).items():
         section, _, name = dest.partition(".")
         if section in SECTIONS and name:
             overrides[section][name] = value
     has_files = any(value is not None for name, value in overrides["data"].items() if name != "eval_fraction")
-    task = args.task if args.task is not None else (FILE_TASK if has_files else "addition")
-    config = RLHFConfig.for_task(task, overrides)  # validated: nothing is written if this fails
+    task = (args.task if args.task is not None else overrides["task"].pop("name", None)
+            or (FILE_TASK if has_files else "addition"))
+    overrides["task"].pop("name", None)
+    return RLHFConfig.for_task(task, overrides)  # validated: nothing is written if this fails
+
+
+def _rlhf(args: argparse.Namespace) -> int:
+    _require_lm_dependencies()
+    config = rlhf_config(args)
     from proximal.lm.pipeline import run_pipeline
 
     from proximal.dist import join, launched_world_size, leave

@@ -70,3 +70,44 @@ def test_presets_are_valid_and_unknown_envs_get_generic_defaults():
     generic = preset_for("MountainCarContinuous-v0")
     assert generic.env.env_id == "MountainCarContinuous-v0"
     assert dataclasses.replace(generic, env=EnvConfig()) == TrainConfig()
+
+
+def test_a_runs_config_json_given_back_as_config_reproduces_it_and_flags_override_a_toml_file(tmp_path):
+    """`proximal rlhf --config RUN_DIR/config.json` is that run's config exactly; a TOML file's
+    sections are the flags' (`[ppo] kl_coef` is --ppo.kl-coef), under the flags given."""
+    pytest.importorskip("transformers")
+    import json
+
+    from proximal.cli import build_parser, rlhf_config
+    from proximal.lm.config import RLHFConfig
+
+    def config_of(*argv):
+        return rlhf_config(build_parser().parse_args(["rlhf", *argv]))
+
+    ran = config_of("sentiment", "--model.path", "m.gguf", "--seed", "100", "--ppo.iterations", "9",
+                    "--no-reward.keep-best")
+    (tmp_path / "config.json").write_text(ran.to_json())
+    assert config_of("--config", str(tmp_path / "config.json")) == ran
+    assert config_of("--config", str(tmp_path / "config.json"), "--ppo.iterations", "4") == \
+        ran.with_overrides({"ppo": {"iterations": 4}})
+    (tmp_path / "settings.toml").write_text('[ppo]\nkl_coef = 0.5\niterations = 3\n[run]\nseed = 7\n')
+    from_file = config_of("--config", str(tmp_path / "settings.toml"), "--ppo.iterations", "5")
+    assert from_file == config_of("--ppo.kl-coef", "0.5", "--ppo.iterations", "5", "--seed", "7")
+    assert json.loads(from_file.to_json())["task"]["name"] == "addition"
+    assert RLHFConfig.from_dict(json.loads(ran.to_json())) == ran
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[ppo]\nkl_coef = -1\n", "--ppo.kl-coef must be >= 0"),
+    ("[ppo]\nkl_cof = 1\n", "no setting ppo.kl_cof"),
+    ("[optimiser]\nlr = 1\n", "'optimiser' is not a section"),
+    ("[ppo\n", "not a readable toml file"),
+])
+def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from proximal.cli import main
+
+    (tmp_path / "settings.toml").write_text(content)
+    assert main(["rlhf", "--config", str(tmp_path / "settings.toml")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
