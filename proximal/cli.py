@@ -189,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "preferences (or a reward function), PPO against it with a per-token KL penalty to the SFT "
                     "model. Your own data: --data.prompts, --data.sft, --data.preferences (docs/your_data.md). "
                     "Stage flags are named after their stage: --sft.steps, --ppo.kl-coef.")
+    from proximal.lm.tasks import TASKS
+
     rlhf.add_argument("task", nargs="?", default=None, metavar="TASK",
-                      help="the built-in task (default: addition; left out with --data.* files)")
+                      help=f"the built-in task: {', '.join(TASKS)} (default: addition; sentiment starts from its "
+                           "preset, listed by `proximal presets`; left out with --data.* files)")
     rlhf.add_argument("--stages", type=_stage_list, default=None, metavar="LIST",
                       help="the stages to run, in order, comma-separated from sft,reward,ppo,dpo (default: sft if "
                            "there are demonstrations, reward unless --reward.function replaces it, ppo; dpo only "
