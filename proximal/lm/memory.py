@@ -12,8 +12,9 @@ and AdamW's moments take 2.7 GB, the libraries ~0.3 GB, and glibc's heap keeps m
 passes free the larger they are. RL iterations at the sentiment preset's batch with VADER as the
 reward (VmHWM, 3 iterations, this 2-core machine) peaked at 4,404 MiB with passes of 5 rows (512
 MiB), 4,166 MiB with 5 rows and `release_freed_memory` before each pass, 3,697 MiB with 2 rows
-(256 MiB) and it; the whole sentiment pipeline, whose RL stage also holds the 10-block reward
-model, still peaked at 4.18 GB (docs/lm_real_model.md). Larger passes run faster (123 GFLOP/s at
+(256 MiB) and it, and 3,252 MiB (3.41 GB) once the reference was held only while used
+(`ReloadedReference`); the whole sentiment pipeline, whose RL stage also holds the 10-block
+reward model, peaked at 4.18 GB before that change (docs/lm_real_model.md). Larger passes run faster (123 GFLOP/s at
 16 rows against 89 at 2, measured here): a machine with room to spare can ask for more with
 --ppo.micro-batch-size.
 
