@@ -157,10 +157,10 @@ def test_grpo_stage_runs_end_to_end_and_bad_settings_are_refused(tmp_path, capsy
     assert len(rows) == 1 + 4
     config = json.loads((run_dir / "config.json").read_text())["ppo"]
     assert (config["method"], config["kl_in"], config["loss_aggregation"]) == ("grpo", "loss", "sequence")
-    for flags, message in ((["--ppo.kl-in", "logits"], "kl_in must be reward or loss"),
-                           (["--ppo.loss-aggregation", "mean"], "loss_aggregation must be token or sequence or "
+    for flags, message in ((["--ppo.kl-in", "logits"], "--ppo.kl-in must be reward or loss"),
+                           (["--ppo.loss-aggregation", "mean"], "--ppo.loss-aggregation must be token or sequence or "
                                                                 "constant"),
-                           (["--ppo.micro-batch-size", "-1"], "micro_batch_size must be an integer >= 0")):
+                           (["--ppo.micro-batch-size", "-1"], "--ppo.micro-batch-size must be an integer >= 0")):
         code, _, err = run_cli(["rlhf", "--run-dir", str(tmp_path / "bad"), *TINY, *flags], capsys)
         assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(ConfigError, match="multiple of rloo_samples"):
