@@ -14,7 +14,7 @@ reward (VmHWM, 3 iterations, this 2-core machine) peaked at 4,404 MiB with passe
 MiB), 4,166 MiB with 5 rows and `release_freed_memory` before each pass, 3,697 MiB with 2 rows
 (256 MiB) and it, and 3,252 MiB (3.41 GB) once the reference was held only while used
 (`ReloadedReference`); the whole sentiment pipeline, whose RL stage also holds the 10-block
-reward model, peaked at 4.18 GB before that change (docs/lm_real_model.md). Larger passes run faster (123 GFLOP/s at
+reward model, peaked at 4.18 GB before that change and 3.72 GB after it (docs/lm_real_model.md). Larger passes run faster (123 GFLOP/s at
 16 rows against 89 at 2, measured here): a machine with room to spare can ask for more with
 --ppo.micro-batch-size.
 
