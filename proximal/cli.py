@@ -27,7 +27,7 @@ from proximal.config import (
     RunConfig,
     TrainConfig,
 )
-from proximal.errors import ConfigError, ProximalError, Terminated
+from proximal.errors import ConfigError, ProximalError, Terminated, naming
 from proximal.presets import prefs_preset_for, preset_for
 
 
@@ -265,10 +265,8 @@ def _resumed(read, run_dir: str):
     """`read(run_dir)` of --resume RUN_DIR, its error saying the flag."""
     if not run_dir:
         raise ConfigError("--resume needs a run directory")
-    try:
+    with naming("--resume"):
         return read(run_dir)
-    except ProximalError as error:
-        raise type(error)(f"--resume {error}") from None
 
 
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:

@@ -4,6 +4,8 @@ Library code raises these; the CLI catches `ProximalError` once and prints its m
 single line. Anything else escaping is a bug in proximal, not bad input.
 """
 
+import contextlib
+
 
 class ProximalError(Exception):
     """Base class: a problem with the user's input or run, explained in one line."""
@@ -35,3 +37,13 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill PID`, a container stop, a CI timeout, torchrun stopping the other ranks),
     raised wherever the command is (`proximal.cli` installs the handler): it stops as on Ctrl-C,
     files whole and the run resumable."""
+
+
+@contextlib.contextmanager
+def naming(flag: str):
+    """Errors raised inside are about the value of `flag`: their line begins with it, so the user
+    reads which flag to correct ("--data.sft sft.jsonl line 2: ...")."""
+    try:
+        yield
+    except ProximalError as error:
+        raise type(error)(f"{flag} {error}") from None

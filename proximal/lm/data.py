@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from proximal.errors import ConfigError
+from proximal.errors import ConfigError, naming
 from proximal.jsonl import read_json_lines
 from proximal.lm.tasks import DataSizes, TaskData
 
@@ -173,10 +173,8 @@ def _read(flag: str, examples, path: str | None) -> list[Example]:
     """`examples(path)` ([] when the flag is not given), a bad file's error saying the flag too."""
     if not path:
         return []
-    try:
+    with naming(flag):
         return examples(path)
-    except DataError as error:
-        raise DataError(f"{flag} {error}") from None
 
 
 class FileTask:

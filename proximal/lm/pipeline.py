@@ -129,7 +129,8 @@ def check(ctx: StageContext, stages: tuple[str, ...]) -> RLHFConfig:
     finished = {stage for stage in STAGES if ctx.run_dir is not None and is_finished(ctx.stage_dir(stage))}
     if "reward" in stages and "reward" not in finished and config.reward.labeller == "human" and ctx.dist.is_main:
         check_can_serve(config.reward.host, config.reward.port)  # a busy port: now, not after SFT
-    ctx.check_start_model()
+    if not set(stages) <= finished:  # a finished run's stages read no start model
+        ctx.check_start_model()
     if ctx.run_dir is None:
         return config
     for stage in stages:

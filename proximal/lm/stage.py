@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from proximal.dist import DistContext
-from proximal.errors import CheckpointError
+from proximal.errors import naming
 from proximal.lm.config import RLHFConfig
 from proximal.lm.data import FileTask
 from proximal.lm.evaluation import evaluate_policy
@@ -192,10 +192,8 @@ def start_tokenizer(config: RLHFConfig, task: Task):
     """The tokenizer every stage shares: the user's model's, or a character tokenizer over the task."""
     if not config.model.path:
         return build_char_tokenizer(task.alphabet)
-    try:
+    with naming("--model.path"):
         return load_tokenizer(config.model.path)
-    except CheckpointError as error:
-        raise CheckpointError(f"--model.path {error}") from None
 
 
 def open_context(config: RLHFConfig, run_dir: Path | None, show_progress: bool = False, tokenizer=None,
