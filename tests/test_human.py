@@ -736,7 +736,10 @@ def test_killed_while_a_person_labels_then_resumed_no_answer_is_lost(tmp_path):
     recorded = [record["query"] for record in records]
     assert kills == 3
     assert len(recorded) == len(set(recorded)) and set(acknowledged) <= set(recorded)
-    assert recorded[:len(acknowledged)] == acknowledged  # in the order they were saved
+    # In the order they were saved. An answer saved in the instant before a kill, whose reply the
+    # kill cut, is recorded but was never acknowledged: at most one such answer per kill.
+    saved_order = [query for query in recorded if query in set(acknowledged)]
+    assert saved_order == acknowledged and len(set(recorded) - set(acknowledged)) <= kills
     fit = json.loads((run_dir / "reward_fit.json").read_text())
     assert fit["labels"] == len(records) == 60 and (run_dir / "eval.json").exists()
     print(f"{kills} kills, {len(acknowledged)} answers acknowledged, {len(records)} recorded; "
