@@ -52,10 +52,11 @@ def test_token_logprobs_and_entropy_apply_the_temperature():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_kv_cache_sampling_gives_what_a_full_recomputation_gives(architecture, device):
-    """Greedy decoding with the cache against a loop that recomputes the whole sequence each step."""
+    """Greedy decoding with the cache against a loop that recomputes the whole sequence each step;
+    a prompt asked by several rows (read once, its cache copied) as well."""
     model, tokenizer = ARCHITECTURES[architecture](seed=3)
     model = model.to(device)
-    prompts = ["3+4=", "58+67=", "9+90="]
+    prompts = ["3+4=", "58+67=", "3+4=", "9+90=", "58+67=", "3+4="]
     cached = sample_completions(model, tokenizer, prompts, 5, 1.0, None, device, greedy=True)
     for row, prompt in enumerate(prompts):
         ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -70,6 +71,24 @@ def test_kv_cache_sampling_gives_what_a_full_recomputation_gives(architecture, d
         length = int(cached.response_mask[row].sum())
         assert cached.response_ids[row, :length].tolist() == generated
         assert bool(cached.ended[row]) == (generated[-1] == tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_a_prompt_asked_by_several_rows_is_read_once(architecture):
+    """The prefill runs on the distinct prompts alone, then one token a row; every row keeps its
+    own prompt (what its tokens are is the test above's)."""
+    model, tokenizer = ARCHITECTURES[architecture](seed=5)
+    prompts = ["3+4=", "3+4=", "58+67=", "3+4=", "58+67=", "9+90="]
+    inputs = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: inputs.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    completions = sample_completions(model, tokenizer, prompts, 6, 1.0, torch.Generator().manual_seed(2), "cpu")
+    hook.remove()
+    longest = max(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts) + 1  # + BOS
+    assert inputs[0] == (3, longest)
+    assert all(shape == (len(prompts), 1) for shape in inputs[1:])
+    expected = sample_completions(model, tokenizer, list(dict.fromkeys(prompts)), 1, 1.0, None, "cpu").prompt_ids
+    assert torch.equal(completions.prompt_ids, expected[torch.tensor([0, 0, 1, 0, 1, 2])])
 
 
 def test_sampling_stops_each_row_at_eos_and_masks_what_follows():

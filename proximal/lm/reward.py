@@ -217,14 +217,14 @@ def sampled_sides(ctx: StageContext, model, tokenizer) -> tuple[list[str], list[
     prompts = [ctx.data.preference_prompts[i] for i in dist.shard(torch.arange(len(ctx.data.preference_prompts)))]
     shared = torch.Generator(device=ctx.device).manual_seed(seed + PREFERENCE_PROMPT_SEED)
     generator = dist.rank_generator(shared, seed + PREFERENCE_PROMPT_SEED)
-    samples = []  # samples_per_prompt rounds of one sample per prompt: (texts, ended)
-    with ctx.progress("reward: sampling pairs", config.samples_per_prompt * len(prompts), unit="sample") as bar:
-        for _ in range(config.samples_per_prompt):
-            samples.append(sample_texts(model, tokenizer, prompts, ctx.config.ppo.max_new_tokens,
-                                        config.sample_temperature, generator, ctx.device, bar))
+    k = config.samples_per_prompt
+    asked = [prompt for prompt in prompts for _ in range(k)]  # a prompt's k samples side by side: one prefill
+    with ctx.progress("reward: sampling pairs", len(asked), unit="sample") as bar:
+        texts, ended = sample_texts(model, tokenizer, asked, ctx.config.ppo.max_new_tokens, config.sample_temperature,
+                                    generator, ctx.device, bar)
     rows = []
     for query in range(len(prompts)):
-        candidates = [(texts[query], ended[query]) for texts, ended in samples]
+        candidates = list(zip(texts[query * k:(query + 1) * k], ended[query * k:(query + 1) * k]))
         second = next((c for c in candidates[1:] if c != candidates[0]), candidates[1 % len(candidates)])
         rows.append((*candidates[0], *second))
     rows = [row for part in dist.gather_objects(rows) for row in part]  # rank order is prompt order
