@@ -1,8 +1,8 @@
 """Scores of PPO on a reward learned from preferences, against PPO on the true reward. Long runs.
 
-    python3 benchmarks/prefs_scores.py Pendulum-v1 --labels 1000 --seeds 3 --out bench/prefs_pendulum
-    python3 benchmarks/prefs_scores.py proximal/FixedHorizonCartPole-v1 --labels 500 --seeds 3 --out ...
-    python3 benchmarks/prefs_scores.py Pendulum-v1 --labels 1000 --seeds 3 --ablations --out ...
+    python3 benchmarks/prefs_scores.py Pendulum-v1 --reward.labels 1000 --seeds 3 --out bench/prefs_pendulum
+    python3 benchmarks/prefs_scores.py proximal/FixedHorizonCartPole-v1 --reward.labels 500 --seeds 3 --out ...
+    python3 benchmarks/prefs_scores.py Pendulum-v1 --reward.labels 1000 --seeds 3 --ablations --out ...
 
 For each seed, in the same invocation and with the env's preset and step budget:
   R_random   greedy-evaluation protocol applied to uniformly random actions (100 episodes),
@@ -69,8 +69,8 @@ def run_seed(env_id: str, seed: int, prefs_overrides: dict, variants: list[str],
     from proximal.train import train
 
     torch.set_num_threads(1)
-    config = preset_for(env_id).with_overrides({"seed": seed, "runs_dir": runs_dir, "eval_episodes": 100,
-                                                "stop_return": None})
+    config = preset_for(env_id).with_overrides({"run": {"seed": seed, "runs_dir": runs_dir, "eval_episodes": 100,
+                                                        "stop_return": None}})
     true_result = train(config)
     row = {"seed": seed, "random": random_return(env_id, seed, 100),
            "ppo_true": float(true_result.eval_returns.mean()), "ppo_true_seconds": true_result.train_seconds,
@@ -112,17 +112,18 @@ def markdown(env_id: str, prefs_overrides: dict, rows: list[dict], variants: lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("env_id")
-    parser.add_argument("--labels", type=int, default=argparse.SUPPRESS, help="default: the preset's")
+    parser.add_argument("--reward.labels", dest="labels", type=int, default=argparse.SUPPRESS,
+                        help="as `proximal prefs --reward.labels`; default: the preset's")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
-    parser.add_argument("--reward-input-clip", type=optional_float, default=argparse.SUPPRESS,
-                        metavar="FLOAT|none", help="as `proximal prefs --reward-input-clip`; default: the preset's")
+    parser.add_argument("--reward.input-clip", dest="input_clip", type=optional_float, default=argparse.SUPPRESS,
+                        metavar="FLOAT|none", help="as `proximal prefs --reward.input-clip`; default: the preset's")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--ablations", action="store_true", help="also the random, single-model, no-noise variants")
     parser.add_argument("--out", default=None, help="write prefs_scores.json and .md there, and keep the runs")
     args = parser.parse_args()
     variants = list(VARIANTS) if args.ablations else ["full"]
-    prefs_overrides = {name: getattr(args, name) for name in ("labels", "reward_input_clip") if hasattr(args, name)}
+    prefs_overrides = {name: getattr(args, name) for name in ("labels", "input_clip") if hasattr(args, name)}
     out_dir = Path(args.out) if args.out else None
     with tempfile.TemporaryDirectory() as scratch:
         runs_dir = str(out_dir / "runs") if out_dir else scratch

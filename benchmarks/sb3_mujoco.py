@@ -54,8 +54,8 @@ def time_proximal(env_id: str, timesteps: int, seed: int) -> float:
     from proximal.train import train
 
     with tempfile.TemporaryDirectory() as runs_dir:
-        config = preset_for(env_id).with_overrides({"total_timesteps": timesteps, "seed": seed, "runs_dir": runs_dir,
-                                                    "eval_episodes": 1})
+        config = preset_for(env_id).with_overrides({"ppo": {"total_timesteps": timesteps},
+                                                    "run": {"seed": seed, "runs_dir": runs_dir, "eval_episodes": 1}})
         return train(config).train_seconds
 
 

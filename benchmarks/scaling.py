@@ -73,7 +73,7 @@ def main() -> None:
             results[env_id] = {mode: {"seconds": []} for mode in MODES}
             for _ in range(args.repeats):
                 for mode, (flags, processes) in MODES.items():
-                    done, seconds = train_seconds(env_id, [*flags, "--total-timesteps", str(steps),
+                    done, seconds = train_seconds(env_id, [*flags, "--ppo.total-timesteps", str(steps),
                                                            "--stop-return", "none"], processes, runs_dir)
                     results[env_id][mode]["seconds"].append(seconds)
                     results[env_id][mode]["steps"] = done

@@ -41,7 +41,7 @@ CLIP = 0.2
 NOTES_CARTPOLE = TrainConfig(
     env=EnvConfig(env_id="CartPole-v1", num_envs=8),
     ppo=PPOConfig(total_timesteps=100_000, num_steps=32, learning_rate=1e-3, gamma=0.98, gae_lambda=0.8,
-                  update_epochs=10, minibatch_size=256, ent_coef=0.0),
+                  epochs=10, minibatch_size=256, ent_coef=0.0),
 )
 
 
@@ -91,7 +91,7 @@ def clip_figure() -> Path:
 
 
 # An experiment is a few variants of NOTES_CARTPOLE, each trained on seeds 0..n-1:
-# {variant name: (env id, overrides)}.
+# {variant name: (env id, {PPOConfig field: value})}.
 Variants = dict[str, tuple[str, dict]]
 GRID = np.linspace(0, NOTES_CARTPOLE.num_iterations * NOTES_CARTPOLE.batch_size, 120)  # env steps
 
@@ -100,7 +100,7 @@ def _train_variant(job: tuple[str, str, str, dict, int]) -> tuple[str, str, floa
     experiment, name, env_id, overrides, seed = job
     runs_dir = NOTES / "runs" / experiment / re.sub(r"[^\w.-]+", "-", name).strip("-")
     result = train(NOTES_CARTPOLE.with_overrides(
-        {**overrides, "env_id": env_id, "seed": seed, "runs_dir": str(runs_dir)}))
+        {"env": {"env_id": env_id}, "ppo": overrides, "run": {"seed": seed, "runs_dir": str(runs_dir)}}))
     return name, str(result.run_dir), float(result.eval_returns.mean())
 
 

@@ -236,7 +236,7 @@ class PPOAgent:
         self.optimizer.learning_rate = learning_rate
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """PPO's optimisation phase: `update_epochs` passes over shuffled minibatches.
+        """PPO's optimisation phase: `epochs` passes over shuffled minibatches.
 
         Returns statistics averaged over the minibatches that ran: losses, entropy, approx-KL
         (the k3 estimator E[(r - 1) - log r]), clip fraction, plus the epochs completed (fewer
@@ -248,7 +248,7 @@ class PPOAgent:
         parameters = list(self.network.parameters())
         history: list[torch.Tensor] = []
         epochs_done = 0
-        for _ in range(ppo.update_epochs):
+        for _ in range(ppo.epochs):
             epochs_done += 1
             epoch_kls = []
             minibatches = torch.tensor_split(torch.randperm(batch.size), num_minibatches)
@@ -277,7 +277,7 @@ class PPOAgent:
                 epoch_kls.append(approx_kl)
                 history.append(torch.stack([policy_loss.detach(), value_loss.detach(),
                                             entropy_mean.detach(), approx_kl, clip_fraction]))
-            if ppo.target_kl is not None and dist.mean(torch.stack(epoch_kls).mean()) > ppo.target_kl:
+            if ppo.early_stop_kl is not None and dist.mean(torch.stack(epoch_kls).mean()) > ppo.early_stop_kl:
                 break  # every rank stops after the same epoch
         means = torch.stack(history).mean(0).tolist()
         stats = dict(zip(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), means))

@@ -56,10 +56,10 @@ def reward_threshold(env_id: str) -> float:
 
 
 def bench_config(env_id: str, seed: int, threshold: float, eval_every: int, runs_dir: str) -> TrainConfig:
-    return preset_for(env_id).with_overrides({
+    return preset_for(env_id).with_overrides({"run": {
         "seed": seed, "threads": 1, "stop_return": threshold, "eval_every": eval_every,
         "eval_episodes": 100, "runs_dir": runs_dir, "checkpoint_every": 10**9,
-    })
+    }})
 
 
 def _train_one_seed(config: TrainConfig) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The `proximal` command: train, eval, bench, prefs, presets, plot, rlhf, study, generate, inspect.
 
-Flags of `train` are generated from the fields of the config dataclasses (config.py), so the
-config stays the single source of truth: `--learning-rate` sets `PPOConfig.learning_rate`. The
-preset for ENV_ID is taken first, then only the flags given explicitly override it.
+The settings flags of train, prefs and rlhf are generated from the fields of their config
+dataclasses (config.py, lm/config.py) by one builder, so the config stays the single source of
+truth: `--SECTION.FIELD` sets that section's field (`--ppo.learning-rate` sets
+`PPOConfig.learning_rate`), and the run section's are bare (`--seed`, `--threads`) in every
+command. The preset (ENV_ID's, or the task's) is taken first, then only the flags given override it.
 
 Errors the user can fix arrive as `ProximalError`, caught once here and printed as one line.
 """
@@ -19,14 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from proximal.config import (
-    SECTION_OF_FIELD,
-    EnvConfig,
-    PPOConfig,
-    PrefsConfig,
-    RunConfig,
-    TrainConfig,
-)
+from proximal.config import (PREFS_SECTIONS, RENAMED, TRAIN_SECTIONS, PrefsConfig, TrainConfig, in_section,
+                             section_from_dict)
 from proximal.errors import ConfigError, ProximalError, Terminated, naming
 from proximal.presets import prefs_preset_for, preset_for
 
@@ -39,8 +35,14 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _flag(name: str) -> str:
-    """The command-line flag of a config field: reward_input_clip -> --reward-input-clip."""
+    """The command-line spelling of a name: input_clip -> --input-clip."""
     return "--" + name.replace("_", "-")
+
+
+def section_flag(section: str, name: str) -> str:
+    """The flag of a config field: --SECTION.FIELD (ppo, clip_coef -> --ppo.clip-coef); the run
+    section's without a prefix (--seed, --threads), the same in every command."""
+    return _flag(name) if section == "run" else f"--{section}.{_flag(name)[2:]}"
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
@@ -104,27 +106,73 @@ def _add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.F
                             metavar={"int": "N", "float": "X", "str": "TEXT"}[config_field.type], **kwargs)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[type, ...] = (EnvConfig, PPOConfig, RunConfig)) -> None:
-    """One flag per config field (except env_id, the positional), each defaulting to 'not given'."""
-    for section_cls in sections:
+POSITIONALS = (("env", "env_id"), ("task", "name"))  # fields set by a command's positional argument
+
+
+def _add_section_flags(parser: argparse.ArgumentParser, sections: dict[str, type], default: str = "default") -> None:
+    """One flag per config field (`section_flag`), grouped by section in --help with its default
+    (said as `default`), each defaulting to 'not given' (a preset's value stays unless typed)."""
+    for section, section_cls in sections.items():
+        group = parser.add_argument_group(f"--{section}.*" if section != "run" else "run",
+                                          " ".join((section_cls.__doc__ or "").split("\n\n")[0].split()))
         for config_field in dataclasses.fields(section_cls):
-            if config_field.name != "env_id":
-                _add_field_flag(parser, config_field, _flag(config_field.name), config_field.name,
-                                f"{config_field.metadata['help']} (generic default: {config_field.default})")
+            if (section, config_field.name) not in POSITIONALS:
+                _add_field_flag(group, config_field, section_flag(section, config_field.name),
+                                f"{section}.{config_field.name}",
+                                f"{config_field.metadata['help']} ({default}: {config_field.default})")
 
 
-def _add_rlhf_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of the LM pipeline's config, named --SECTION.FIELD (run settings
-    without a prefix: --seed, --device); each defaults to 'not given'."""
-    from proximal.lm.config import SECTIONS
+def _add_config_file_flag(parser: argparse.ArgumentParser, reproduces: str) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"settings by section, as the flags name them, in a .toml or .json file ({reproduces}); "
+                             "the flags given override it")
 
-    for section, section_cls in SECTIONS.items():
+
+def given_settings(args: argparse.Namespace, sections: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} of --config FILE's settings under the flags typed (lists as tuples)."""
+    given: dict[str, dict[str, Any]] = {section: {} for section in sections}
+    if getattr(args, "config", None) is not None:
+        for section, values in read_config_file(args.config, sections).items():
+            given[section].update({name: tuple(value) if isinstance(value, list) else value
+                                   for name, value in values.items()})
+    for dest, value in vars(args).items():
+        section, _, name = dest.partition(".")
+        if section in sections and name:
+            given[section][name] = tuple(value) if isinstance(value, list) else value
+    return given
+
+
+def retired_flags(sections: dict[str, type]) -> dict[str, str]:
+    """{flat flag of an earlier version: its flag now} for a control command's settings
+    (--clip-coef -> --ppo.clip-coef, --reward-learning-rate -> --reward.learning-rate), and
+    --resume -> --run-dir: refused with the new name, never taken silently."""
+    retired = {"--resume": "--run-dir"}
+    for section, section_cls in sections.items():
+        old_name = {new: old for old, new in RENAMED.get(section, {}).items()}
         for config_field in dataclasses.fields(section_cls):
-            if (section, config_field.name) == ("task", "name"):
-                continue  # the positional TASK
-            flag = _flag(config_field.name) if section == "run" else f"--{section}.{_flag(config_field.name)[2:]}"
-            _add_field_flag(parser, config_field, flag, f"{section}.{config_field.name}",
-                            f"{config_field.metadata['help']} (default: {config_field.default})")
+            if (section, config_field.name) in POSITIONALS:
+                continue
+            old = _flag(old_name.get(config_field.name, config_field.name))
+            new = section_flag(section, config_field.name)
+            if old != new:
+                retired[old] = new
+                if config_field.type == "bool":
+                    retired["--no-" + old[2:]] = "--no-" + new[2:]
+    return retired
+
+
+def _refuse_retired(argv: Sequence[str]) -> str | None:
+    """The one-line error for a flag of the flat dialect given to train or prefs, else None."""
+    if not argv or argv[0] not in ("train", "prefs"):
+        return None
+    retired = retired_flags(TRAIN_SECTIONS if argv[0] == "train" else PREFS_SECTIONS)
+    for token in argv[1:]:
+        if token == "--":
+            break
+        flag = token.partition("=")[0]
+        if flag in retired:
+            return f"proximal {argv[0]}: error: {flag} is now {retired[flag]} (see proximal {argv[0]} --help)"
+    return None
 
 
 def _stage_list(text: str) -> tuple[str, ...]:
@@ -145,9 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train PPO. ENV_ID picks a preset of hyperparameters; flags override it.")
     train.add_argument("env_id", nargs="?", default=None, metavar="ENV_ID",
                        help="Gymnasium environment id (default: CartPole-v1)")
-    train.add_argument("--resume", metavar="RUN_DIR", default=None,
-                       help="continue RUN_DIR from its last checkpoint (only --total-timesteps may change)")
-    _add_config_flags(train)
+    train.add_argument("--run-dir", metavar="RUN_DIR", default=None,
+                       help="run in RUN_DIR (new or empty; default: a new folder in --runs-dir), or continue the run "
+                            "it holds from its last checkpoint (only --ppo.total-timesteps may change)")
+    _add_config_file_flag(train, "a run's config.json reproduces that run")
+    _add_section_flags(train, TRAIN_SECTIONS, "without a preset")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="greedy evaluation of a trained run")
@@ -173,10 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "ENV_ID picks the PPO preset; flags override it and set the preference learning.")
     prefs.add_argument("env_id", nargs="?", default=None, metavar="ENV_ID",
                        help="Gymnasium environment id (default: Pendulum-v1)")
-    prefs.add_argument("--resume", metavar="RUN_DIR", default=None,
-                       help="continue a killed preference run with every answer it recorded (the reward model "
+    prefs.add_argument("--run-dir", metavar="RUN_DIR", default=None,
+                       help="run in RUN_DIR (new or empty; default: a new folder in --runs-dir), or continue the "
+                            "killed preference run it holds with every answer it recorded (the reward model "
                             "refitted from them, PPO from its checkpoint)")
-    _add_config_flags(prefs, (EnvConfig, PPOConfig, RunConfig, PrefsConfig))
+    _add_config_file_flag(prefs, "a run's config.json gives its env, ppo and run sections, its prefs.json the "
+                                 "reward section's fields")
+    _add_section_flags(prefs, PREFS_SECTIONS, "without a preset")
     prefs.set_defaults(handler=_prefs)
 
     presets = commands.add_parser("presets", help="list the tuned hyperparameter presets")
@@ -204,10 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     rlhf.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                       help="launched by torchrun: seconds a rank waits for the others to join, or in a collective "
                            "(rank 0's labelling, evaluating and writing are waited for without limit)")
-    rlhf.add_argument("--config", default=None, metavar="FILE",
-                      help="settings by section, as the flags name them, in a .toml or .json file (a run's "
-                           "config.json reproduces that run); the flags given override it")
-    _add_rlhf_flags(rlhf)
+    _add_config_file_flag(rlhf, "a run's config.json reproduces that run")
+    from proximal.lm.config import SECTIONS
+
+    _add_section_flags(rlhf, SECTIONS)
     rlhf.set_defaults(handler=_rlhf)
 
     from proximal.lm.config import STUDIES, StudyConfig
@@ -261,41 +314,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resumed(read, run_dir: str):
-    """`read(run_dir)` of --resume RUN_DIR, its error saying the flag."""
-    if not run_dir:
-        raise ConfigError("--resume needs a run directory")
-    with naming("--resume"):
-        return read(run_dir)
+def _run_dir(given: str | None, holds_run: tuple[str, ...], command: str) -> tuple[Path | None, bool]:
+    """(the --run-dir to write, whether it holds a run to continue): a new or empty folder starts
+    a run there; one holding `holds_run` files continues it; anything else is refused."""
+    if given is None:
+        return None, False
+    run_dir = check_output_dir(given, "--run-dir")  # a file, or no writable folder above it, fails here
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not all((run_dir / name).is_file() for name in holds_run):
+            raise ConfigError(f"--run-dir {run_dir} holds no proximal {command} run (no {' and '.join(holds_run)} in it); "
+                              "give a new or empty directory to start one")
+        return run_dir, True
+    return run_dir, False
+
+
+def _start_in(run_dir: Path | None) -> Path | None:
+    """A new run's --run-dir, created (0700, as a run folder in --runs-dir is) once the config is valid."""
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return run_dir
 
 
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
-    """The config to run, the checkpoint to resume from and its run directory (None for a new run)."""
-    overrides = {name: value for name, value in vars(args).items()
-                 if name in SECTION_OF_FIELD and name != "env_id"}  # ENV_ID picks the preset instead
-    if "hidden_sizes" in overrides:
-        overrides["hidden_sizes"] = tuple(overrides["hidden_sizes"])
-    if args.resume is None:
-        config = preset_for("CartPole-v1" if args.env_id is None else args.env_id).with_overrides(overrides)
+    """The config to run, the checkpoint to resume from (None for a new run) and its run directory
+    (None: a new one in --runs-dir)."""
+    from proximal.checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint_path
+
+    given = given_settings(args, TRAIN_SECTIONS)
+    env_id = args.env_id or given["env"].pop("env_id", None)  # ENV_ID, else --config FILE's
+    run_dir, continuing = _run_dir(args.run_dir, (CHECKPOINT_NAME,), "train")
+    if not continuing:
+        config = preset_for(env_id or "CartPole-v1").with_overrides(given)
         check_output_dir(config.run.runs_dir, "--runs-dir")
-        return config, None, None
-
-    from proximal.checkpoint import load_checkpoint, resolve_checkpoint_path
-
-    if args.env_id is not None:
-        raise ConfigError("--resume continues the run's own environment; drop ENV_ID")
-    changed = sorted(set(overrides) - {"total_timesteps", "dist_timeout"})
+        return config, None, _start_in(run_dir)
+    if env_id is not None:
+        raise ConfigError(f"--run-dir {run_dir} continues its run's own environment; drop ENV_ID")
+    changed = sorted(section_flag(section, name) for section, values in given.items() for name in values
+                     if (section, name) not in (("ppo", "total_timesteps"), ("run", "dist_timeout")))
     if changed:
-        raise ConfigError("--resume keeps the run's config; only --total-timesteps (or --dist-timeout) may change, "
-                          f"not {', '.join(changed)}")
-    checkpoint_path = _resumed(resolve_checkpoint_path, args.resume)
+        raise ConfigError(f"--run-dir {run_dir} continues its run with the run's config; only --ppo.total-timesteps "
+                          f"(or --dist-timeout) may change, not {', '.join(changed)}")
+    with naming("--run-dir"):
+        checkpoint_path = resolve_checkpoint_path(run_dir)
     payload = load_checkpoint(checkpoint_path)
     try:
-        config = TrainConfig.from_dict(json.loads(payload["config"])).with_overrides(overrides)
+        config = TrainConfig.from_dict(json.loads(payload["config"])).with_overrides(given)
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"{checkpoint_path} holds no readable config ({error})") from None
-    _refuse_finished(args.resume, payload, config, checkpoint_path.parent)
-    return config, payload, checkpoint_path.parent
+    _refuse_finished(str(run_dir), payload, config, run_dir)
+    return config, payload, run_dir
 
 
 def _refuse_finished(given: str, payload: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
@@ -308,7 +375,7 @@ def _refuse_finished(given: str, payload: dict[str, Any], config: TrainConfig, r
         if payload.get("reached", False):
             raise ConfigError(f"{given} already finished: it reached --stop-return {config.run.stop_return:g}")
         raise ConfigError(f"{given} already finished its {config.ppo.total_timesteps} steps; "
-                          "pass a larger --total-timesteps to train on")
+                          "pass a larger --ppo.total-timesteps to train on")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -340,67 +407,73 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-# What `proximal prefs --resume` may change: the budget, and how the person's page is served.
-PREFS_RESUME_CHANGES = ("total_timesteps", "host", "port", "human_pace", "human_queue_size")
+# What continuing a `proximal prefs` run may change: the budget, and how the person's page is served.
+PREFS_RESUME_CHANGES = (("ppo", "total_timesteps"), ("reward", "host"), ("reward", "port"), ("reward", "human_pace"),
+                        ("reward", "human_queue_size"))
 
 
-def _prefs_config(args: argparse.Namespace) -> tuple[TrainConfig, PrefsConfig, dict[str, Any] | None, Path | None]:
+def _prefs_config(args: argparse.Namespace
+                  ) -> tuple[TrainConfig, PrefsConfig, dict[str, Any] | None, Path | None, bool]:
     """The PPO and preference configs to run, the checkpoint to resume from (None: PPO starts
-    afresh) and the run directory to continue (None for a new run)."""
-    prefs_fields = {f.name for f in dataclasses.fields(PrefsConfig)}
-    given = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
-             if name not in ("env_id", "resume", "command", "handler")}
-    train_given = {name: value for name, value in given.items() if name in SECTION_OF_FIELD}
-    prefs_given = {name: value for name, value in given.items() if name in prefs_fields}
-    if args.resume is None:
-        env_id = "Pendulum-v1" if args.env_id is None else args.env_id
-        config = preset_for(env_id).with_overrides(train_given)
-        prefs = dataclasses.replace(prefs_preset_for(env_id), **prefs_given)
-        prefs.check_against(config)  # validated: nothing is written if this fails
-        check_output_dir(config.run.runs_dir, "--runs-dir")
-        return config, prefs, None, None
-
+    afresh), the run directory (None: a new one in --runs-dir) and whether it holds a run to
+    continue."""
     from proximal.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_checkpoint
     from proximal.preferences import PREFS_CONFIG_NAME
 
-    if args.env_id is not None:
-        raise ConfigError("--resume continues the run's own environment; drop ENV_ID")
-    run_dir = _resumed(Path, args.resume)
-    if not (run_dir / PREFS_CONFIG_NAME).is_file() or not (run_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"--resume {run_dir} is not a proximal prefs run directory (no {PREFS_CONFIG_NAME} and "
-                          f"{CONFIG_NAME} in it)")
+    given = given_settings(args, PREFS_SECTIONS)
+    prefs_given = given.pop("reward")
+    env_id = args.env_id or given["env"].pop("env_id", None)  # ENV_ID, else --config FILE's
+    run_dir, continuing = _run_dir(args.run_dir, (CONFIG_NAME, PREFS_CONFIG_NAME), "prefs")
+    if not continuing:
+        env_id = env_id or "Pendulum-v1"
+        config = preset_for(env_id).with_overrides(given)
+        prefs = _with_reward_settings(prefs_preset_for(env_id), prefs_given, config)
+        check_output_dir(config.run.runs_dir, "--runs-dir")
+        return config, prefs, None, _start_in(run_dir), False
+    if env_id is not None:
+        raise ConfigError(f"--run-dir {run_dir} continues its run's own environment; drop ENV_ID")
     payload = load_checkpoint(run_dir) if (run_dir / CHECKPOINT_NAME).exists() else None
     try:
         config_text = payload["config"] if payload is not None else (run_dir / CONFIG_NAME).read_text()
         recorded_config = TrainConfig.from_dict(json.loads(config_text))
-        recorded = json.loads((run_dir / PREFS_CONFIG_NAME).read_text())
-        recorded["reward_hidden_sizes"] = tuple(recorded["reward_hidden_sizes"])
-        recorded_prefs = PrefsConfig(**recorded)
+        recorded_prefs = section_from_dict("reward", PrefsConfig, json.loads((run_dir / PREFS_CONFIG_NAME).read_text()))
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"{run_dir} holds no readable config ({error})") from None
-    changed = sorted(name for name, value in given.items() if name not in PREFS_RESUME_CHANGES and value != (
-        getattr(recorded_prefs, name) if name in prefs_fields
-        else getattr(getattr(recorded_config, SECTION_OF_FIELD[name]), name)))
+    recorded = {**{section: getattr(recorded_config, section) for section in TRAIN_SECTIONS}, "reward": recorded_prefs}
+    changed = sorted(section_flag(section, name) for section, values in {**given, "reward": prefs_given}.items()
+                     for name, value in values.items()
+                     if (section, name) not in PREFS_RESUME_CHANGES and value != getattr(recorded[section], name))
     if changed:
-        raise ConfigError(f"--resume keeps the run's config; only {', '.join(_flag(n) for n in PREFS_RESUME_CHANGES)} "
-                          f"may change, not {', '.join(_flag(n) for n in changed)}")
-    config = recorded_config.with_overrides(train_given)
-    prefs = dataclasses.replace(recorded_prefs, **prefs_given)
+        allowed = ", ".join(section_flag(section, name) for section, name in PREFS_RESUME_CHANGES)
+        raise ConfigError(f"--run-dir {run_dir} continues its run with the run's config; only {allowed} may change, "
+                          f"not {', '.join(changed)}")
+    config = recorded_config.with_overrides(given)
+    prefs = _with_reward_settings(recorded_prefs, prefs_given, config)
     if prefs.labeller == "replay":
         raise ConfigError("a replayed run is reproduced by running it again, not resumed")
     if payload is not None:
-        _refuse_finished(args.resume, payload, config, run_dir)
-    return config, prefs, payload, run_dir
+        _refuse_finished(str(run_dir), payload, config, run_dir)
+    return config, prefs, payload, run_dir, True
+
+
+def _with_reward_settings(prefs: PrefsConfig, settings: dict[str, Any], config: TrainConfig) -> PrefsConfig:
+    """`prefs` with the --reward.* flags given, checked against the PPO config; a refused
+    value's error names its flag."""
+    with in_section("reward"):
+        prefs = dataclasses.replace(prefs, **settings)
+        prefs.check_against(config)  # validated: nothing is written if this fails
+    return prefs
 
 
 def _prefs(args: argparse.Namespace) -> int:
-    config, prefs, resume, run_dir = _prefs_config(args)  # validated: nothing is written if this fails
+    config, prefs, resume, run_dir, continuing = _prefs_config(args)  # validated: nothing is written if this fails
     from proximal.preferences import train_from_preferences
     from proximal.run import locked_run_dir
 
     with locked_run_dir(run_dir) if run_dir is not None else contextlib.nullcontext():
         result, fit = train_from_preferences(config, prefs, show_progress=True, resume=resume,
-                                             run_dir=run_dir, announce=lambda line: print(line, flush=True))
+                                             run_dir=run_dir, continuing=continuing,
+                                             announce=lambda line: print(line, flush=True))
     returns = result.eval_returns
     print(f"{config.env.env_id}: {result.global_step:,} env steps in {result.train_seconds:.2f} s of training, "
           f"PPO on the learned reward, {fit['labels']} labels")
@@ -483,7 +556,7 @@ def _presets(args: argparse.Namespace) -> int:
     for env_id, preset in PRESETS.items():
         print(f"{env_id} (v{preset.version}): {describe_preset(preset.config)}")
         print(f"    measured: {preset.measured}")
-        prefs_flags = [f"{_flag(f.name)} {'none' if value is None else value}"
+        prefs_flags = [f"{section_flag('reward', f.name)} {'none' if value is None else value}"
                        for f in dataclasses.fields(PrefsConfig)
                        if (value := getattr(preset.prefs, f.name)) != f.default]
         if prefs_flags:
@@ -492,7 +565,7 @@ def _presets(args: argparse.Namespace) -> int:
     flags = []
     for section, settings in SENTIMENT_PRESET.items():
         for name, value in settings.items():
-            flag = f"--{section}.{name.replace('_', '-')}"
+            flag = section_flag(section, name)
             flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
     print("proximal rlhf sentiment starts from: " + " ".join(flags))
     return 0
@@ -568,6 +641,7 @@ def read_config_file(path: str, sections: dict[str, type]) -> dict[str, dict[str
     for section, values in data.items():
         if section not in sections or not isinstance(values, dict):
             raise ConfigError(f"--config {path}: {section!r} is not a section ({', '.join(sections)})")
+        data[section] = values = {RENAMED.get(section, {}).get(name, name): value for name, value in values.items()}
         known = {f.name for f in dataclasses.fields(sections[section])}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -580,14 +654,7 @@ def rlhf_config(args: argparse.Namespace):
     settings, under the flags given."""
     from proximal.lm.config import FILE_TASK, SECTIONS, RLHFConfig
 
-    overrides: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
-    if args.config is not None:
-        for section, values in read_config_file(args.config, SECTIONS).items():
-            overrides[section].update(values)
-    for dest, value in vars(args).items():
-        section, _, name = dest.partition(".")
-        if section in SECTIONS and name:
-            overrides[section][name] = value
+    overrides = given_settings(args, SECTIONS)
     has_files = any(value is not None for name, value in overrides["data"].items() if name != "eval_fraction")
     task = (args.task if args.task is not None else overrides["task"].pop("name", None)
             or (FILE_TASK if has_files else "addition"))
@@ -742,6 +809,10 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    retired = _refuse_retired(sys.argv[1:] if argv is None else list(argv))
+    if retired is not None:
+        print(retired, file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     import signal
 

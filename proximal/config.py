@@ -9,6 +9,7 @@ bad value fails before any environment is built or any file is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,7 @@ def _require_positive_int(name: str, value: Any) -> None:
 
 
 def _require_host_and_port(host: Any, port: Any) -> None:
-    """Where a labelling page listens (`--labeller human`, `--reward.labeller human`)."""
+    """Where a labelling page listens (`--reward.labeller human`, in prefs and rlhf)."""
     _require(isinstance(host, str) and re.fullmatch(r"[A-Za-z0-9.:\-]+", host) is not None, "host",
              "a host name or IP address (127.0.0.1, 0.0.0.0, ::1, myhost.local)", host)
     _require(isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535, "port", "in [0, 65535]",
@@ -72,14 +73,15 @@ class PPOConfig:
     anneal_lr: bool = _param(True, "decay the learning rate linearly to 0 over training")
     gamma: float = _param(0.99, "discount factor, in [0, 1]")
     gae_lambda: float = _param(0.95, "GAE lambda, in [0, 1] (Schulman et al. 2016)")
-    update_epochs: int = _param(4, "passes over each batch (K in the paper)")
+    epochs: int = _param(4, "passes over each batch (K in the paper)")
     minibatch_size: int = _param(128, "transitions per gradient step (M in the paper)")
     clip_coef: float = _param(0.2, "clip range epsilon of Eq. 7, > 0")
     norm_adv: bool = _param(True, "normalise advantages to zero mean, unit std per minibatch")
     ent_coef: float = _param(0.01, "entropy bonus c2 of Eq. 9, >= 0")
     vf_coef: float = _param(0.5, "value loss weight c1 of Eq. 9, >= 0")
     max_grad_norm: float = _param(0.5, "clip the global gradient norm to this, > 0")
-    target_kl: float | None = _param(None, "stop an update's epochs early once approx-KL exceeds this")
+    early_stop_kl: float | None = _param(None, "stop an update's epochs early once the mean approx-KL of an epoch "
+                                               "exceeds this (none: never)")
     hidden_sizes: tuple[int, ...] = _param((64, 64), "widths of the hidden layers of each body")
     activation: str = _param("tanh", "the bodies' nonlinearity: tanh or relu")
     log_std_init: float = _param(0.0, "initial log-std of a Gaussian (continuous) policy")
@@ -91,7 +93,7 @@ class PPOConfig:
                                     "V = 0, so with gae_lambda 1 advantages are plain discounted returns")
 
     def __post_init__(self) -> None:
-        for name in ("total_timesteps", "num_steps", "update_epochs", "minibatch_size"):
+        for name in ("total_timesteps", "num_steps", "epochs", "minibatch_size"):
             _require_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef",
                      "max_grad_norm"):
@@ -103,9 +105,9 @@ class PPOConfig:
         _require(self.ent_coef >= 0, "ent_coef", ">= 0", self.ent_coef)
         _require(self.vf_coef >= 0, "vf_coef", ">= 0", self.vf_coef)
         _require(self.max_grad_norm > 0, "max_grad_norm", "> 0", self.max_grad_norm)
-        if self.target_kl is not None:
-            _require_finite("target_kl", self.target_kl)
-            _require(self.target_kl > 0, "target_kl", "> 0 (or None to disable)", self.target_kl)
+        if self.early_stop_kl is not None:
+            _require_finite("early_stop_kl", self.early_stop_kl)
+            _require(self.early_stop_kl > 0, "early_stop_kl", "> 0 (or none)", self.early_stop_kl)
         _require(self.activation in ACTIVATIONS, "activation", " or ".join(ACTIVATIONS), self.activation)
         _require_finite("log_std_init", self.log_std_init)
         _require(isinstance(self.hidden_sizes, tuple) and len(self.hidden_sizes) > 0
@@ -175,31 +177,54 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of `to_dict`; unknown or missing sections are a ConfigError."""
-        sections = {"env": EnvConfig, "ppo": PPOConfig, "run": RunConfig}
-        if not isinstance(data, dict) or set(data) != set(sections):
-            raise ConfigError(f"a config needs exactly the sections {sorted(sections)}")
-        parts = {}
-        for name, section_cls in sections.items():
-            values = dict(data[name])
-            known = {f.name for f in dataclasses.fields(section_cls)}
-            unknown = set(values) - known
-            if unknown:
-                raise ConfigError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
-            if "hidden_sizes" in values:
-                values["hidden_sizes"] = tuple(values["hidden_sizes"])
-            parts[name] = section_cls(**values)
-        return cls(**parts)
+        if not isinstance(data, dict) or set(data) != set(TRAIN_SECTIONS):
+            raise ConfigError(f"a config needs exactly the sections {sorted(TRAIN_SECTIONS)}")
+        return cls(**{name: section_from_dict(name, section_cls, data[name])
+                      for name, section_cls in TRAIN_SECTIONS.items()})
 
-    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
-        """A copy with flat `{field_name: value}` overrides applied to whichever section owns each."""
-        changes: dict[str, dict[str, Any]] = {"env": {}, "ppo": {}, "run": {}}
-        for name, value in overrides.items():
-            section = SECTION_OF_FIELD.get(name)
-            if section is None:
-                raise ConfigError(f"unknown setting {name!r}")
-            changes[section][name] = value
-        return TrainConfig(**{section: dataclasses.replace(getattr(self, section), **values)
-                              for section, values in changes.items()})
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> TrainConfig:
+        """A copy with `{section: {field: value}}` applied (`replace_sections`)."""
+        return replace_sections(self, overrides)
+
+
+def section_from_dict(name: str, section_cls: type, values: dict[str, Any]) -> Any:
+    """One section of a config file: its fields, with the names older versions wrote
+    (`RENAMED`) read as today's and lists read back as tuples; an unknown field is a ConfigError."""
+    values = {RENAMED.get(name, {}).get(key, key): value for key, value in dict(values).items()}
+    known = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
+    return section_cls(**{key: tuple(value) if known[key].type.startswith("tuple") and isinstance(value, list)
+                          else value for key, value in values.items()})
+
+
+def replace_sections(config: Any, overrides: dict[str, dict[str, Any]]) -> Any:
+    """A copy of a sectioned config (TrainConfig, RLHFConfig) with `{section: {field: value}}`
+    applied; a refused value's error knows its section (`ConfigError.field` "ppo.clip_coef"), so
+    the command line says it as the flag that was typed."""
+    replaced = {}
+    for section, values in overrides.items():
+        if not hasattr(config, section):
+            raise ConfigError(f"unknown section {section!r}")
+        try:
+            with in_section(section):
+                replaced[section] = dataclasses.replace(getattr(config, section), **values)
+        except TypeError as error:  # a field the section does not have
+            raise ConfigError(f"unknown {section} setting ({error})") from None
+    return dataclasses.replace(config, **replaced)
+
+
+@contextlib.contextmanager
+def in_section(section: str):
+    """A ConfigError raised inside about a field of `section` says so (`field` "clip_coef" ->
+    "ppo.clip_coef")."""
+    try:
+        yield
+    except ConfigError as error:
+        if error.field is not None and "." not in error.field:
+            error.field = f"{section}.{error.field}"
+        raise
 
 
 QUERY_SELECTIONS = ("disagreement", "random")
@@ -226,39 +251,39 @@ class PrefsConfig:
     label_decay: float = _param(0.25, "labelling rate ~ tau / (tau + step), tau = this x total_timesteps")
     label_rounds: int = _param(50, "times labels are asked and the reward model refitted, spread evenly "
                                    "over training (the first at the first rollout)")
-    reward_hidden_sizes: tuple[int, ...] = _param((64, 64), "hidden widths of each reward predictor")
-    reward_learning_rate: float = _param(1e-3, "Adam step size of the reward model")
-    reward_minibatch_size: int = _param(64, "comparisons per reward-model gradient step")
-    reward_steps: int = _param(100, "reward-model gradient steps after each round of new labels")
-    initial_reward_steps: int = _param(500, "reward-model gradient steps after the first round")
+    hidden_sizes: tuple[int, ...] = _param((64, 64), "hidden widths of each reward predictor")
+    learning_rate: float = _param(1e-3, "Adam step size of the reward model")
+    batch_size: int = _param(64, "comparisons per reward-model gradient step")
+    steps: int = _param(100, "reward-model gradient steps after each round of new labels")
+    initial_steps: int = _param(500, "reward-model gradient steps after the first round")
     validation_fraction: float = _param(round(1 / math.e, 4), "share of comparisons held out for validation")
-    learned_reward_std: float = _param(1.0, "standard deviation the learned reward is normalised to")
-    reward_input_clip: float | None = _param(10.0, "clip the reward model's standardised inputs to +- this many "
+    learned_std: float = _param(1.0, "standard deviation the learned reward is normalised to")
+    input_clip: float | None = _param(10.0, "clip the reward model's standardised inputs to +- this many "
                                                    "standard deviations of the first labelled data (none: no clip)")
     labeller: str = _param("synthetic", "who labels: synthetic (prefers the clip with the higher true "
-                                      "return), replay (the answers recorded in --replay-from) or human "
+                                      "return), replay (the answers recorded in --reward.replay-from) or human "
                                       "(a person, on a local web page whose URL is printed)")
     labeller_noise: str = _param("none", "synthetic labeller's noise: none, uniform (answers at random "
-                                       "with probability --labeller-error-rate) or boltzmann")
+                                       "with probability --reward.labeller-error-rate) or boltzmann")
     labeller_error_rate: float = _param(0.1, "the uniform-noise labeller's chance of a random answer")
     labeller_temperature: float = _param(1.0, "the Boltzmann labeller's temperature: "
                                             "P[1 > 2] = sigmoid((R1 - R2) / temperature)")
     replay_from: str = _param("", "a comparisons.jsonl whose answers the replay labeller gives, in order")
-    host: str = _param("127.0.0.1", "--labeller human: the address the page listens on; anything but "
+    host: str = _param("127.0.0.1", "--reward.labeller human: the address the page listens on; anything but "
                                     "127.0.0.1 lets other machines reach it (the URL's token is still required)")
-    port: int = _param(8765, "--labeller human: the page's port (0: any free port)")
-    human_pace: str = _param("wait", "--labeller human, when the person is slower than the schedule: wait (training "
+    port: int = _param(8765, "--reward.labeller human: the page's port (0: any free port)")
+    human_pace: str = _param("wait", "--reward.labeller human, when the person is slower than the schedule: wait (training "
                                      "pauses at each label round until every query shown is answered) or "
                                      "continue (training goes on with the reward model fitted so far)")
-    human_queue_size: int = _param(100, "--labeller human: queries waiting at most; when full, wait blocks the "
+    human_queue_size: int = _param(100, "--reward.labeller human: queries waiting at most; when full, wait blocks the "
                                         "round and continue drops the oldest")
 
     def __post_init__(self) -> None:
         for name in ("labels", "segment_length", "candidates_per_query", "ensemble_size", "label_rounds",
-                     "reward_minibatch_size", "reward_steps", "initial_reward_steps"):
+                     "batch_size", "steps", "initial_steps"):
             _require_positive_int(name, getattr(self, name))
-        for name in ("model_error_rate", "initial_label_fraction", "label_decay", "reward_learning_rate",
-                     "validation_fraction", "learned_reward_std", "labeller_error_rate", "labeller_temperature"):
+        for name in ("model_error_rate", "initial_label_fraction", "label_decay", "learning_rate",
+                     "validation_fraction", "learned_std", "labeller_error_rate", "labeller_temperature"):
             _require_finite(name, getattr(self, name))
         _require(self.query in QUERY_SELECTIONS, "query", " or ".join(QUERY_SELECTIONS), self.query)
         _require(self.labeller in LABELLERS, "labeller", " or ".join(LABELLERS), self.labeller)
@@ -269,21 +294,21 @@ class PrefsConfig:
                  self.initial_label_fraction)
         _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "in [0, 1)", self.validation_fraction)
         _require(0.0 <= self.labeller_error_rate <= 1.0, "labeller_error_rate", "in [0, 1]", self.labeller_error_rate)
-        for name in ("label_decay", "reward_learning_rate", "learned_reward_std", "labeller_temperature"):
+        for name in ("label_decay", "learning_rate", "learned_std", "labeller_temperature"):
             _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
-        if self.reward_input_clip is not None:
-            _require_finite("reward_input_clip", self.reward_input_clip)
-            _require(self.reward_input_clip > 0, "reward_input_clip", "> 0 (or none)", self.reward_input_clip)
-        _require(isinstance(self.reward_hidden_sizes, tuple) and len(self.reward_hidden_sizes) > 0
-                 and all(isinstance(h, int) and h > 0 for h in self.reward_hidden_sizes),
-                 "reward_hidden_sizes", "one or more positive integers", self.reward_hidden_sizes)
+        if self.input_clip is not None:
+            _require_finite("input_clip", self.input_clip)
+            _require(self.input_clip > 0, "input_clip", "> 0 (or none)", self.input_clip)
+        _require(isinstance(self.hidden_sizes, tuple) and len(self.hidden_sizes) > 0
+                 and all(isinstance(h, int) and h > 0 for h in self.hidden_sizes),
+                 "hidden_sizes", "one or more positive integers", self.hidden_sizes)
         _require(self.query == "random" or self.ensemble_size > 1, "query",
                  "random with a single predictor (disagreement needs an ensemble)", self.query)
         _require(self.human_pace in HUMAN_PACES, "human_pace", " or ".join(HUMAN_PACES), self.human_pace)
         _require_positive_int("human_queue_size", self.human_queue_size)
         _require_host_and_port(self.host, self.port)
         _require((self.labeller == "replay") == (self.replay_from != ""), "replay_from",
-                 "a comparisons.jsonl exactly when --labeller replay", self.replay_from)
+                 "a comparisons.jsonl exactly when --reward.labeller replay", self.replay_from)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -291,11 +316,19 @@ class PrefsConfig:
     def check_against(self, config: TrainConfig) -> None:
         """Errors that need the PPO config too: a clip must fit in one rollout."""
         _require(self.segment_length <= config.ppo.num_steps, "segment_length",
-                 f"<= num_steps = {config.ppo.num_steps} (a clip lies within one rollout)", self.segment_length)
+                 f"<= --ppo.num-steps = {config.ppo.num_steps} (a clip lies within one rollout)", self.segment_length)
 
 
-SECTION_OF_FIELD: dict[str, str] = {
-    f.name: section
-    for section, section_cls in (("env", EnvConfig), ("ppo", PPOConfig), ("run", RunConfig))
-    for f in dataclasses.fields(section_cls)
+TRAIN_SECTIONS: dict[str, type] = {"env": EnvConfig, "ppo": PPOConfig, "run": RunConfig}  # `proximal train`
+PREFS_SECTIONS: dict[str, type] = {**TRAIN_SECTIONS, "reward": PrefsConfig}  # `proximal prefs`
+
+# Fields renamed since a run directory may have been written: {section: {old name: new name}}.
+# Files written before are read with them (a run resumes, a checkpoint evaluates); flags are not
+# (the command line refuses an old flag and names the new one).
+RENAMED: dict[str, dict[str, str]] = {
+    "ppo": {"update_epochs": "epochs", "target_kl": "early_stop_kl"},
+    "reward": {"reward_hidden_sizes": "hidden_sizes", "reward_learning_rate": "learning_rate",
+               "reward_minibatch_size": "batch_size", "reward_steps": "steps",
+               "initial_reward_steps": "initial_steps", "learned_reward_std": "learned_std",
+               "reward_input_clip": "input_clip"},
 }

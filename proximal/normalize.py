@@ -1,6 +1,6 @@
 """Running statistics for observation normalisation and reward scaling.
 
-Both are switched on per run (`--normalize-observations`, `--normalize-rewards`) and live in the
+Both are switched on per run (`--ppo.normalize-observations`, `--ppo.normalize-rewards`) and live in the
 agent, so they are saved in its checkpoint; observation statistics are frozen when the agent
 acts outside training.
 """

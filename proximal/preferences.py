@@ -150,9 +150,9 @@ class PreferenceLearner:
         self.generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng():  # the reward model's init must not shift PPO's random stream
             torch.manual_seed(seed + 1)
-            self.model = RewardModel(self.input_dim, prefs.ensemble_size, prefs.reward_hidden_sizes,
-                                     prefs.reward_learning_rate, prefs.model_error_rate, prefs.learned_reward_std,
-                                     input_clip=prefs.reward_input_clip)
+            self.model = RewardModel(self.input_dim, prefs.ensemble_size, prefs.hidden_sizes,
+                                     prefs.learning_rate, prefs.model_error_rate, prefs.learned_std,
+                                     input_clip=prefs.input_clip)
         self.batch_size = config.batch_size
         self.schedule = LabelSchedule(prefs.labels, prefs.initial_label_fraction, config.num_iterations,
                                       config.batch_size, prefs.label_rounds, prefs.label_decay)
@@ -202,8 +202,8 @@ class PreferenceLearner:
         stats: dict[str, float] = {}
         if len(self.comparisons.labels) > self.fitted_labels and not all(self.comparisons.is_validation):
             stats = self.model.fit(*self.comparisons.tensors(),
-                                   steps=self.prefs.initial_reward_steps if self.fits == 0 else self.prefs.reward_steps,
-                                   minibatch_size=self.prefs.reward_minibatch_size, generator=self.generator)
+                                   steps=self.prefs.initial_steps if self.fits == 0 else self.prefs.steps,
+                                   minibatch_size=self.prefs.batch_size, generator=self.generator)
             self.fits += 1
             self.fitted_labels = len(self.comparisons.labels)
             save_checkpoint(self.run_dir / REWARD_MODEL_NAME, {
@@ -228,7 +228,7 @@ class PreferenceLearner:
         starts = clip_starts(valid, done, length)  # [S, 2] (t, n)
         if len(starts) < 2:
             raise EnvError(f"no two clips of {length} steps fit within episodes of this rollout; "
-                           "lower --segment-length")
+                           "lower --reward.segment-length")
         num_candidates = count * (self.prefs.candidates_per_query if self.prefs.query == "disagreement" else 1)
         first = self.rng.integers(len(starts), size=num_candidates)
         second = (first + self.rng.integers(1, len(starts), size=num_candidates)) % len(starts)  # never itself
@@ -318,13 +318,14 @@ class PreferenceLearner:
 
 def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progress: bool = False,
                            resume: dict[str, Any] | None = None, run_dir: Path | None = None,
-                           announce=print) -> tuple[TrainResult, dict[str, Any]]:
-    """PPO on a reward learned from preferences, in a new run directory (or, with `resume` and
-    `run_dir`, continuing a killed one): everything `proximal train` writes (the checkpoint
-    evaluates unchanged) plus prefs.json, comparisons.jsonl, reward_model.pt, reward_fit.json and
-    the preference plots. With `--labeller human` a web page serves the queries to a person while
-    training runs (`announce` prints its URL). Returns the training result and the reward
-    model's fit on held-out clips."""
+                           continuing: bool = False, announce=print) -> tuple[TrainResult, dict[str, Any]]:
+    """PPO on a reward learned from preferences, in `run_dir` (None: a new one in runs_dir), or
+    `continuing` the killed run there (from its checkpoint `resume`, if it wrote one): everything
+    `proximal train` writes (the checkpoint evaluates unchanged) plus prefs.json,
+    comparisons.jsonl, reward_model.pt, reward_fit.json and the preference plots. With
+    `--reward.labeller human` a web page serves the queries to a person while training runs
+    (`announce` prints its URL). Returns the training result and the reward model's fit on
+    held-out clips."""
     prefs.check_against(config)
     probe = make_vector_env(config.env.env_id, 1)  # an unknown or unsupported env fails here
     observation_space, action_space = probe.single_observation_space, probe.single_action_space
@@ -344,15 +345,14 @@ def train_from_preferences(config: TrainConfig, prefs: PrefsConfig, show_progres
 
         token_path = run_dir / TOKEN_NAME if run_dir is not None else None  # a resume serves the same URL
         server = FeedbackServer(renderer, prefs.host, prefs.port, token_path=token_path)  # a port in use fails here
-    continuing = run_dir is not None
-    run_dir = run_dir if continuing else new_run_dir(config)
+    run_dir = run_dir if run_dir is not None else new_run_dir(config)
     if server is not None:
         labeller = HumanLabeller(run_dir, COMPARISONS_NAME, prefs.human_pace, prefs.human_queue_size, prefs.labels,
                                query_from_record)
         server.start(labeller, run_dir / TOKEN_NAME)
         announce(f"label the clips at {server.url}")
         if prefs.host not in ("127.0.0.1", "localhost", "::1"):
-            announce(f"--host {prefs.host}: the page is reachable from other machines (the token is still required)")
+            announce(f"--reward.host {prefs.host}: the page is reachable from other machines (the token is still required)")
     learner = PreferenceLearner(prefs, config, observation_space, action_space, run_dir, labeller, resume=continuing)
     try:
         result = train(config, run_dir=run_dir, resume=resume, show_progress=show_progress, reward_learner=learner)

@@ -41,7 +41,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             env=EnvConfig(env_id="CartPole-v1", num_envs=8),
             ppo=PPOConfig(total_timesteps=100_000, num_steps=16, learning_rate=3e-3, gamma=0.99,
-                          gae_lambda=0.95, update_epochs=4, minibatch_size=128, ent_coef=0.0, vf_coef=1.0),
+                          gae_lambda=0.95, epochs=4, minibatch_size=128, ent_coef=0.0, vf_coef=1.0),
             run=RunConfig(stop_return=475.0, eval_every=5),
         ),
         version=1,
@@ -57,7 +57,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             env=EnvConfig(env_id="Acrobot-v1", num_envs=8),
             ppo=PPOConfig(total_timesteps=200_000, num_steps=64, learning_rate=1e-3, gamma=0.99,
-                          gae_lambda=0.95, update_epochs=10, minibatch_size=128, ent_coef=0.0,
+                          gae_lambda=0.95, epochs=10, minibatch_size=128, ent_coef=0.0,
                           normalize_observations=True),
         ),
         version=1,
@@ -73,7 +73,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             env=EnvConfig(env_id="MountainCar-v0", num_envs=16),
             ppo=PPOConfig(total_timesteps=1_000_000, num_steps=16, learning_rate=3e-4, gamma=0.99,
-                          gae_lambda=0.98, update_epochs=4, minibatch_size=64, ent_coef=0.0,
+                          gae_lambda=0.98, epochs=4, minibatch_size=64, ent_coef=0.0,
                           normalize_observations=True),
         ),
         version=1,
@@ -88,7 +88,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             env=EnvConfig(env_id="LunarLander-v3", num_envs=16),
             ppo=PPOConfig(total_timesteps=1_000_000, num_steps=1024, learning_rate=3e-4, gamma=0.999,
-                          gae_lambda=0.98, update_epochs=4, minibatch_size=64, ent_coef=0.01),
+                          gae_lambda=0.98, epochs=4, minibatch_size=64, ent_coef=0.01),
         ),
         version=1,
         measured="seeds 0-2 after 1M steps: greedy 100-episode means 208.5, 229.6, 227.2 (median 227.2), ~150 s each; "
@@ -100,7 +100,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             env=EnvConfig(env_id="Pendulum-v1", num_envs=8),
             ppo=PPOConfig(total_timesteps=200_000, num_steps=256, learning_rate=1e-3, gamma=0.9,
-                          gae_lambda=0.95, update_epochs=10, minibatch_size=256, ent_coef=0.0,
+                          gae_lambda=0.95, epochs=10, minibatch_size=256, ent_coef=0.0,
                           normalize_observations=True, normalize_rewards=True),
         ),
         version=1,
@@ -123,7 +123,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             env=EnvConfig(env_id="HalfCheetah-v5", num_envs=8),
             ppo=PPOConfig(total_timesteps=1_000_000, num_steps=64, learning_rate=4.1e-5, gamma=0.98,
-                          gae_lambda=0.92, update_epochs=20, minibatch_size=256, clip_coef=0.1,
+                          gae_lambda=0.92, epochs=20, minibatch_size=256, clip_coef=0.1,
                           ent_coef=0.000401762, vf_coef=1.16, max_grad_norm=0.8, hidden_sizes=(256, 256),
                           activation="relu", log_std_init=-2.0, normalize_observations=True,
                           normalize_rewards=True),
@@ -133,7 +133,7 @@ PRESETS: dict[str, Preset] = {
         measured="seeds 0-2 after 1M steps: greedy 10-episode means 5647.4, 5593.2, 5349.5 (median 5593.2); "
                  "held-out seeds 100-102: 3350.5, 5400.2, 5402.7 (median 5400.2: target 5,000 met; seed 100 short, "
                  "one episode at -400)",
-        prefs=PrefsConfig(labels=1400, reward_input_clip=None),
+        prefs=PrefsConfig(labels=1400, input_clip=None),
     ),
     # The PPO paper's MuJoCo settings (2048-step batches, 10 epochs of minibatch 64, tanh 64x64,
     # lr 3e-4, gamma 0.99, lambda 0.95) plus both normalisations, the batch gathered from 8 envs
@@ -145,7 +145,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             env=EnvConfig(env_id="Hopper-v5", num_envs=8),
             ppo=PPOConfig(total_timesteps=1_000_000, num_steps=256, learning_rate=3e-4, gamma=0.99,
-                          gae_lambda=0.95, update_epochs=10, minibatch_size=64, ent_coef=0.0, vf_coef=1.0,
+                          gae_lambda=0.95, epochs=10, minibatch_size=64, ent_coef=0.0, vf_coef=1.0,
                           normalize_observations=True, normalize_rewards=True),
             run=RunConfig(eval_episodes=10),
         ),
@@ -160,7 +160,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             env=EnvConfig(env_id="proximal/FixedHorizonCartPole-v1", num_envs=8),
             ppo=PPOConfig(total_timesteps=100_000, num_steps=64, learning_rate=3e-3, gamma=0.99,
-                          gae_lambda=0.95, update_epochs=4, minibatch_size=128, ent_coef=0.0, vf_coef=1.0),
+                          gae_lambda=0.95, epochs=4, minibatch_size=128, ent_coef=0.0, vf_coef=1.0),
         ),
         version=1,
         measured="seeds 0-2 after 100k steps: greedy 100-episode means 500.0 each, ~13 s each",
@@ -187,7 +187,7 @@ def describe_preset(config: TrainConfig) -> str:
     switches = [name for name, on in (("obs-norm", ppo.normalize_observations),
                                       ("reward-scaling", ppo.normalize_rewards)) if on]
     stop = f", stop at {config.run.stop_return:g}" if config.run.stop_return is not None else ""
-    return (f"{env.num_envs} env{'s' if env.num_envs > 1 else ''} x {ppo.num_steps} steps, {ppo.update_epochs} epochs of minibatch "
+    return (f"{env.num_envs} env{'s' if env.num_envs > 1 else ''} x {ppo.num_steps} steps, {ppo.epochs} epochs of minibatch "
             f"{ppo.minibatch_size}, lr {ppo.learning_rate:g}, gamma {ppo.gamma:g}, lambda {ppo.gae_lambda:g}, "
             f"{ppo.total_timesteps:,} steps{stop}, {'x'.join(map(str, ppo.hidden_sizes))} {ppo.activation}"
             + (f", {', '.join(switches)}" if switches else ""))

@@ -54,7 +54,7 @@ _HELD: set[Path] = set()  # run directories this process holds (a nested lock on
 @contextlib.contextmanager
 def locked_run_dir(run_dir: Path):
     """Hold RUN_DIR/run.lock for the duration of a `with` block: a second process writing into the
-    same run (two identical `rlhf` runs, a `--resume` beside a live run) would interleave its
+    same run (two identical `rlhf` runs, a `--run-dir` beside a live run) would interleave its
     records with this one's. The lock is the kernel's (`flock` on the file, which holds the
     holder's pid for the error message): it is released when its process ends, however it ends,
     and taking it is one atomic step, so no two processes can both hold it and no live one loses it."""

@@ -155,7 +155,7 @@ def rollout_to_batch(rollout: Rollout, ppo: PPOConfig) -> RolloutBatch:
 def check_world_size(config: TrainConfig, world_size: int) -> None:
     """K ranks share the config's envs evenly (and so its batch): N must be a multiple of K."""
     if config.env.num_envs % world_size != 0:
-        raise ConfigError(f"--num-envs {config.env.num_envs} does not split over {world_size} processes: "
+        raise ConfigError(f"--env.num-envs {config.env.num_envs} does not split over {world_size} processes: "
                           f"use a multiple of {world_size} (each rank steps num_envs / {world_size} envs)")
 
 
@@ -328,7 +328,7 @@ def train(
     from proximal.plots import plot_learning_curve  # matplotlib is slow to import: only when used
 
     plot_learning_curve(run_dir)
-    # eval.json last: it marks a finished run (a kill before it leaves a run that --resume completes)
+    # eval.json last: it marks a finished run (a kill before it leaves a run that --run-dir completes)
     write_json_atomic(run_dir / EVAL_NAME, {
         "episodes": len(eval_returns), "mean": float(eval_returns.mean()), "std": float(eval_returns.std()),
         "min": float(eval_returns.min()), "max": float(eval_returns.max()), "env_steps": global_step,

@@ -62,7 +62,7 @@ def test_gradient_is_exactly_zero_where_clipped_and_r_times_a_elsewhere():
 
 
 def small_config(**ppo_overrides):
-    ppo = dict(total_timesteps=512, num_steps=64, minibatch_size=64, update_epochs=4)
+    ppo = dict(total_timesteps=512, num_steps=64, minibatch_size=64, epochs=4)
     ppo.update(ppo_overrides)
     return TrainConfig(env=EnvConfig(env_id="CartPole-v1", num_envs=4), ppo=PPOConfig(**ppo))
 
@@ -134,10 +134,9 @@ def test_update_returns_statistics_and_changes_the_policy():
     assert all(not torch.equal(b, p) for b, p in zip(before, agent.network.parameters()))
 
 
-def test_target_kl_stops_the_epochs_early():
+def test_early_stop_kl_stops_the_epochs_early():
     torch.manual_seed(0)
-    agent = PPOAgent(obs_dim=4, action_dim=2, config=small_config(target_kl=1e-9, update_epochs=10,
-                                                                   learning_rate=1e-2))
+    agent = PPOAgent(obs_dim=4, action_dim=2, config=small_config(early_stop_kl=1e-9, epochs=10, learning_rate=1e-2))
     assert agent.update(random_batch(agent))["epochs"] == 1
 
 

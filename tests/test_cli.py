@@ -12,7 +12,7 @@ import pytest
 from proximal.checkpoint import save_checkpoint
 from proximal.cli import main
 
-SHORT_RUN = ["--total-timesteps", "2048", "--num-envs", "4", "--num-steps", "64", "--minibatch-size", "128",
+SHORT_RUN = ["--ppo.total-timesteps", "2048", "--env.num-envs", "4", "--ppo.num-steps", "64", "--ppo.minibatch-size", "128",
              "--eval-episodes", "5"]
 
 
@@ -39,6 +39,13 @@ def prepare(tmp_path, kind):
         run.mkdir()
         (run / "checkpoint.pt").write_bytes(b"\x80\x02garbage that is no checkpoint")
         return "corrupt_run"
+    if kind == "file":
+        (tmp_path / "a_file").write_text("not a directory")
+        return "a_file"
+    if kind == "other_dir":
+        (tmp_path / "photos").mkdir()
+        (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+        return "photos"
     if kind == "truncated":
         run = tmp_path / "torn_run"
         run.mkdir()
@@ -54,35 +61,38 @@ BAD_INPUTS = [
     (["train", "CartPol-v1"], None, "did you mean CartPole-v1"),
     (["train", "Blackjack-v1"], None, "unsupported observation space"),
     (["train", "proximal-test/MultiBinaryAction-v0"], None, "unsupported action space MultiBinary"),
-    (["train", "--clip-coef", "0"], None, "--clip-coef must be > 0"),
-    (["train", "--gamma", "1.5"], None, r"gamma must be in \[0, 1\]"),
-    (["train", "--gae-lambda", "-0.5"], None, r"--gae-lambda must be in \[0, 1\]"),
-    (["train", "--minibatch-size", "100000"], None, "--minibatch-size must be <= the batch"),
-    (["train", "--total-timesteps", "0"], None, "--total-timesteps must be a positive integer"),
-    (["train", "--num-envs", "-2"], None, "--num-envs must be a positive integer"),
-    (["train", "--learning-rate", "nan"], None, "--learning-rate must be a finite number"),
-    (["train", "--num-envs", "abc"], None, "invalid int value"),
+    (["train", "--ppo.clip-coef", "0"], None, "--ppo.clip-coef must be > 0"),
+    (["train", "--ppo.gamma", "1.5"], None, r"gamma must be in \[0, 1\]"),
+    (["train", "--ppo.gae-lambda", "-0.5"], None, r"--ppo.gae-lambda must be in \[0, 1\]"),
+    (["train", "--ppo.minibatch-size", "100000"], None, "--ppo.minibatch-size must be <= the batch"),
+    (["train", "--ppo.total-timesteps", "0"], None, "--ppo.total-timesteps must be a positive integer"),
+    (["train", "--env.num-envs", "-2"], None, "--env.num-envs must be a positive integer"),
+    (["train", "--ppo.learning-rate", "nan"], None, "--ppo.learning-rate must be a finite number"),
+    (["train", "--env.num-envs", "abc"], None, "invalid int value"),
     (["train", "--no-such-flag"], None, "unrecognized arguments"),
     (["eval", "{path}"], "missing", "no such run directory or checkpoint"),
     (["eval", "{path}"], "empty_dir", "is not a proximal run directory"),
     (["eval", "{path}"], "corrupt", "corrupt or not a proximal checkpoint"),
     (["eval", "{path}"], "truncated", "corrupt or not a proximal checkpoint"),
     (["eval", "{path}", "--episodes", "0"], "empty_dir", "--episodes must be a positive integer"),
-    (["train", "--resume", "{path}"], "missing", "no such run directory or checkpoint"),
-    (["train", "--resume", "{path}"], "corrupt", "corrupt or not a proximal checkpoint"),
+    (["train", "--run-dir", "{path}"], "file", "--run-dir a_file: a_file is not a directory"),
+    (["train", "--run-dir", "{path}"], "other_dir", "--run-dir photos holds no proximal train run"),
+    (["prefs", "--run-dir", "{path}"], "other_dir", "--run-dir photos holds no proximal prefs run"),
+    (["train", "--run-dir", "{path}"], "corrupt", "corrupt or not a proximal checkpoint"),
+    (["train", "--run-dir", "{path}", "--ppo.clip-coef", "0"], "missing", "--ppo.clip-coef must be > 0"),
     (["plot", "{path}"], "empty_dir", "is not a proximal run directory"),
     (["bench", "CartPol-v1"], None, "did you mean CartPole-v1"),
     (["bench", "--seeds", "0"], None, "--seeds must be a positive integer"),
     (["bench", "proximal-test/MultiBinaryAction-v0", "--threshold", "1"], None, "unsupported action space"),
     (["train", "--stop-return", "inf"], None, "--stop-return must be a finite number"),
     (["prefs", "Pendulm-v1"], None, "did you mean Pendulum-v1"),
-    (["prefs", "--query", "loudest"], None, "query must be disagreement or random"),
-    (["prefs", "--ensemble-size", "1"], None, "query must be random with a single predictor"),
-    (["prefs", "--labels", "0"], None, "labels must be a positive integer"),
-    (["prefs", "--model-error-rate", "1"], None, r"--model-error-rate must be in \[0, 1\)"),
-    (["prefs", "--segment-length", "300"], None, "--segment-length must be <= num_steps = 256"),
-    (["prefs", "--labeller", "replay"], None, "--replay-from must be a comparisons.jsonl exactly when --labeller replay"),
-    (["prefs", "--labeller", "replay", "--replay-from", "{path}"], "missing", "no such file"),
+    (["prefs", "--reward.query", "loudest"], None, "query must be disagreement or random"),
+    (["prefs", "--reward.ensemble-size", "1"], None, "query must be random with a single predictor"),
+    (["prefs", "--reward.labels", "0"], None, "labels must be a positive integer"),
+    (["prefs", "--reward.model-error-rate", "1"], None, r"--reward.model-error-rate must be in \[0, 1\)"),
+    (["prefs", "--reward.segment-length", "300"], None, "--reward.segment-length must be <= --ppo.num-steps = 256"),
+    (["prefs", "--reward.labeller", "replay"], None, "--reward.replay-from must be a comparisons.jsonl exactly when --reward.labeller replay"),
+    (["prefs", "--reward.labeller", "replay", "--reward.replay-from", "{path}"], "missing", "no such file"),
     (["train", "../../etc"], None, "'../../etc' is not a Gymnasium environment id"),
     (["eval", "{path}", "--gif", "/no/such/dir/x.gif"], "empty_dir", "--gif /no/such/dir/x.gif: no such directory"),
     (["plot", "{path}", "--out", "/no/such/dir/x.png"], "empty_dir", "--out /no/such/dir/x.png: no such directory"),
@@ -113,22 +123,26 @@ def test_the_installed_command_prints_one_line_for_bad_input(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_resume_refuses_changed_hyperparameters_and_finished_runs(tmp_path, monkeypatch, capsys):
+def test_run_dir_starts_a_run_there_then_continues_it_refusing_changed_settings(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run_main(["train", *SHORT_RUN], capsys)[0] == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    code, _, err = run_main(["train", "--resume", str(run_dir), "--clip-coef", "0.1"], capsys)
-    assert code == 1 and "only --total-timesteps (or --dist-timeout) may change, not clip_coef" in err
-    code, _, err = run_main(["train", "--resume", str(run_dir)], capsys)
+    run_dir = tmp_path / "my" / "run"
+    assert run_main(["train", *SHORT_RUN, "--run-dir", str(run_dir)], capsys)[0] == 0
+    assert {"config.json", "checkpoint.pt", "eval.json"} <= set(files_under(run_dir)) and not (tmp_path / "runs").exists()
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+    code, _, err = run_main(["train", "CartPole-v1", "--run-dir", str(run_dir)], capsys)
+    assert code == 1 and "continues its run's own environment; drop ENV_ID" in err
+    code, _, err = run_main(["train", "--run-dir", str(run_dir), "--ppo.clip-coef", "0.1", "--seed", "2"], capsys)
+    assert code == 1 and "only --ppo.total-timesteps (or --dist-timeout) may change, not --ppo.clip-coef, --seed" in err
+    code, _, err = run_main(["train", "--run-dir", str(run_dir)], capsys)
     assert code == 1 and "already finished its 2048 steps" in err
-    code, out, _ = run_main(["train", "--resume", str(run_dir), "--total-timesteps", "4096"], capsys)
+    code, out, _ = run_main(["train", "--run-dir", str(run_dir), "--ppo.total-timesteps", "4096"], capsys)
     assert code == 0 and "4,096 env steps" in out
 
 
 def test_flags_override_the_preset_and_are_saved(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, _ = run_main(["train", "CartPole-v1", *SHORT_RUN, "--seed", "3", "--hidden-sizes", "32",
-                             "--no-anneal-lr", "--target-kl", "0.05"], capsys)
+    code, out, _ = run_main(["train", "CartPole-v1", *SHORT_RUN, "--seed", "3", "--ppo.hidden-sizes", "32",
+                             "--no-ppo.anneal-lr", "--ppo.early-stop-kl", "0.05"], capsys)
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("CartPole-v1__3__")
@@ -136,7 +150,29 @@ def test_flags_override_the_preset_and_are_saved(tmp_path, monkeypatch, capsys):
 
     config = PPOAgent.load(run_dir).config
     assert config.ppo.hidden_sizes == (32,) and config.ppo.anneal_lr is False
-    assert config.ppo.target_kl == 0.05 and config.env.num_envs == 4 and config.run.seed == 3
+    assert config.ppo.early_stop_kl == 0.05 and config.env.num_envs == 4 and config.run.seed == 3
+
+
+@pytest.mark.parametrize("command", ["train", "prefs"])
+def test_a_flag_of_the_flat_dialect_is_refused_with_its_new_name(command, tmp_path, monkeypatch, capsys):
+    """Every flat flag of an earlier version (each config field's old name, bool switches both
+    ways, --resume) is one line naming the flag that replaced it, and nothing runs."""
+    from proximal.cli import retired_flags
+    from proximal.config import PREFS_SECTIONS, TRAIN_SECTIONS
+
+    monkeypatch.chdir(tmp_path)
+    retired = retired_flags(TRAIN_SECTIONS if command == "train" else PREFS_SECTIONS)
+    expected = {"--clip-coef": "--ppo.clip-coef", "--update-epochs": "--ppo.epochs", "--target-kl": "--ppo.early-stop-kl",
+                "--num-envs": "--env.num-envs", "--no-anneal-lr": "--no-ppo.anneal-lr", "--resume": "--run-dir"}
+    if command == "prefs":
+        expected |= {"--reward-learning-rate": "--reward.learning-rate", "--labels": "--reward.labels",
+                     "--labeller": "--reward.labeller", "--learning-rate": "--ppo.learning-rate"}
+    assert expected.items() <= retired.items()
+    assert "--seed" not in retired and "--env-id" not in retired
+    for old, new in retired.items():
+        code, out, err = run_main([command, f"{old}=1"], capsys)
+        assert (code, out) == (2, "") and err == f"proximal {command}: error: {old} is now {new} (see proximal {command} --help)\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -188,7 +224,7 @@ def test_presets_lists_every_preset_and_the_generic_defaults(capsys):
 
 @pytest.mark.parametrize("argv, labels, input_clip", [
     (["prefs", "HalfCheetah-v5"], 1400, None),  # the preset's preference settings
-    (["prefs", "HalfCheetah-v5", "--labels", "700", "--reward-input-clip", "10"], 700, 10.0),  # flags win
+    (["prefs", "HalfCheetah-v5", "--reward.labels", "700", "--reward.input-clip", "10"], 700, 10.0),  # flags win
     (["prefs", "Pendulum-v1"], 1000, 10.0),  # no preference settings in the preset: PrefsConfig's defaults
 ])
 def test_prefs_starts_from_the_presets_preference_settings(argv, labels, input_clip, monkeypatch, capsys):
@@ -204,11 +240,11 @@ def test_prefs_starts_from_the_presets_preference_settings(argv, labels, input_c
     with pytest.raises(Started) as started:
         main(argv)
     prefs = started.value.args[0]
-    assert (prefs.labels, prefs.reward_input_clip) == (labels, input_clip)
+    assert (prefs.labels, prefs.input_clip) == (labels, input_clip)
 
 
 def test_presets_shows_preference_settings_that_differ_from_the_defaults(capsys):
     code, out, _ = run_main(["presets"], capsys)
-    assert code == 0 and "proximal prefs starts from: --labels 1400 --reward-input-clip none" in out
-    assert "proximal prefs starts from: --segment-length 8" in out  # CartPole-v1's short clips
+    assert code == 0 and "proximal prefs starts from: --reward.labels 1400 --reward.input-clip none" in out
+    assert "proximal prefs starts from: --reward.segment-length 8" in out  # CartPole-v1's short clips
     assert out.count("proximal prefs starts from") == 2

@@ -23,7 +23,7 @@ BAD_VALUES = {
     "flag": ["=1"],  # a switch given a value
     "_stage_list": ["", "nope", "ppo,ppo", "sft,,ppo", "all"],
 }
-EMPTY_MEANS_UNSET = {"--replay-from", "--model.path", "--reward.function", "--data.prompts", "--data.sft",
+EMPTY_MEANS_UNSET = {"--reward.replay-from", "--model.path", "--reward.function", "--data.prompts", "--data.sft",
                      "--data.preferences", "--data.eval-prompts", "--data.eval-preferences"}  # default "": not given
 # Arguments that get each subcommand past its positionals (or fail there, which is also one line).
 BASE = {
@@ -91,7 +91,7 @@ BAD_JSON_LINES = {
 FILE_ARGUMENTS = {
     **{f"rlhf {flag}": ["rlhf", flag, "{file}"] for flag in ("--data.prompts", "--data.sft", "--data.preferences",
                                                              "--data.eval-prompts", "--data.eval-preferences")},
-    "prefs --replay-from": ["prefs", "--labeller", "replay", "--replay-from", "{file}"],
+    "prefs --reward.replay-from": ["prefs", "--reward.labeller", "replay", "--reward.replay-from", "{file}"],
     "inspect RUN_DIR/ppo/snapshots.jsonl": ["inspect", "{tmp}/run"],
 }
 

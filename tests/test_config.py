@@ -3,8 +3,9 @@
 import dataclasses
 
 import pytest
+import torch
 
-from proximal.config import EnvConfig, PPOConfig, RunConfig, TrainConfig
+from proximal.config import EnvConfig, PPOConfig, PrefsConfig, RunConfig, TrainConfig, section_from_dict
 from proximal.presets import PRESETS, preset_for
 from proximal.errors import ConfigError
 
@@ -19,12 +20,12 @@ from proximal.errors import ConfigError
     (PPOConfig, "learning_rate", float("nan"), "learning_rate must be a finite number"),
     (PPOConfig, "total_timesteps", 0, "total_timesteps must be a positive integer"),
     (PPOConfig, "num_steps", -5, "num_steps must be a positive integer"),
-    (PPOConfig, "update_epochs", 0, "update_epochs must be a positive integer"),
+    (PPOConfig, "epochs", 0, "epochs must be a positive integer"),
     (PPOConfig, "minibatch_size", 0, "minibatch_size must be a positive integer"),
     (PPOConfig, "ent_coef", -1.0, "ent_coef must be >= 0"),
     (PPOConfig, "vf_coef", -1.0, "vf_coef must be >= 0"),
     (PPOConfig, "max_grad_norm", 0.0, "max_grad_norm must be > 0"),
-    (PPOConfig, "target_kl", 0.0, "target_kl must be > 0"),
+    (PPOConfig, "early_stop_kl", 0.0, "early_stop_kl must be > 0"),
     (PPOConfig, "hidden_sizes", (), "hidden_sizes must be one or more positive integers"),
     (PPOConfig, "hidden_sizes", (64, 0), "hidden_sizes must be one or more positive integers"),
     (EnvConfig, "num_envs", 0, "num_envs must be a positive integer"),
@@ -57,11 +58,27 @@ def test_dict_round_trip_and_unknown_keys():
         TrainConfig.from_dict(data)
 
 
-def test_overrides_go_to_the_section_that_owns_each_field():
-    config = TrainConfig().with_overrides({"num_envs": 2, "clip_coef": 0.1, "seed": 5, "minibatch_size": 64})
-    assert (config.env.num_envs, config.ppo.clip_coef, config.run.seed) == (2, 0.1, 5)
-    with pytest.raises(ConfigError, match="unknown setting 'bogus'"):
-        TrainConfig().with_overrides({"bogus": 1})
+def test_overrides_go_to_their_section_and_an_error_names_it():
+    config = TrainConfig().with_overrides({"env": {"num_envs": 2}, "ppo": {"clip_coef": 0.1, "minibatch_size": 64},
+                                           "run": {"seed": 5}})
+    assert (config.env.num_envs, config.ppo.clip_coef, config.ppo.minibatch_size, config.run.seed) == (2, 0.1, 64, 5)
+    with pytest.raises(ConfigError, match="unknown section 'bogus'"):
+        TrainConfig().with_overrides({"bogus": {"x": 1}})
+    with pytest.raises(ConfigError, match="unknown ppo setting"):
+        TrainConfig().with_overrides({"ppo": {"seed": 1}})
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig().with_overrides({"ppo": {"clip_coef": -1.0}})
+    assert refused.value.field == "ppo.clip_coef"
+
+
+def test_a_config_written_before_the_renames_reads_back_under_the_new_names():
+    data = TrainConfig().to_dict()
+    data["ppo"]["update_epochs"] = data["ppo"].pop("epochs") + 3
+    data["ppo"]["target_kl"] = data["ppo"].pop("early_stop_kl")
+    old = TrainConfig.from_dict(data)
+    assert old.ppo.epochs == TrainConfig().ppo.epochs + 3 and old.ppo.early_stop_kl is None
+    prefs = section_from_dict("reward", PrefsConfig, {"reward_learning_rate": 0.5, "reward_hidden_sizes": [8, 8]})
+    assert (prefs.learning_rate, prefs.hidden_sizes) == (0.5, (8, 8))
 
 
 def test_presets_are_valid_and_unknown_envs_get_generic_defaults():
@@ -111,3 +128,44 @@ def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
     assert main(["rlhf", "--config", str(tmp_path / "settings.toml")]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_train_and_prefs_take_the_same_config_file_a_train_run_reproduced_row_for_row(tmp_path, monkeypatch):
+    """`proximal train --config RUN_DIR/config.json` is that run again: its metrics.csv row for
+    row (the timing columns aside) and the same weights; a TOML file's [ppo] is --ppo.*, a prefs
+    file's [reward] is --reward.*, the flags win, ENV_ID comes from the file's [env]."""
+    import csv
+    import json
+
+    from proximal.agent import PPOAgent
+    from proximal.cli import _prefs_config, _train_config, build_parser, main
+
+    def config_of(command, *argv):
+        args = build_parser().parse_args([command, *argv])
+        return (_train_config if command == "train" else _prefs_config)(args)[:2]
+
+    monkeypatch.chdir(tmp_path)
+    short = ["--ppo.total-timesteps", "1024", "--env.num-envs", "2", "--ppo.num-steps", "64", "--ppo.minibatch-size",
+             "64", "--eval-episodes", "2", "--seed", "4"]
+    assert main(["train", "Acrobot-v1", *short, "--run-dir", "first"]) == 0
+    assert main(["train", "--config", "first/config.json", "--run-dir", "again"]) == 0
+    timing = {"wall_seconds", "steps_per_second"}
+
+    def rows(run):
+        with open(tmp_path / run / "metrics.csv") as file:
+            return [{k: v for k, v in row.items() if k not in timing} for row in csv.DictReader(file)]
+
+    assert rows("first") == rows("again") and len(rows("first")) == 8
+    first, again = PPOAgent.load(tmp_path / "first"), PPOAgent.load(tmp_path / "again")
+    assert first.config == again.config and first.config.env.env_id == "Acrobot-v1"
+    assert all(torch.equal(a, b) for a, b in zip(first.network.parameters(), again.network.parameters()))
+
+    (tmp_path / "settings.toml").write_text('[env]\nenv_id = "Pendulum-v1"\n[ppo]\nclip_coef = 0.3\nepochs = 2\n'
+                                            '[reward]\nlabels = 77\nlearning_rate = 0.002\n')
+    config, prefs = config_of("prefs", "--config", "settings.toml", "--ppo.epochs", "3")
+    assert (config.env.env_id, config.ppo.clip_coef, config.ppo.epochs) == ("Pendulum-v1", 0.3, 3)
+    assert (prefs.labels, prefs.learning_rate) == (77, 0.002)
+    old_names = {"ppo": {"update_epochs": 6, "target_kl": 0.02}}  # a file written before the renames
+    (tmp_path / "old.json").write_text(json.dumps(old_names))
+    config, _ = config_of("train", "CartPole-v1", "--config", "old.json")
+    assert (config.env.env_id, config.ppo.epochs, config.ppo.early_stop_kl) == ("CartPole-v1", 6, 0.02)

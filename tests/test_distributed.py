@@ -34,7 +34,7 @@ def as_rank(rank: int, world_size: int, port: int) -> None:
 def pendulum_config(**ppo) -> TrainConfig:
     return TrainConfig(env=EnvConfig("Pendulum-v1", num_envs=4),
                        ppo=PPOConfig(**{"total_timesteps": 4 * 32 * 3, "num_steps": 32, "minibatch_size": 32,
-                                        "update_epochs": 2, "normalize_observations": True,
+                                        "epochs": 2, "normalize_observations": True,
                                         "normalize_rewards": True, **ppo}),
                        run=RunConfig(eval_episodes=1))
 
@@ -166,7 +166,7 @@ def kill_launcher_and_ranks(launcher: subprocess.Popen, ranks: int = 2) -> None:
 
 @pytest.mark.slow
 def test_a_killed_torchrun_run_resumes_to_the_end(tmp_path):
-    arguments = ["train", "CartPole-v1", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "12800",
+    arguments = ["train", "CartPole-v1", "--env.num-envs", "4", "--ppo.num-steps", "32", "--ppo.total-timesteps", "12800",
                  "--stop-return", "1000", "--checkpoint-every", "5", "--eval-episodes", "5",
                  "--runs-dir", str(tmp_path / "runs")]
     launcher = torchrun(arguments, tmp_path)
@@ -178,7 +178,7 @@ def test_a_killed_torchrun_run_resumes_to_the_end(tmp_path):
     kill_launcher_and_ranks(launcher)
     run_dir = next((tmp_path / "runs").iterdir())
     assert not (run_dir / "eval.json").exists()
-    resumed = torchrun(["train", "--resume", str(run_dir)], tmp_path)
+    resumed = torchrun(["train", "--run-dir", str(run_dir)], tmp_path)
     out, err = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, err
     assert out.count("run directory:") == 1  # rank 0 alone reports
@@ -188,14 +188,14 @@ def test_a_killed_torchrun_run_resumes_to_the_end(tmp_path):
 
 
 def test_a_world_size_that_does_not_split_the_envs_fails_in_one_line_per_rank_and_writes_nothing(tmp_path):
-    launcher = torchrun(["train", "CartPole-v1", "--num-envs", "8", "--runs-dir", str(tmp_path / "runs")],
+    launcher = torchrun(["train", "CartPole-v1", "--env.num-envs", "8", "--runs-dir", str(tmp_path / "runs")],
                         tmp_path, processes=3)
     out, err = launcher.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.startswith("proximal train: error:")]
     # Once one rank has exited, torchrun stops the others: a rank slower to reach the check (a busy
     # machine) is stopped before it says anything, so 1 to 3 lines.
     assert launcher.returncode != 0 and 1 <= len(lines) <= 3
-    assert all("--num-envs 8 does not split over 3 processes" in line for line in lines)
+    assert all("--env.num-envs 8 does not split over 3 processes" in line for line in lines)
     assert not (tmp_path / "runs").exists()
 
 

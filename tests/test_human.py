@@ -1,4 +1,4 @@
-"""A person as the labeller (`proximal prefs --labeller human`): the answer's label, the queue and
+"""A person as the labeller (`proximal prefs --reward.labeller human`): the answer's label, the queue and
 its files, the server's refusals, 1,000 fast answers, and the page itself in a real headless
 Chromium (Debian's chromium + chromium-driver, installed by the README's test command)."""
 
@@ -200,7 +200,7 @@ def test_a_port_in_use_is_refused_in_one_line_before_the_run_writes_anything(tmp
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code = main(["prefs", "--labeller", "human", "--port", str(port), "--runs-dir", str(tmp_path / "runs")])
+        code = main(["prefs", "--reward.labeller", "human", "--reward.port", str(port), "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and f"cannot serve the labelling page on 127.0.0.1:{port}" in err
     assert not (tmp_path / "runs").exists()
@@ -593,8 +593,8 @@ def start_labelling(argv: list[str]):
 
 
 def start_prefs(arguments: list[str]):
-    """`proximal prefs ... --labeller human --port 0`; returns the process and the page's URL."""
-    return start_labelling(["prefs", *arguments, "--labeller", "human", "--port", "0"])
+    """`proximal prefs ... --reward.labeller human --reward.port 0`; returns the process and the page's URL."""
+    return start_labelling(["prefs", *arguments, "--reward.labeller", "human", "--reward.port", "0"])
 
 
 def preferred_answer(record: dict) -> str:
@@ -670,7 +670,7 @@ def untrained_greedy_return(env_id: str, seed: int, episodes: int) -> float:
 @pytest.mark.slow
 def test_a_person_on_the_page_teaches_pendulum_through_a_real_browser(browser, tmp_path):
     runs_dir = tmp_path / "runs"
-    process, url = start_prefs(["Pendulum-v1", "--labels", "100", "--total-timesteps", "100000", "--label-rounds", "10",
+    process, url = start_prefs(["Pendulum-v1", "--reward.labels", "100", "--ppo.total-timesteps", "100000", "--reward.label-rounds", "10",
                                 "--eval-episodes", "20", "--seed", "0", "--runs-dir", str(runs_dir)])
     try:
         run_dir = next(runs_dir.iterdir())
@@ -707,12 +707,12 @@ def test_a_person_on_the_page_teaches_pendulum_through_a_real_browser(browser, t
 
 @pytest.mark.slow
 def test_killed_while_a_person_labels_then_resumed_no_answer_is_lost(tmp_path):
-    """kill -9 at random moments while answers stream in; `--resume` each time; at the end every
+    """kill -9 at random moments while answers stream in; `--run-dir` each time; at the end every
     answer the server acknowledged is in comparisons.jsonl exactly once, and the run finishes."""
     import signal
 
     runs_dir = tmp_path / "runs"
-    arguments = ["Pendulum-v1", "--labels", "60", "--total-timesteps", "30000", "--label-rounds", "6",
+    arguments = ["Pendulum-v1", "--reward.labels", "60", "--ppo.total-timesteps", "30000", "--reward.label-rounds", "6",
                  "--eval-episodes", "2", "--seed", "1", "--runs-dir", str(runs_dir)]
     rng = np.random.default_rng(0)
     acknowledged: list[int] = []
@@ -730,7 +730,7 @@ def test_killed_while_a_person_labels_then_resumed_no_answer_is_lost(tmp_path):
             break
         assert process.returncode == -signal.SIGKILL, process.stdout.read()
         kills += 1
-        process, url = start_prefs(["--resume", str(run_dir)])
+        process, url = start_prefs(["--run-dir", str(run_dir)])
     output = process.stdout.read()
     records = read_jsonl(run_dir / COMPARISONS_NAME)
     recorded = [record["query"] for record in records]
@@ -835,11 +835,11 @@ def test_a_person_labels_the_reward_stage_and_a_killed_stage_keeps_every_answer(
 
 @pytest.mark.slow
 def test_a_person_who_answers_like_the_synthetic_labeller_gives_the_synthetic_run_exactly(tmp_path):
-    """With --human-pace wait the queries, the fits and so the whole run are the synthetic
+    """With --reward.human-pace wait the queries, the fits and so the whole run are the synthetic
     labeller's: only who answers differs."""
     from proximal.cli import main
 
-    flags = ["proximal/FixedHorizonCartPole-v1", "--labels", "30", "--total-timesteps", "6144", "--label-rounds", "3",
+    flags = ["proximal/FixedHorizonCartPole-v1", "--reward.labels", "30", "--ppo.total-timesteps", "6144", "--reward.label-rounds", "3",
              "--eval-episodes", "2"]
     assert main(["prefs", *flags, "--runs-dir", str(tmp_path / "synthetic")]) == 0
     process, url = start_prefs([*flags, "--runs-dir", str(tmp_path / "human")])
@@ -853,8 +853,8 @@ def test_a_person_who_answers_like_the_synthetic_labeller_gives_the_synthetic_ru
 
 @pytest.mark.slow
 def test_with_continue_pace_training_goes_on_while_nobody_answers(tmp_path):
-    process, url = start_prefs(["Pendulum-v1", "--labels", "40", "--total-timesteps", "8192", "--label-rounds", "4",
-                                "--eval-episodes", "1", "--human-pace", "continue", "--human-queue-size", "12",
+    process, url = start_prefs(["Pendulum-v1", "--reward.labels", "40", "--ppo.total-timesteps", "8192", "--reward.label-rounds", "4",
+                                "--eval-episodes", "1", "--reward.human-pace", "continue", "--reward.human-queue-size", "12",
                                 "--runs-dir", str(tmp_path / "runs")])
     output, _ = process.communicate(timeout=120)  # nobody opens the page
     assert process.returncode == 0, output
@@ -868,11 +868,11 @@ def test_with_continue_pace_training_goes_on_while_nobody_answers(tmp_path):
 def test_sigterm_stops_a_human_labelled_run_in_one_line_and_it_resumes(tmp_path):
     """SDL (drawing the clips) takes SIGTERM over when it finds the default handler; the command's
     own handler is there first, so `kill PID` stops the run as Ctrl-C does: one line, exit 143,
-    the answers kept, and --resume continues it."""
+    the answers kept, and --run-dir continues it."""
     import signal
 
     runs_dir = tmp_path / "runs"
-    process, url = start_prefs(["Pendulum-v1", "--labels", "20", "--total-timesteps", "20000", "--label-rounds", "4",
+    process, url = start_prefs(["Pendulum-v1", "--reward.labels", "20", "--ppo.total-timesteps", "20000", "--reward.label-rounds", "4",
                                 "--eval-episodes", "1", "--runs-dir", str(runs_dir)])
     run_dir = next(runs_dir.iterdir())
     answered, deadline = [], time.monotonic() + 120
@@ -888,7 +888,7 @@ def test_sigterm_stops_a_human_labelled_run_in_one_line_and_it_resumes(tmp_path)
     assert process.returncode == 128 + signal.SIGTERM, output
     assert output.splitlines()[-1] == "proximal prefs: stopped by SIGTERM; the last checkpoint written is kept"
     assert [record["query"] for record in read_jsonl(run_dir / COMPARISONS_NAME)] == answered
-    resumed, _ = start_prefs(["--resume", str(run_dir)])
+    resumed, _ = start_prefs(["--run-dir", str(run_dir)])
     resumed.send_signal(signal.SIGTERM)
     assert resumed.wait(timeout=30) == 128 + signal.SIGTERM
 
@@ -896,15 +896,15 @@ def test_sigterm_stops_a_human_labelled_run_in_one_line_and_it_resumes(tmp_path)
 @pytest.mark.slow
 def test_a_stopped_run_leaves_a_calm_page_and_its_resume_continues_in_the_same_tab(browser, tmp_path):
     """The end-of-run and resume states, in a real browser: SIGTERM mid-round leaves the tab saying
-    the run stopped and the answers are kept; `--resume` serves the same URL (same port, same
+    the run stopped and the answers are kept; `--run-dir` serves the same URL (same port, same
     token) and the open tab, untouched, shows the next unanswered query."""
     import signal
 
     from test_distributed import free_port
 
     runs_dir = tmp_path / "runs"
-    process, url = start_labelling(["prefs", "Pendulum-v1", "--labeller", "human", "--port", str(free_port()),
-                                    "--labels", "20", "--total-timesteps", "20000", "--label-rounds", "4",
+    process, url = start_labelling(["prefs", "Pendulum-v1", "--reward.labeller", "human", "--reward.port", str(free_port()),
+                                    "--reward.labels", "20", "--ppo.total-timesteps", "20000", "--reward.label-rounds", "4",
                                     "--eval-episodes", "1", "--runs-dir", str(runs_dir)])
     run_dir = next(runs_dir.iterdir())
     browser.set_window_size(760, 640)  # the whole page in the screenshots
@@ -920,7 +920,7 @@ def test_a_stopped_run_leaves_a_calm_page_and_its_resume_continues_in_the_same_t
     assert browser.find_element("id", "counts").text == "not connected"
     assert not any(browser.find_element("id", name).is_displayed() for name in ("clips", "answers"))
     docs_screenshot(browser, "human_feedback_stopped.png", tmp_path)
-    resumed, resumed_url = start_labelling(["prefs", "--resume", str(run_dir)])
+    resumed, resumed_url = start_labelling(["prefs", "--run-dir", str(run_dir)])
     try:
         assert resumed_url == url  # the token was kept in the run directory, the port in its config
         wait_for(lambda: shown_query(browser) == 2, timeout=60, what="the next unanswered query in the same tab")
@@ -937,7 +937,7 @@ def test_a_stopped_run_leaves_a_calm_page_and_its_resume_continues_in_the_same_t
 
 def test_a_resumed_run_waits_for_the_queries_a_kill_left_unanswered(tmp_path):
     """A kill in a label round leaves asked, unanswered queries; the resumed run has no new label
-    due at its next round, yet with --human-pace wait it must wait for those before training on."""
+    due at its next round, yet with --reward.human-pace wait it must wait for those before training on."""
     from proximal.agent import PPOAgent
     from proximal.config import PrefsConfig
     from proximal.presets import preset_for
@@ -950,9 +950,9 @@ def test_a_resumed_run_waits_for_the_queries_a_kill_left_unanswered(tmp_path):
     killed.close()
     resumed = make_labeller(tmp_path, pace="wait")
     assert resumed.status()["queue"] == 4
-    config = preset_for(ENV_ID).with_overrides({"num_envs": 2, "num_steps": 64, "minibatch_size": 64,
-                                                "total_timesteps": 1280})
-    prefs = PrefsConfig(labels=4, labeller="human", human_pace="wait", initial_reward_steps=5, segment_length=10)
+    config = preset_for(ENV_ID).with_overrides({"env": {"num_envs": 2}, "ppo": {"num_steps": 64, "minibatch_size": 64,
+                                                                            "total_timesteps": 1280}})
+    prefs = PrefsConfig(labels=4, labeller="human", human_pace="wait", initial_steps=5, segment_length=10)
     envs = make_vector_env(ENV_ID, 2)
     agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
     learner = PreferenceLearner(prefs, config, envs.single_observation_space, envs.single_action_space, tmp_path,

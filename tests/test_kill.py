@@ -1,5 +1,5 @@
 """kill -9 at random moments of `train`, `prefs` and `bench`: every file the command writes is
-absent or whole afterwards, and `train --resume` finishes a killed run (its evaluation and plot
+absent or whole afterwards, and `train --run-dir` finishes a killed run (its evaluation and plot
 included, even when the kill came after the last checkpoint).
 
 The moments are tied to progress, not to the clock: a run is killed as soon as its N-th line of
@@ -24,10 +24,10 @@ from proximal.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["train", "--total-timesteps", "8192", "--num-envs", "4", "--num-steps", "64", "--minibatch-size", "128",
+TRAIN = ["train", "--ppo.total-timesteps", "8192", "--env.num-envs", "4", "--ppo.num-steps", "64", "--ppo.minibatch-size", "128",
          "--eval-episodes", "5", "--checkpoint-every", "2", "--stop-return", "none"]
-PREFS = ["prefs", "Pendulum-v1", "--total-timesteps", "4096", "--labels", "40", "--query", "random",
-         "--initial-reward-steps", "20", "--reward-steps", "10", "--eval-episodes", "2"]
+PREFS = ["prefs", "Pendulum-v1", "--ppo.total-timesteps", "4096", "--reward.labels", "40", "--reward.query", "random",
+         "--reward.initial-steps", "20", "--reward.steps", "10", "--eval-episodes", "2"]
 BENCH = ["bench", "--seeds", "2", "--eval-every", "5", "--out", "bench_out"]
 
 
@@ -96,7 +96,7 @@ def test_train_killed_at_random_moments_leaves_whole_files_and_resumes_to_the_en
         for run_dir in runs:
             assert_whole(run_dir)
             if (run_dir / "checkpoint.pt").exists() and not (run_dir / "eval.json").exists():
-                result = subprocess.run([sys.executable, "-m", "proximal", "train", "--resume", str(run_dir)],
+                result = subprocess.run([sys.executable, "-m", "proximal", "train", "--run-dir", str(run_dir)],
                                         cwd=cwd, capture_output=True, text=True)
                 assert result.returncode == 0, result.stderr
                 resumed += 1

@@ -91,7 +91,7 @@ def test_zero_grad_and_parameters_without_gradient():
 def test_training_never_imports_torch_dynamo():
     # torch.optim imports torch._dynamo (about a second) on first use; the training path must not.
     code = ("import sys, tempfile; from proximal.presets import preset_for; from proximal.train import train;"
-            "train(preset_for('CartPole-v1').with_overrides({'total_timesteps': 256, 'num_steps': 16,"
-            " 'eval_episodes': 2, 'runs_dir': tempfile.mkdtemp()})); print('torch._dynamo' in sys.modules)")
+            "train(preset_for('CartPole-v1').with_overrides({'ppo': {'total_timesteps': 256, 'num_steps': 16},"
+            " 'run': {'eval_episodes': 2, 'runs_dir': tempfile.mkdtemp()}})); print('torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr

@@ -146,17 +146,17 @@ def test_fixed_horizon_cartpole_runs_to_the_limit_and_pays_only_inside_the_bound
 
 def small_run(tmp_path, **prefs_overrides):
     config = preset_for("Pendulum-v1").with_overrides(
-        {"total_timesteps": 4096, "eval_episodes": 3, "runs_dir": str(tmp_path / "runs")})
-    prefs = PrefsConfig(labels=40, initial_reward_steps=30, reward_steps=10, **prefs_overrides)
+        {"ppo": {"total_timesteps": 4096}, "run": {"eval_episodes": 3, "runs_dir": str(tmp_path / "runs")}})
+    prefs = PrefsConfig(labels=40, initial_steps=30, steps=10, **prefs_overrides)
     return train_from_preferences(config, prefs)
 
 
 def test_learned_reward_replaces_the_env_reward_in_the_rollout(tmp_path):
-    config = preset_for("Pendulum-v1").with_overrides({"num_envs": 2, "num_steps": 64, "minibatch_size": 64,
-                                                      "total_timesteps": 1280})
+    config = preset_for("Pendulum-v1").with_overrides({"env": {"num_envs": 2}, "ppo": {
+        "num_steps": 64, "minibatch_size": 64, "total_timesteps": 1280}})
     envs = make_vector_env("Pendulum-v1", 2)
     agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
-    learner = PreferenceLearner(PrefsConfig(labels=20, initial_reward_steps=5), config, envs.single_observation_space,
+    learner = PreferenceLearner(PrefsConfig(labels=20, initial_steps=5), config, envs.single_observation_space,
                                 envs.single_action_space, tmp_path, make_labeller(PrefsConfig(), np.random.default_rng(2)))
     state = EnvState.after_reset(envs.reset(seed=0)[0])
     rollout = collect_rollout(agent, envs, state, 64)
@@ -179,11 +179,11 @@ def test_learned_reward_replaces_the_env_reward_in_the_rollout(tmp_path):
 
 
 def test_disagreement_asks_the_pairs_the_ensemble_disagrees_on_most(tmp_path, monkeypatch):
-    config = preset_for("Pendulum-v1").with_overrides({"num_envs": 2, "num_steps": 64, "minibatch_size": 64,
-                                                      "total_timesteps": 1280})
+    config = preset_for("Pendulum-v1").with_overrides({"env": {"num_envs": 2}, "ppo": {
+        "num_steps": 64, "minibatch_size": 64, "total_timesteps": 1280}})
     envs = make_vector_env("Pendulum-v1", 2)
     agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
-    prefs = PrefsConfig(labels=20, initial_reward_steps=5, candidates_per_query=10)
+    prefs = PrefsConfig(labels=20, initial_steps=5, candidates_per_query=10)
     learner = PreferenceLearner(prefs, config, envs.single_observation_space, envs.single_action_space,
                                 tmp_path, make_labeller(prefs, np.random.default_rng(2)))
     seen = {}
@@ -230,16 +230,16 @@ def test_replay_refuses_answers_to_different_queries(tmp_path):
 
     with pytest.raises(ReplayError, match="query 0 differs from the recorded one"):
         config = preset_for("Pendulum-v1").with_overrides(
-            {"total_timesteps": 4096, "eval_episodes": 3, "runs_dir": str(tmp_path / "runs"), "seed": 1})
-        train_from_preferences(config, PrefsConfig(labels=40, initial_reward_steps=30, reward_steps=10,
+            {"ppo": {"total_timesteps": 4096}, "run": {"eval_episodes": 3, "runs_dir": str(tmp_path / "runs"), "seed": 1}})
+        train_from_preferences(config, PrefsConfig(labels=40, initial_steps=30, steps=10,
                                                    labeller="replay",
                                                    replay_from=str(result.run_dir / COMPARISONS_NAME)))
 
 
 def test_prefs_command_then_eval_on_its_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["prefs", "Pendulum-v1", "--total-timesteps", "4096", "--labels", "40", "--query", "random",
-                 "--initial-reward-steps", "30", "--reward-steps", "10", "--eval-episodes", "3"])
+    code = main(["prefs", "Pendulum-v1", "--ppo.total-timesteps", "4096", "--reward.labels", "40", "--reward.query", "random",
+                 "--reward.initial-steps", "30", "--reward.steps", "10", "--eval-episodes", "3"])
     out = capsys.readouterr().out
     assert code == 0 and "PPO on the learned reward, 40 labels" in out
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -253,8 +253,8 @@ def test_prefs_on_cartpole_with_its_preset_runs_to_the_end(tmp_path, monkeypatch
     num_steps = 16", and with longer rollouts found no two 25-step clips in an untrained policy's
     short episodes; its preset's 8-step clips fit both."""
     monkeypatch.chdir(tmp_path)
-    code = main(["prefs", "CartPole-v1", "--total-timesteps", "2048", "--labels", "20", "--eval-episodes", "2",
-                 "--initial-reward-steps", "20", "--reward-steps", "5"])
+    code = main(["prefs", "CartPole-v1", "--ppo.total-timesteps", "2048", "--reward.labels", "20", "--eval-episodes", "2",
+                 "--reward.initial-steps", "20", "--reward.steps", "5"])
     assert code == 0 and "PPO on the learned reward, 20 labels" in capsys.readouterr().out
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "prefs.json").read_text())["segment_length"] == 8

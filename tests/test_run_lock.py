@@ -105,11 +105,11 @@ def test_rlhf_into_a_run_directory_in_use_is_one_line_and_writes_nothing(tmp_pat
 
 def test_train_resume_of_a_run_in_use_is_one_line(tmp_path, capsys, hold):
     runs = tmp_path / "runs"
-    assert _run(["train", "CartPole-v1", "--total-timesteps", "256", "--num-envs", "2", "--num-steps", "64",
+    assert _run(["train", "CartPole-v1", "--ppo.total-timesteps", "256", "--env.num-envs", "2", "--ppo.num-steps", "64",
                  "--eval-episodes", "1", "--runs-dir", str(runs)], capsys)[0] == 0
     run_dir = next(runs.iterdir())
     live_pid = hold(run_dir)
-    code, err = _run(["train", "--resume", str(run_dir), "--total-timesteps", "512"], capsys)
+    code, err = _run(["train", "--run-dir", str(run_dir), "--ppo.total-timesteps", "512"], capsys)
     assert code != 0 and f"is in use by process {live_pid}" in err and len(err.strip().splitlines()) == 1
 
 

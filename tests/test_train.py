@@ -83,7 +83,7 @@ def test_without_the_critic_advantages_are_plain_discounted_returns():
 
 
 def cartpole_config(tmp_path, **overrides):
-    ppo = dict(total_timesteps=2048, num_steps=64, minibatch_size=128, update_epochs=2, learning_rate=1e-3)
+    ppo = dict(total_timesteps=2048, num_steps=64, minibatch_size=128, epochs=2, learning_rate=1e-3)
     run = dict(eval_episodes=5, runs_dir=str(tmp_path / "runs"), checkpoint_every=3)
     for key in list(overrides):
         if key in RunConfig.__dataclass_fields__:
@@ -223,6 +223,6 @@ def test_normalisation_switches_train_save_and_resume(tmp_path):
     # every observation the two envs produced during 4 rollouts of 128 steps was folded in
     assert checkpoint["observation_stats"]["count"] == 4 * 128 * 2
     assert checkpoint["reward_stats"]["count"] == 4 * 128 * 2
-    longer = train(config.with_overrides({"total_timesteps": 1536}), run_dir=result.run_dir, resume=checkpoint)
+    longer = train(config.with_overrides({"ppo": {"total_timesteps": 1536}}), run_dir=result.run_dir, resume=checkpoint)
     assert longer.global_step == 1536
     assert load_checkpoint(result.run_dir)["observation_stats"]["count"] == 6 * 128 * 2

@@ -1,4 +1,4 @@
-"""A person as the labeller of `proximal prefs --labeller human` (Christiano et al. 2017, Section 2.2
+"""A person as the labeller of `proximal prefs --reward.labeller human` (Christiano et al. 2017, Section 2.2
 and Appendix B: people compared two short clips side by side while the agent trained).
 
 Data flow: the training loop's `PreferenceLearner` submits queries to a `HumanLabeller`

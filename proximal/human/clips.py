@@ -57,7 +57,7 @@ def check_renderable(env_id: str) -> None:
     name = type(env.unwrapped).__name__
     env.close()
     if name not in STATE_SETTERS:
-        raise EnvError(f"--labeller human draws clips of CartPole and Pendulum envs (their observation is their "
+        raise EnvError(f"--reward.labeller human draws clips of CartPole and Pendulum envs (their observation is their "
                        f"whole state); {env_id} ({name}) is not one of them yet")
 
 

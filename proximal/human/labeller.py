@@ -7,10 +7,10 @@ Two threads share a `HumanLabeller`:
 Every query is written to `queries.jsonl` (and fsynced) before it is shown; every answer is
 appended to `comparisons.jsonl` and fsynced before `answer` returns, so the page says "saved"
 only for an answer on disk. A query is answered at most once: a second answer to it (a second
-tab, a reload, a double press) is refused. On `--resume` the answered queries are read back from
+tab, a reload, a double press) is refused. On `--run-dir` the answered queries are read back from
 `comparisons.jsonl` and the unanswered ones from `queries.jsonl` go back into the queue.
 
-Pace (`--human-pace`): "wait" pauses training at each label round until every query shown so
+Pace (`--reward.human-pace`): "wait" pauses training at each label round until every query shown so
 far is answered (a full queue also blocks the round that fills it); "continue" never waits: the
 oldest pending query is dropped when the queue is full, and PPO trains on the reward model
 fitted to the answers in so far (reward 0 until the first fit).

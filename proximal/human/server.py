@@ -10,7 +10,7 @@ request carries the token from the printed URL, `?token=` or the `X-Token` heade
                                  an LM pair's prompt and two responses come as text in the state)
   POST /api/answer               {"query": N, "answer": "left|right|equal|cant_tell"} -> saved
 Anything else is 404 (no path reaches the file system: the page is the one file served), a bad
-body 400, a second answer to a query 409. The server binds 127.0.0.1 unless `--host` says
+body 400, a second answer to a query 409. The server binds 127.0.0.1 unless `--reward.host` says
 otherwise; the token stays required there too.
 
 Beyond the token: an answer must come as `application/json` (an HTML form on another site cannot
@@ -83,7 +83,7 @@ def _listening(host: str, port: int, handler) -> _QuietServer:
         return _QuietServer((host, port), handler)
     except OSError as error:
         raise ConfigError(f"cannot serve the labelling page on {host}:{port} ({error.strerror or error}); "
-                          "pick another --port (0: any free one)") from None
+                          "pick another --reward.port (0: any free one)") from None
 
 
 def check_can_serve(host: str, port: int) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proximal.config import (LABELLER_NOISES, LABELLERS, _param, _require, _require_finite, _require_host_and_port,
-                             _require_positive_int)
+                             _require_positive_int, replace_sections, section_from_dict)
 from proximal.errors import ConfigError
 from proximal.losses import AGGREGATIONS
 from proximal.lm.tasks import TASKS
@@ -395,16 +395,9 @@ class RLHFConfig:
     def from_dict(cls, data: dict[str, Any]) -> RLHFConfig:
         if not isinstance(data, dict) or not set(data) <= set(SECTIONS):
             raise ConfigError(f"an RLHF config has only the sections {sorted(SECTIONS)}")
-        parts = {}
-        for name, section_cls in SECTIONS.items():
-            if name not in data:  # a section added since the run was made: its defaults
-                continue
-            known = {f.name for f in dataclasses.fields(section_cls)}
-            unknown = set(data[name]) - known
-            if unknown:
-                raise ConfigError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
-            parts[name] = section_cls(**data[name])
-        return cls(**parts)
+        return cls(**{name: section_from_dict(name, section_cls, data[name])
+                      for name, section_cls in SECTIONS.items()
+                      if name in data})  # a section added since the run was made: its defaults
 
     @classmethod
     def for_task(cls, name: str, overrides: dict[str, dict[str, Any]] | None = None) -> RLHFConfig:
@@ -417,17 +410,8 @@ class RLHFConfig:
         return cls().with_overrides(merged)
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> RLHFConfig:
-        """A copy with `{section: {field: value}}` applied; a refused value's error knows its
-        section (`ConfigError.field` "ppo.kl_coef")."""
-        replaced = {}
-        for section, values in overrides.items():
-            try:
-                replaced[section] = dataclasses.replace(getattr(self, section), **values) if values else None
-            except ConfigError as error:
-                if error.field is not None and "." not in error.field:
-                    error.field = f"{section}.{error.field}"
-                raise
-        return dataclasses.replace(self, **{section: value for section, value in replaced.items() if value is not None})
+        """A copy with `{section: {field: value}}` applied (`replace_sections`)."""
+        return replace_sections(self, overrides)
 
 
 STUDIES = ("overoptimisation", "best-of-n", "methods", "label-noise")
