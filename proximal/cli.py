@@ -322,8 +322,8 @@ def _run_dir(given: str | None, holds_run: tuple[str, ...], command: str) -> tup
     run_dir = check_output_dir(given, "--run-dir")  # a file, or no writable folder above it, fails here
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not all((run_dir / name).is_file() for name in holds_run):
-            raise ConfigError(f"--run-dir {run_dir} holds no proximal {command} run (no {' and '.join(holds_run)} in it); "
-                              "give a new or empty directory to start one")
+            raise ConfigError(f"--run-dir {run_dir} holds no proximal {command} run (no {' and '.join(holds_run)} "
+                              "in it); give a new or empty directory to start one")
         return run_dir, True
     return run_dir, False
 

@@ -272,9 +272,9 @@ class PrefsConfig:
     host: str = _param("127.0.0.1", "--reward.labeller human: the address the page listens on; anything but "
                                     "127.0.0.1 lets other machines reach it (the URL's token is still required)")
     port: int = _param(8765, "--reward.labeller human: the page's port (0: any free port)")
-    human_pace: str = _param("wait", "--reward.labeller human, when the person is slower than the schedule: wait (training "
-                                     "pauses at each label round until every query shown is answered) or "
-                                     "continue (training goes on with the reward model fitted so far)")
+    human_pace: str = _param("wait", "--reward.labeller human, when the person is slower than the schedule: wait "
+                                     "(training pauses at each label round until every query shown is answered) "
+                                     "or continue (training goes on with the reward model fitted so far)")
     human_queue_size: int = _param(100, "--reward.labeller human: queries waiting at most; when full, wait blocks the "
                                         "round and continue drops the oldest")
 
