@@ -29,7 +29,7 @@ import torch
 from proximal.lm.config import RLHFConfig
 from proximal.labellers import make_labeller
 from proximal.lm.evaluation import evaluation_rows, summarise_rows
-from proximal.lm.model import load_pretrained
+from proximal.lm.loading import load_pretrained
 from proximal.lm.stage import open_context
 
 FIGURES = ("gold_greedy", "gold_sampled", "kl_k1", "response_length", "eos_rate", "win_rate")

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proximal.lm.config import RLHFConfig  # noqa: E402
 from proximal.lm.memory import peak_gb, reset_peak  # noqa: E402
-from proximal.lm.model import ScalarHeadLM, load_pretrained, save_pretrained, trainable_parameters  # noqa: E402
+from proximal.lm.loading import load_pretrained, save_pretrained, trainable_parameters  # noqa: E402
+from proximal.lm.model import ScalarHeadLM  # noqa: E402
 from proximal.lm.stage import open_context  # noqa: E402
 from proximal.lm.tasks import vader_scores  # noqa: E402
 

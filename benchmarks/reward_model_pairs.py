@@ -27,8 +27,8 @@ import time
 import numpy as np
 import torch
 
-from proximal.lm.model import (ScalarHeadLM, bottom_blocks, encode_completions, load_pretrained, sample_texts,
-                               trainable_parameters)
+from proximal.lm.loading import bottom_blocks, load_pretrained, trainable_parameters
+from proximal.lm.model import ScalarHeadLM, encode_completions, sample_texts
 from proximal.lm.reward import reward_scores
 from proximal.lm.tasks import SentimentTask, vader_scores
 from proximal.losses import bradley_terry_loss

@@ -727,7 +727,8 @@ def _generate(args: argparse.Namespace) -> int:
     _require_lm_dependencies()
     import torch
 
-    from proximal.lm.model import load_pretrained, model_context_length, prompt_lengths, sample_completions
+    from proximal.lm.loading import load_pretrained, model_context_length
+    from proximal.lm.model import prompt_lengths, sample_completions
 
     stage_dir = model_dir = Path(args.model_dir)
     if (model_dir / "model" / "config.json").is_file():  # a stage folder: its model/ inside

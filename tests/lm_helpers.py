@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from proximal.lm.model import Completions, build_char_tokenizer, build_tiny_gpt2, encode_completions
+from proximal.lm.loading import build_char_tokenizer, build_tiny_gpt2
+from proximal.lm.model import Completions, encode_completions
 from proximal.lm.tasks import AdditionTask
 
 

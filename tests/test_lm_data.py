@@ -17,7 +17,8 @@ from lm_helpers import tiny_llama
 from proximal.cli import main
 from proximal.lm.config import DataConfig
 from proximal.lm.data import FileTask, prompt_examples
-from proximal.lm.model import build_char_tokenizer, encode_prompts, encode_responses, save_pretrained
+from proximal.lm.loading import build_char_tokenizer, save_pretrained
+from proximal.lm.model import encode_prompts, encode_responses
 from proximal.lm.tasks import DataSizes
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "positive_words"
@@ -520,7 +521,7 @@ def test_a_fit_that_turned_nan_is_refused_in_one_line():
 ])
 def test_generate_refuses_what_the_model_cannot_take_in_one_line(tmp_path, capsys, extra, message):
     from lm_helpers import tiny_model
-    from proximal.lm.model import save_pretrained
+    from proximal.lm.loading import save_pretrained
 
     model, tokenizer = tiny_model(0)
     save_pretrained(model, tokenizer, tmp_path / "model")
@@ -550,7 +551,7 @@ def test_generate_defaults_to_the_runs_length_or_what_the_context_leaves(tmp_pat
 
 def test_generate_chat_renders_the_template_and_is_refused_without_one(tmp_path, capsys):
     from lm_helpers import tiny_model
-    from proximal.lm.model import build_tiny_gpt2, save_pretrained
+    from proximal.lm.loading import build_tiny_gpt2, save_pretrained
 
     tokenizer = chat_tokenizer()
     save_pretrained(build_tiny_gpt2(tokenizer, width=16, layers=1, heads=2, context=64), tokenizer, tmp_path / "chat")
@@ -574,7 +575,7 @@ def test_a_temperature_that_would_overflow_the_logits_is_refused(flag, capsys):
 def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, capsys):
     from lm_helpers import tiny_model
     from proximal.errors import CheckpointError
-    from proximal.lm.model import load_pretrained
+    from proximal.lm.loading import load_pretrained
 
     model, _ = tiny_model(0)
     model.save_pretrained(tmp_path / "model")  # weights and config, no tokenizer
@@ -586,7 +587,7 @@ def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, capsys):
 def test_a_damaged_model_directory_is_one_line(tmp_path, damage):
     from lm_helpers import tiny_model
     from proximal.errors import CheckpointError
-    from proximal.lm.model import load_pretrained, save_pretrained
+    from proximal.lm.loading import load_pretrained, save_pretrained
 
     model, tokenizer = tiny_model(0)
     save_pretrained(model, tokenizer, tmp_path)

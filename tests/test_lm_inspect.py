@@ -51,7 +51,8 @@ def close(shown: str, expected: float) -> bool:
 def recompute(run_dir: Path, prompt: str, tokens: list[int]) -> tuple[list[float], float]:
     """(log pi_SFT of each response token, the reward model's score at the last one), each row
     alone, with no padding: an independent forward pass of the saved models."""
-    from proximal.lm.model import ScalarHeadLM, load_pretrained
+    from proximal.lm.loading import load_pretrained
+    from proximal.lm.model import ScalarHeadLM
     from proximal.checkpoint import load_checkpoint
 
     sft, tokenizer = load_pretrained(run_dir / "sft" / "model")
@@ -70,7 +71,7 @@ def test_the_page_shows_each_tokens_numbers_as_recomputed_from_the_saved_models(
     """Iteration 1: the policy is the SFT model and its value head is zero, so log pi_old =
     log pi_SFT, every KL term and value is exactly 0, the ratio at the update's first step is
     exactly 1, the reward is the score at EOS alone, and GAE (gamma 1) gives lambda^(T-1-t) x score."""
-    from proximal.lm.model import load_tokenizer
+    from proximal.lm.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_run / "sft" / "model")
     snapshot = json.loads((tiny_run / "ppo" / "snapshots.jsonl").read_text().splitlines()[0])

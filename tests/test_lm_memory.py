@@ -177,7 +177,7 @@ def test_the_reference_holds_no_weights_during_the_update_and_changes_nothing(se
     directory for the rollout and dropped before the update: two iterations give exactly the
     statistics and weights of a reference kept in memory throughout."""
     from proximal.lm import ppo
-    from proximal.lm.model import ReloadedReference, save_pretrained
+    from proximal.lm.loading import ReloadedReference, save_pretrained
 
     config = PPOStageConfig(rloo_samples=4, prompts_per_iteration=8, minibatch_size=8, max_new_tokens=5, **settings)
     _, kept, scorer, tokenizer, _, _ = _setup(config, 8)

@@ -5,8 +5,8 @@ import torch
 
 from lm_helpers import ARCHITECTURES, DEVICES, completions_for, tiny_model
 from proximal.errors import CheckpointError
-from proximal.lm.model import (ScalarHeadLM, load_pretrained, sample_completions, sample_tokens, save_pretrained,
-                               token_entropy, token_logprobs)
+from proximal.lm.loading import load_pretrained, save_pretrained
+from proximal.lm.model import ScalarHeadLM, sample_completions, sample_tokens, token_entropy, token_logprobs
 from proximal.lm.rollout import policy_outputs
 
 

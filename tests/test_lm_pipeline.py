@@ -185,7 +185,7 @@ def test_a_reward_body_of_the_bottom_blocks_is_the_full_models_hidden_state_ther
         architecture, tmp_path):
     """Cut to its bottom block, a model's last hidden state is the full model's hidden state after
     that block, through the final norm; saved and loaded, it is the same one-block model."""
-    from proximal.lm.model import bottom_blocks, load_pretrained, save_pretrained
+    from proximal.lm.loading import bottom_blocks, load_pretrained, save_pretrained
 
     full, tokenizer = ARCHITECTURES[architecture](seed=3)
     cut, _ = ARCHITECTURES[architecture](seed=3)
@@ -320,7 +320,7 @@ def test_a_kl_budget_stops_the_ppo_stage_where_the_unbudgeted_runs_sample_kls_sa
 @pytest.mark.slow
 def test_the_pipeline_starts_from_a_local_hugging_face_directory_of_another_architecture(tmp_path, capsys):
     from lm_helpers import tiny_llama
-    from proximal.lm.model import save_pretrained
+    from proximal.lm.loading import save_pretrained
 
     model, tokenizer = tiny_llama()
     save_pretrained(model, tokenizer, tmp_path / "my-llama")
@@ -388,7 +388,7 @@ def test_the_reward_stage_keeps_the_model_of_its_last_or_of_its_most_accurate_va
     --reward.keep-best its most accurate one (the later on a tie), and the summary says which."""
     from proximal.lm.config import RLHFConfig
     from proximal.lm.labels import read_records
-    from proximal.lm.model import load_pretrained
+    from proximal.lm.loading import load_pretrained
     from proximal.lm.reward import labelled_pairs, load_reward_model, pair_accuracy
     from proximal.lm.stage import open_context
 

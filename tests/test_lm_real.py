@@ -20,8 +20,9 @@ from proximal.cli import main  # noqa: E402
 from proximal.errors import CheckpointError  # noqa: E402
 from test_lm_pipeline import run_cli  # noqa: E402
 from proximal.lm.config import RLHFConfig  # noqa: E402
-from proximal.lm.model import (AdaptersOff, encode_completions, load_pretrained, response_logprobs,  # noqa: E402
-                               sample_completions, save_pretrained, trainable_parameters, with_lora)
+from proximal.lm.loading import (AdaptersOff, load_pretrained, save_pretrained, trainable_parameters,  # noqa: E402
+                                 with_lora)
+from proximal.lm.model import encode_completions, response_logprobs, sample_completions  # noqa: E402
 from proximal.lm.tasks import HELD_OUT_THINGS, TEMPLATES, THINGS, DataSizes, SentimentTask, vader_scores  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -276,7 +277,7 @@ def test_rlhf_sentiment_from_a_gguf_file_end_to_end(tiny_llama, tmp_path, capsys
 def test_a_gguf_start_model_is_dequantised_once_per_run(tiny_llama, tmp_path, capsys, monkeypatch):
     """The up-front check loads it, the run keeps that plain copy in RUN_DIR/start, and SFT starts
     from the copy (SFT dequantised the file a second time)."""
-    import proximal.lm.model as model_module
+    import proximal.lm.loading as model_module
 
     calls = []
     real = model_module._dequantised

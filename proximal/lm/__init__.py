@@ -22,8 +22,9 @@ How data flows through the rooms (one job each):
      |
   pipeline.py    the order of the stages, the checks before anything is written, resume
 
-model.py holds what every stage shares: the tokenizer, the tiny GPT-2, loading any local Hugging
-Face causal LM, `token_logprobs` (the one place a temperature meets the logits) and sampling with
-a KV cache. config.py holds the hyperparameters, one dataclass per stage; evaluation.py and
+loading.py and model.py hold what every stage shares: loading.py the tokenizer, the tiny GPT-2,
+loading and saving any local Hugging Face causal LM (a directory or a GGUF file) and LoRA;
+model.py the forward pass, `token_logprobs` (the one place a temperature meets the logits),
+batches of prompts and responses, and sampling with a KV cache. config.py holds the hyperparameters, one dataclass per stage; evaluation.py and
 plots.py measure and draw; studies.py and best_of_n.py run the studies of docs/lm_studies.md.
 """

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from proximal.lm.labels import COMPARISONS_NAME, PairBatch, read_records
-from proximal.lm.model import Completions, response_logprobs, save_pretrained, trainable_parameters
+from proximal.lm.loading import save_pretrained, trainable_parameters
+from proximal.lm.model import Completions, response_logprobs
 from proximal.lm.reward import fit_on_pairs, labelled_pairs, pair_agreement, require_finite
 from proximal.lm.stage import MODEL_DIR, StageContext, finish
 from proximal.losses import bradley_terry_loss

@@ -30,7 +30,8 @@ from proximal.errors import CheckpointError, ConfigError
 from proximal.human.server import check_can_serve
 from proximal.lm.config import RLHFConfig
 from proximal.lm.dpo import run_dpo
-from proximal.lm.model import model_context_length, prompt_lengths
+from proximal.lm.loading import model_context_length
+from proximal.lm.model import prompt_lengths
 from proximal.lm.memory import reset_peak
 from proximal.lm.ppo import run_ppo
 from proximal.lm.reward import run_reward

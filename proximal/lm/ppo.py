@@ -46,8 +46,8 @@ from proximal.optim import clip_gradients
 from proximal.lm.config import PPOStageConfig
 from proximal.lm.labels import COMPARISONS_NAME, read_records, write_records
 from proximal.lm.memory import micro_batch_rows, release_freed_memory
-from proximal.lm.model import (ScalarHeadLM, release_weights, response_logits_kept, sample_completions,
-                               save_pretrained, token_entropy, trainable_parameters)
+from proximal.lm.loading import release_weights, save_pretrained, trainable_parameters
+from proximal.lm.model import ScalarHeadLM, response_logits_kept, sample_completions, token_entropy
 from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
 from proximal.lm.rollout import (AdaptiveKLController, KLBudget, LMRollout, Scorer, collect_rollout, micro_batches,
                                  policy_outputs, sequence_kls, update_advantages)

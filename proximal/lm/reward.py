@@ -28,8 +28,8 @@ from proximal.errors import CheckpointError, ConfigError, ProximalError
 from proximal.labellers import make_labeller
 from proximal.lm.labels import (COMPARISONS_NAME, PairBatch, append_records, ask_person, label_records,
                                 pairs_from_records, read_records, teaches_something, write_records)
-from proximal.lm.model import (Completions, ScalarHeadLM, bottom_blocks, load_pretrained, sample_completions,
-                               sample_texts, save_pretrained, trainable_parameters)
+from proximal.lm.loading import bottom_blocks, load_pretrained, save_pretrained, trainable_parameters
+from proximal.lm.model import Completions, ScalarHeadLM, sample_completions, sample_texts
 from proximal.lm.reward_function import with_missing_eos
 from proximal.lm.stage import MODEL_DIR, PREFERENCE_PROMPT_SEED, StageContext, finish
 from proximal.losses import bradley_terry_loss, masked_mean

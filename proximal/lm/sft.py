@@ -21,8 +21,8 @@ from proximal.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from proximal.dist import DistContext
 from proximal.errors import TrainingDiverged
 from proximal.optim import clip_gradients
-from proximal.lm.model import (Completions, build_tiny_gpt2, encode_prompts, encode_responses,
-                               response_logprobs, save_pretrained, trainable_parameters)
+from proximal.lm.loading import build_tiny_gpt2, save_pretrained, trainable_parameters
+from proximal.lm.model import Completions, encode_prompts, encode_responses, response_logprobs
 from proximal.lm.stage import MODEL_DIR, StageContext, finish
 from proximal.losses import masked_mean
 from proximal.run import CsvLog, restore_states

@@ -31,8 +31,9 @@ from proximal.lm.config import RLHFConfig
 from proximal.lm.data import FileTask
 from proximal.lm.evaluation import evaluate_policy
 from proximal.lm.memory import peak_gb
-from proximal.lm.model import (AdaptersOff, Completions, ReloadedReference, build_char_tokenizer, load_pretrained,
-                               load_tokenizer, sample_completions, save_pretrained, with_lora)
+from proximal.lm.loading import (AdaptersOff, ReloadedReference, build_char_tokenizer, load_pretrained, load_tokenizer,
+                                 save_pretrained, with_lora)
+from proximal.lm.model import Completions, sample_completions
 from proximal.lm.reward_function import RewardFunction
 from proximal.lm.tasks import TASKS, DataSizes, Task, TaskData
 from proximal.progress import LogLines, progress

@@ -217,7 +217,7 @@ def best_of_n(study: Study) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     from proximal.lm.best_of_n import best_of_n_curve, response_support
-    from proximal.lm.model import load_pretrained
+    from proximal.lm.loading import load_pretrained
     from proximal.lm.reward import load_reward_model
 
     config = study.config
