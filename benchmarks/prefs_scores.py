@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proximal.cli import optional_float
+from proximal.flags import optional_float
 
 VARIANTS = {
     "full": {},

@@ -157,7 +157,7 @@ def test_flags_override_the_preset_and_are_saved(tmp_path, monkeypatch, capsys):
 def test_a_flag_of_the_flat_dialect_is_refused_with_its_new_name(command, tmp_path, monkeypatch, capsys):
     """Every flat flag of an earlier version (each config field's old name, bool switches both
     ways, --resume) is one line naming the flag that replaced it, and nothing runs."""
-    from proximal.cli import retired_flags
+    from proximal.flags import retired_flags
     from proximal.config import PREFS_SECTIONS, TRAIN_SECTIONS
 
     monkeypatch.chdir(tmp_path)

@@ -95,7 +95,8 @@ def test_a_runs_config_json_given_back_as_config_reproduces_it_and_flags_overrid
     pytest.importorskip("transformers")
     import json
 
-    from proximal.cli import build_parser, rlhf_config
+    from proximal.cli import build_parser
+    from proximal.lm.commands import rlhf_config
     from proximal.lm.config import RLHFConfig
 
     def config_of(*argv):
@@ -138,11 +139,12 @@ def test_train_and_prefs_take_the_same_config_file_a_train_run_reproduced_row_fo
     import json
 
     from proximal.agent import PPOAgent
-    from proximal.cli import _prefs_config, _train_config, build_parser, main
+    from proximal.cli import build_parser, main
+    from proximal.commands import prefs_config, train_config
 
     def config_of(command, *argv):
         args = build_parser().parse_args([command, *argv])
-        return (_train_config if command == "train" else _prefs_config)(args)[:2]
+        return (train_config if command == "train" else prefs_config)(args)[:2]
 
     monkeypatch.chdir(tmp_path)
     short = ["--ppo.total-timesteps", "1024", "--env.num-envs", "2", "--ppo.num-steps", "64", "--ppo.minibatch-size",

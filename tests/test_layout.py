@@ -40,3 +40,17 @@ def test_no_module_imports_one_that_imports_it_back():
         if module not in state:
             walk(module, [module])
     assert "proximal.lm.ppo" in graph["proximal.lm.pipeline"]  # the graph is the package's, not empty
+
+
+def test_no_module_is_longer_than_about_400_lines_unless_its_opening_says_why():
+    """One job a module: a long one is split by job (lm/model.py into loading.py and model.py,
+    cli.py into flags.py, commands.py and lm/commands.py), or its docstring says why it is not."""
+    import ast
+
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        lines = text.count("\n")
+        if lines > 420 and "Longer than the ~400 lines" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long[str(path.relative_to(PACKAGE.parent))] = lines
+    assert long == {}

@@ -536,7 +536,7 @@ def test_generate_refuses_what_the_model_cannot_take_in_one_line(tmp_path, capsy
 def test_generate_defaults_to_the_runs_length_or_what_the_context_leaves(tmp_path):
     from argparse import Namespace
 
-    from proximal.cli import GENERATE_NEW_TOKENS, _generate_length
+    from proximal.lm.commands import GENERATE_NEW_TOKENS, _generate_length
 
     given, unset = Namespace(max_new_tokens=7), Namespace(max_new_tokens=None)
     stage = tmp_path / "run" / "ppo"

@@ -370,14 +370,14 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, capsys, monkey
 
 
 def test_a_reward_stage_without_one_strict_answer_is_said_in_one_line_not_carried_as_nan(capsys):
-    from proximal.cli import _report_stage
+    from proximal.lm.commands import report_stage
 
     ties = {"labels": 40, "strict_labels": 0, "validation": {"accuracy": math.nan}, "seconds": 1.0}
-    _report_stage("reward", ties, skipped=False)
+    report_stage("reward", ties, skipped=False)
     first, warning = capsys.readouterr().out.splitlines()
     assert first == "reward: 40 labelled pairs (0 strict), no strict held-out pair, 1.0 s"
     assert warning.startswith("reward: warning: every answer was a tie or unanswered")
-    _report_stage("reward", {**ties, "strict_labels": 30, "validation": {"accuracy": 0.75}}, skipped=False)
+    report_stage("reward", {**ties, "strict_labels": 30, "validation": {"accuracy": 0.75}}, skipped=False)
     assert capsys.readouterr().out == "reward: 40 labelled pairs (30 strict), held-out accuracy 0.750, 1.0 s\n"
 
 
