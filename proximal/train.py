@@ -3,12 +3,13 @@
 Read `train` top to bottom; it follows Algorithm 1 of Schulman et al. 2017:
   for iteration = 1, 2, ...:
       run the policy in N envs for T steps                       (collect_rollout)
-      compute advantage estimates A_1..A_T                        (compute_gae, utils.py)
+      compute advantage estimates A_1..A_T                        (compute_gae, losses.py)
       optimise the surrogate for K epochs, minibatch size M       (PPOAgent.update, agent.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from gymnasium.vector import VectorEnv
 
 from proximal.agent import PPOAgent, RolloutBatch
 from proximal.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, save_checkpoint
-from proximal.config import PPOConfig, TrainConfig
+from proximal.config import PPOConfig, RunConfig, TrainConfig
 from proximal.dist import RANK_SEED_STRIDE, DistContext
 from proximal.envs import as_float_observations, make_vector_env
 from proximal.errors import ConfigError, EnvError, TrainingDiverged
@@ -183,6 +184,74 @@ class TrainResult:
     reached_stop_return: bool  # an evaluation reached run.stop_return (training stopped there)
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what `train` starts from and a checkpoint restores."""
+
+    agent: PPOAgent
+    reward_scaler: RewardScaler | None  # with ppo.normalize_rewards
+    iteration: int = 0  # iterations done
+    global_step: int = 0  # env steps taken, summed over envs and ranks
+    train_seconds: float = 0.0  # training time of the run's earlier processes
+
+
+def start_or_resume(config: TrainConfig, envs: VectorEnv, resume: dict[str, Any] | None,
+                    dist: DistContext) -> Progress:
+    """A new agent (torch seeded with run.seed, so every rank builds the same weights) or the one
+    in `resume`, a loaded checkpoint of this run: its weights, optimiser state, counters, torch
+    RNG state and reward statistics. On K ranks the running statistics gather every rank's rows
+    and rank r > 0 samples from its own torch seed."""
+    torch.manual_seed(config.run.seed)
+    reward_scaler = RewardScaler(envs.num_envs, config.ppo.gamma) if config.ppo.normalize_rewards else None
+    if resume is None:
+        progress = Progress(PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config),
+                            reward_scaler)
+    else:
+        progress = Progress(PPOAgent.from_state_dict(resume), reward_scaler, int(resume["iteration"]),
+                            int(resume["global_step"]), float(resume["train_seconds"]))
+        torch.set_rng_state(resume["torch_rng_state"])
+        if reward_scaler is not None:
+            reward_scaler.return_stats.load_state_dict(resume["reward_stats"])
+    progress.agent.dist = dist
+    if dist.distributed:
+        for stats in (progress.agent.observation_stats, None if reward_scaler is None else reward_scaler.return_stats):
+            if stats is not None:
+                stats.gather = dist.gather_rows
+        if dist.rank > 0:  # each rank samples its own actions and minibatches
+            torch.manual_seed(config.run.seed + RANK_SEED_STRIDE * dist.rank + progress.global_step)
+    return progress
+
+
+def save_progress(path: Path, progress: Progress, iteration: int, train_seconds: float, reached: bool) -> None:
+    """The checkpoint `start_or_resume` continues from."""
+    scaler = progress.reward_scaler
+    save_checkpoint(path, {
+        **progress.agent.state_dict(), "iteration": iteration, "global_step": progress.global_step,
+        "reached": reached, "train_seconds": train_seconds, "torch_rng_state": torch.get_rng_state(),
+        "reward_stats": None if scaler is None else scaler.return_stats.state_dict(),
+    })
+
+
+@contextlib.contextmanager
+def update_threads(run: RunConfig):
+    """The update phase on run.update_threads torch threads (wide networks update faster on 2
+    while the rollout stays on 1), the rollout's count restored after."""
+    threads = run.threads if run.update_threads is None else run.update_threads
+    if threads != run.threads:
+        torch.set_num_threads(threads)
+    yield
+    if threads != run.threads:
+        torch.set_num_threads(run.threads)
+
+
+def episode_means(rollout: Rollout, dist: DistContext) -> tuple[float | None, float | None]:
+    """Mean return and length of the episodes that ended in this rollout, on every rank."""
+    gathered = dist.gather_objects((rollout.episode_returns, rollout.episode_lengths))
+    returns = [value for episode_returns, _ in gathered for value in episode_returns]
+    lengths = [value for _, episode_lengths in gathered for value in episode_lengths]
+    return (np.mean(returns) if returns else None), (np.mean(lengths) if lengths else None)
+
+
 def train(
     config: TrainConfig,
     run_dir: Path | None = None,
@@ -211,90 +280,59 @@ def train(
     evaluates (the other ranks' `TrainResult` has no returns).
     """
     ppo, run = config.ppo, config.run
-    rank, world_size = dist.rank, dist.world_size
-    check_world_size(config, world_size)
+    check_world_size(config, dist.world_size)
     writer = dist.is_main
     torch.set_num_threads(run.threads)
-    update_threads = run.threads if run.update_threads is None else run.update_threads
-    torch.manual_seed(run.seed)  # the same initial weights on every rank
-    local_envs = config.env.num_envs // world_size
+    local_envs = config.env.num_envs // dist.world_size
     envs = make_vector_env(config.env.env_id, local_envs)
     try:
-        start_iteration, global_step, elapsed_before = 0, 0, 0.0
-        reward_scaler = RewardScaler(local_envs, ppo.gamma) if ppo.normalize_rewards else None
-        if resume is None:
-            agent = PPOAgent.for_spaces(envs.single_observation_space, envs.single_action_space, config)
-        else:
-            agent = PPOAgent.from_state_dict(resume)
-            start_iteration, global_step = int(resume["iteration"]), int(resume["global_step"])
-            elapsed_before = float(resume["train_seconds"])
-            torch.set_rng_state(resume["torch_rng_state"])
-            if reward_scaler is not None:
-                reward_scaler.return_stats.load_state_dict(resume["reward_stats"])
-        agent.dist = dist
-        if dist.distributed:
-            for stats in (agent.observation_stats, None if reward_scaler is None else reward_scaler.return_stats):
-                if stats is not None:
-                    stats.gather = dist.gather_rows
-            if rank > 0:  # each rank samples its own actions and minibatches
-                torch.manual_seed(run.seed + RANK_SEED_STRIDE * rank + global_step)
+        progress = start_or_resume(config, envs, resume, dist)
+        agent, reward_scaler = progress.agent, progress.reward_scaler
         run_dir = dist.broadcast_object((run_dir if run_dir is not None else new_run_dir(config)) if writer else None)
         if writer:
             write_text_atomic(run_dir / CONFIG_NAME, config.to_json())
         checkpoint_path = run_dir / CHECKPOINT_NAME
-
-        def write_checkpoint(iteration: int, train_seconds: float, reached: bool) -> None:
-            save_checkpoint(checkpoint_path, {
-                **agent.state_dict(), "iteration": iteration, "global_step": global_step, "reached": reached,
-                "train_seconds": train_seconds, "torch_rng_state": torch.get_rng_state(),
-                "reward_stats": None if reward_scaler is None else reward_scaler.return_stats.state_dict(),
-            })
-
         # rank r's envs are envs r N/K .. (r + 1) N/K - 1 of one N-env run, seeded as those would be
-        state = EnvState.after_reset(envs.reset(seed=run.seed + global_step + rank * local_envs)[0])
-        extra_columns = () if reward_learner is None else reward_learner.metric_columns
-        logger = MetricsLogger(run_dir, ppo.total_timesteps, start_iteration, global_step, show_progress,
-                               extra_columns) if writer else None
+        state = EnvState.after_reset(envs.reset(seed=run.seed + progress.global_step + dist.rank * local_envs)[0])
+        logger = MetricsLogger(run_dir, ppo.total_timesteps, progress.iteration, progress.global_step, show_progress,
+                               () if reward_learner is None else reward_learner.metric_columns) if writer else None
         eval_returns: np.ndarray | None = None
         # A resumed run whose training had finished (its budget spent, or --stop-return reached)
         # but that was killed before eval.json was written only completes the evaluation and plot.
         reached = resume is not None and bool(resume.get("reached", False))
-        last_iteration_to_train = start_iteration if reached else config.num_iterations
+        last_iteration_to_train = progress.iteration if reached else config.num_iterations
         start_time = time.perf_counter()
         eval_seconds = 0.0  # greedy evaluations are kept off the training clock
-        train_seconds = elapsed_before
+        train_seconds = progress.train_seconds
         try:
-            for iteration in range(start_iteration + 1, last_iteration_to_train + 1):
+            for iteration in range(progress.iteration + 1, last_iteration_to_train + 1):
                 iteration_start = time.perf_counter()
                 if ppo.anneal_lr:  # linear decay to 0 over the whole run
                     agent.set_learning_rate(ppo.learning_rate * (1.0 - (iteration - 1) / config.num_iterations))
                 rollout = collect_rollout(agent, envs, state, ppo.num_steps)
-                global_step += config.batch_size
-                learner_metrics = {} if reward_learner is None else reward_learner.relabel(rollout, global_step)
+                progress.global_step += config.batch_size
+                learner_metrics = ({} if reward_learner is None
+                                   else reward_learner.relabel(rollout, progress.global_step))
                 if reward_scaler is not None:
                     scale_rewards(rollout, reward_scaler)
                 batch = rollout_to_batch(rollout, ppo)
-                if update_threads != run.threads:  # threads chosen per phase
-                    torch.set_num_threads(update_threads)
                 try:
-                    stats = agent.update(batch)
+                    with update_threads(run):
+                        stats = agent.update(batch)
                 except TrainingDiverged as error:
                     kept = (f"last good checkpoint kept: {checkpoint_path}" if checkpoint_path.exists()
                             else "no checkpoint had been written yet")
-                    raise TrainingDiverged(f"{error} at iteration {iteration} (step {global_step}); {kept}") from None
-                if update_threads != run.threads:
-                    torch.set_num_threads(run.threads)
-                gathered = dist.gather_objects((rollout.episode_returns, rollout.episode_lengths))  # every rank's
-                episode_returns = [value for returns, _ in gathered for value in returns]
-                episode_lengths = [value for _, lengths in gathered for value in lengths]
+                    raise TrainingDiverged(f"{error} at iteration {iteration} (step {progress.global_step}); "
+                                           f"{kept}") from None
+                mean_return, mean_length = episode_means(rollout, dist)
                 now = time.perf_counter()
-                train_seconds = elapsed_before + now - start_time - eval_seconds
+                train_seconds = progress.train_seconds + now - start_time - eval_seconds
                 metrics = {
                     "iteration": iteration,
-                    "env_steps": global_step,
+                    "env_steps": progress.global_step,
                     "wall_seconds": train_seconds,
-                    "episodic_return": np.mean(episode_returns) if episode_returns else None,
-                    "episodic_length": np.mean(episode_lengths) if episode_lengths else None,
+                    "episodic_return": mean_return,
+                    "episodic_length": mean_length,
                     **stats,
                     "learning_rate": agent.optimizer.learning_rate,
                     "steps_per_second": config.batch_size / (now - iteration_start),
@@ -312,12 +350,13 @@ def train(
                 if writer:
                     logger.log(metrics)
                     if reached or last_iteration or iteration % run.checkpoint_every == 0:
-                        write_checkpoint(iteration, train_seconds, reached)
+                        save_progress(checkpoint_path, progress, iteration, train_seconds, reached)
                 if reached:
                     break
         finally:
             if logger is not None:
                 logger.close()
+        global_step = progress.global_step
         if not writer:
             return TrainResult(run_dir, global_step, train_seconds, np.zeros(0), reached)
         if eval_returns is None:  # the final policy was not just evaluated: do it now
