@@ -19,7 +19,6 @@ from proximal.flags import check_output_dir, check_output_file, check_seed, give
 from proximal.presets import prefs_preset_for, preset_for
 
 
-
 def _run_dir(given: str | None, holds_run: tuple[str, ...], command: str) -> tuple[Path | None, bool]:
     """(the --run-dir to write, whether it holds a run to continue): a new or empty folder starts
     a run there; one holding `holds_run` files continues it; anything else is refused."""

@@ -26,12 +26,10 @@ def bare_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-
 def section_flag(section: str, name: str) -> str:
     """The flag of a config field: --SECTION.FIELD (ppo, clip_coef -> --ppo.clip-coef); the run
     section's without a prefix (--seed, --threads), the same in every command."""
     return bare_flag(name) if section == "run" else f"--{section}.{bare_flag(name)[2:]}"
-
 
 
 def optional_float(text: str) -> float | None:
@@ -39,11 +37,9 @@ def optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
-
 def optional_int(text: str) -> int | None:
     """A flag value that may be switched off: "none" or "off" -> None, else an int."""
     return None if text.lower() in ("none", "off") else int(text)
-
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
@@ -59,7 +55,6 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a directory; give a file name")
     return path
-
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
@@ -78,11 +73,9 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
-
 def check_seed(seed: int | None) -> None:
     if seed is not None and seed < 0:
         raise ConfigError(f"--seed must be an integer >= 0, got {seed}")
-
 
 
 def add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.Field, flag: str, dest: str,
@@ -105,9 +98,7 @@ def add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.Fi
                             metavar={"int": "N", "float": "X", "str": "TEXT"}[config_field.type], **kwargs)
 
 
-
 POSITIONALS = (("env", "env_id"), ("task", "name"))  # fields set by a command's positional argument
-
 
 
 def add_section_flags(parser: argparse.ArgumentParser, sections: dict[str, type], default: str = "default") -> None:
@@ -123,12 +114,10 @@ def add_section_flags(parser: argparse.ArgumentParser, sections: dict[str, type]
                                 f"{config_field.metadata['help']} ({default}: {config_field.default})")
 
 
-
 def add_config_file_flag(parser: argparse.ArgumentParser, reproduces: str) -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
                         help=f"settings by section, as the flags name them, in a .toml or .json file ({reproduces}); "
                              "the flags given override it")
-
 
 
 def given_settings(args: argparse.Namespace, sections: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -143,7 +132,6 @@ def given_settings(args: argparse.Namespace, sections: dict[str, type]) -> dict[
         if section in sections and name:
             given[section][name] = tuple(value) if isinstance(value, list) else value
     return given
-
 
 
 def read_config_file(path: str, sections: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -173,7 +161,6 @@ def read_config_file(path: str, sections: dict[str, type]) -> dict[str, dict[str
     return data
 
 
-
 def retired_flags(sections: dict[str, type]) -> dict[str, str]:
     """{flat flag of an earlier version: its flag now} for a control command's settings
     (--clip-coef -> --ppo.clip-coef, --reward-learning-rate -> --reward.learning-rate), and
@@ -193,7 +180,6 @@ def retired_flags(sections: dict[str, type]) -> dict[str, str]:
     return retired
 
 
-
 def refuse_retired(argv: Sequence[str]) -> str | None:
     """The one-line error for a flag of the flat dialect given to train or prefs, else None."""
     if not argv or argv[0] not in ("train", "prefs"):
@@ -206,7 +192,6 @@ def refuse_retired(argv: Sequence[str]) -> str | None:
         if flag in retired:
             return f"proximal {argv[0]}: error: {flag} is now {retired[flag]} (see proximal {argv[0]} --help)"
     return None
-
 
 
 def as_typed(error: ProximalError, command: str, parser: argparse.ArgumentParser) -> str:

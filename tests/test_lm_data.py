@@ -602,3 +602,33 @@ def test_a_damaged_model_directory_is_one_line(tmp_path, damage):
     with pytest.raises(CheckpointError, match="holds no loadable causal LM") as raised:
         load_pretrained(tmp_path)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("extra, sft_steps, reward_epochs, ppo_iterations, said", [
+    # a pretrained model: 3 passes over each file; 300 demonstrations of 128 a step, 120 prompts less the
+    # 10% held out (108) at 256 an iteration: ceil(900 / 128) = 8 steps, ceil(324 / 256) = 2 iterations
+    (["--model.path", "{model}"], 8, 3, 2, "sft: 8 steps of 128 = 3.4 passes"),
+    (["--model.path", "{model}", "--sft.steps", "50", "--ppo.iterations", "7"], 50, 3, 7, "(as given; --sft.steps"),
+    ([], 1600, 8, 250, "= 682.7 passes over 300 demonstrations (the default for a model trained from scratch"),
+])
+def test_with_a_pretrained_model_the_stages_are_sized_by_passes_over_the_users_files(
+        extra, sft_steps, reward_epochs, ppo_iterations, said, tmp_path, capsys):
+    """Issue 38, item 8: the addition task's step counts are hundreds of passes over a 300-line
+    file; from a pretrained model the stages take 3 (TRL's default epochs) unless a flag says
+    otherwise, and the run's first lines say what each stage takes."""
+    from proximal.cli import build_parser
+    from proximal.lm.commands import rlhf_config
+
+    files = ["--data.prompts", str(EXAMPLE / "prompts.jsonl"), "--data.sft", str(EXAMPLE / "sft.jsonl"),
+             "--data.preferences", str(EXAMPLE / "preferences.jsonl")]
+    lines: list[str] = []
+    args = build_parser().parse_args(["rlhf", *files, *[arg.format(model=tmp_path) for arg in extra]])
+    config = rlhf_config(args, lines)
+    assert (config.sft.steps, config.reward.epochs, config.ppo.iterations) == (sft_steps, reward_epochs, ppo_iterations)
+    assert len(lines) == 3 and any(said in line for line in lines), lines
+    if sft_steps == 8:
+        assert lines[0] == ("sft: 8 steps of 128 = 3.4 passes over 300 demonstrations "
+                            "(3 passes, the default from a pretrained model; --sft.steps sets it)")
+        assert math.ceil(3 * 300 / 128) == 8 and math.ceil(3 * 108 / 256) == 2
+    builtin = rlhf_config(build_parser().parse_args(["rlhf", "--model.path", str(tmp_path)]), lines)
+    assert builtin.sft.steps == 1600 and len(lines) == 3  # a built-in task keeps its own settings

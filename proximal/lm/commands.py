@@ -24,10 +24,10 @@ def require_lm_dependencies() -> None:
                           "(after torch==2.13.0)")
 
 
-
-def rlhf_config(args: argparse.Namespace):
+def rlhf_config(args: argparse.Namespace, sizes: list[str] | None = None):
     """The RLHFConfig of `proximal rlhf`'s arguments: the task's preset, under --config FILE's
-    settings, under the flags given."""
+    settings, under the flags given; on --data.* files, what was not given sized by passes over
+    them (`sized_to_files`, whose lines are appended to `sizes`)."""
     from proximal.lm.config import FILE_TASK, SECTIONS, RLHFConfig
 
     overrides = given_settings(args, SECTIONS)
@@ -35,13 +35,21 @@ def rlhf_config(args: argparse.Namespace):
     task = (args.task if args.task is not None else overrides["task"].pop("name", None)
             or (FILE_TASK if has_files else "addition"))
     overrides["task"].pop("name", None)
-    return RLHFConfig.for_task(task, overrides)  # validated: nothing is written if this fails
+    config = RLHFConfig.for_task(task, overrides)  # validated: nothing is written if this fails
+    if task != FILE_TASK:
+        return config
+    from proximal.lm.data import sized_to_files
 
+    config, lines = sized_to_files(config, overrides)
+    if sizes is not None:
+        sizes += lines
+    return config
 
 
 def rlhf_command(args: argparse.Namespace) -> int:
     require_lm_dependencies()
-    config = rlhf_config(args)
+    sizes: list[str] = []
+    config = rlhf_config(args, sizes)
     from proximal.lm.pipeline import run_pipeline
 
     from proximal.dist import join, launched_world_size, leave
@@ -54,6 +62,9 @@ def rlhf_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout:g}")
     check_world_size(config, launched_world_size())  # every rank says so, before any rank waits
     dist = join(args.dist_timeout, config.run.device, "rlhf")  # one process unless launched by torchrun
+    if dist.is_main:
+        for line in sizes:  # what each stage takes of the user's files
+            print(line, flush=True)
     try:
         run_dir = run_pipeline(config, None if args.run_dir is None else Path(args.run_dir), args.stages,
                                show_progress=True, report=report_stage, dist=dist)
@@ -64,12 +75,10 @@ def rlhf_command(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _peak(summary: dict[str, Any]) -> str:
     """' (peak 3.1 GB)': the stage's peak resident memory, where its summary has it (runs from
     before it was recorded do not)."""
     return f" (peak {summary['peak_memory_gb']:.1f} GB)" if "peak_memory_gb" in summary else ""
-
 
 
 def report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
@@ -108,7 +117,6 @@ def report_stage(stage: str, summary: dict[str, Any], skipped: bool) -> None:
     print("; ".join(parts[:2]) + "".join(f", {part}" for part in parts[2:]) + done, flush=True)
 
 
-
 def study_command(args: argparse.Namespace) -> int:
     from proximal.lm.config import StudyConfig
 
@@ -125,9 +133,7 @@ def study_command(args: argparse.Namespace) -> int:
     return 0
 
 
-
 GENERATE_NEW_TOKENS = 64  # a few sentences from a real model
-
 
 
 def _generate_length(args: argparse.Namespace, stage_dir: Path, prompt_lengths: list[int], context: int | None) -> int:
@@ -139,7 +145,6 @@ def _generate_length(args: argparse.Namespace, stage_dir: Path, prompt_lengths: 
         return int(json.loads((stage_dir.parent / "config.json").read_text(encoding="utf-8"))["ppo"]["max_new_tokens"])
     room = GENERATE_NEW_TOKENS if context is None else context - max(prompt_lengths)
     return max(1, min(GENERATE_NEW_TOKENS, room))  # a prompt leaving no room is refused below
-
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -182,7 +187,6 @@ def generate_command(args: argparse.Namespace) -> int:
         print(f"{prompt}{' -> ' if args.chat else ''}{text}"
               + ("" if ended else f"  [no EOS within {new_tokens} new tokens]"))
     return 0
-
 
 
 def inspect_command(args: argparse.Namespace) -> int:

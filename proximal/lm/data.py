@@ -22,12 +22,16 @@ count of how many are), never truncated: a cut demonstration would teach the mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from proximal.errors import ConfigError, naming
 from proximal.jsonl import read_json_lines
 from proximal.lm.tasks import DataSizes, TaskData
+
+if TYPE_CHECKING:
+    from proximal.lm.config import RLHFConfig
 
 Text = str | list  # a string, or a list of messages
 ROLES = ("system", "user", "assistant", "tool")
@@ -238,3 +242,46 @@ class FileTask:
             preferences=records or None,
             origins={"sft": [e.origin for e in self.demonstrations], "rl": [e.origin for e in train],
                      "evaluation": [e.origin for e in held_out], "preferences": [e.origin for e, _ in pairs]})
+
+
+PASSES = 3  # passes over a user's files when a pretrained model starts: TRL's trainers' default of 3 epochs
+
+
+def sized_to_files(config: RLHFConfig, typed: dict[str, dict]) -> tuple[RLHFConfig, list[str]]:
+    """`config` (an RLHFConfig on --data.* files) with what was not `typed` sized by passes over
+    the files when a pretrained --model.path starts: SFT's steps and PPO's iterations PASSES
+    passes over the demonstrations and the prompts, the reward model PASSES passes over the pairs
+    (the tiny model trained from scratch keeps its defaults: it needs hundreds of passes). Also
+    one line a stage saying what it will take, for the run's first lines."""
+    task = FileTask(config.data)  # a bad file fails here, in one line, as it would in the run
+    prompts = task.prompts or list({str(e.prompt): e for e in [*task.demonstrations, *task.preferences]}.values())
+    rl_prompts = len(prompts) if task.eval_prompts else len(prompts) - max(1, round(config.data.eval_fraction
+                                                                                    * len(prompts)))
+    sizes: dict[str, dict] = {"sft": {}, "reward": {}, "ppo": {}}
+    if config.model.path:
+        if task.demonstrations and "steps" not in typed.get("sft", {}):
+            sizes["sft"]["steps"] = -(-PASSES * len(task.demonstrations) // config.sft.batch_size)
+        if task.preferences and "epochs" not in typed.get("reward", {}):
+            sizes["reward"]["epochs"] = PASSES
+        if rl_prompts > 0 and "iterations" not in typed.get("ppo", {}):
+            sizes["ppo"]["iterations"] = -(-PASSES * rl_prompts // config.ppo.prompts_per_iteration)
+    config = config.with_overrides({section: values for section, values in sizes.items() if values})
+    def why(section: str, name: str) -> str:
+        chosen = ("as given" if name in typed.get(section, {}) else
+                  f"{PASSES} passes, the default from a pretrained model" if name in sizes[section] else
+                  "the default for a model trained from scratch")
+        return f"({chosen}; --{section}.{name} sets it)"
+
+    lines = []
+    if task.demonstrations:
+        lines.append(f"sft: {config.sft.steps:,} steps of {config.sft.batch_size} = "
+                     f"{config.sft.steps * config.sft.batch_size / len(task.demonstrations):.1f} passes over "
+                     f"{len(task.demonstrations):,} demonstrations {why('sft', 'steps')}")
+    if task.preferences:
+        lines.append(f"reward: {config.reward.epochs} passes over {len(task.preferences):,} pairs "
+                     f"{why('reward', 'epochs')}")
+    if rl_prompts > 0:
+        lines.append(f"ppo: {config.ppo.iterations:,} iterations of {config.ppo.prompts_per_iteration} = "
+                     f"{config.ppo.iterations * config.ppo.prompts_per_iteration / rl_prompts:.1f} passes over "
+                     f"{rl_prompts:,} training prompts {why('ppo', 'iterations')}")
+    return config, lines
