@@ -25,6 +25,7 @@ from proximal.config import PREFS_SECTIONS, TRAIN_SECTIONS
 from proximal.errors import ConfigError, ProximalError, Terminated
 from proximal.flags import add_config_file_flag, add_field_flag, add_section_flags, as_typed, bare_flag, refuse_retired
 from proximal.lm.commands import GENERATE_NEW_TOKENS, generate_command, inspect_command, rlhf_command, study_command
+from proximal.presets import PRESETS
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train PPO on a Gymnasium environment",
                                 description="Train PPO. ENV_ID picks a preset of hyperparameters; flags override it.")
     train.add_argument("env_id", nargs="?", default=None, metavar="ENV_ID",
-                       help="Gymnasium environment id (default: CartPole-v1)")
+                       help=f"Gymnasium environment id (default: CartPole-v1); tuned presets: {', '.join(PRESETS)} "
+                            "(`proximal presets` says what each measured), any other id starts from the defaults below")
     train.add_argument("--run-dir", metavar="RUN_DIR", default=None,
                        help="run in RUN_DIR (new or empty; default: a new folder in --runs-dir), or continue the run "
                             "it holds from its last checkpoint (only --ppo.total-timesteps may change)")
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learn the reward from a labeller's preferences between pairs of clips, and train PPO on it. "
                     "ENV_ID picks the PPO preset; flags override it and set the preference learning.")
     prefs.add_argument("env_id", nargs="?", default=None, metavar="ENV_ID",
-                       help="Gymnasium environment id (default: Pendulum-v1)")
+                       help=f"Gymnasium environment id (default: Pendulum-v1); its PPO preset as in train: "
+                            f"{', '.join(PRESETS)}")
     prefs.add_argument("--run-dir", metavar="RUN_DIR", default=None,
                        help="run in RUN_DIR (new or empty; default: a new folder in --runs-dir), or continue the "
                             "killed preference run it holds with every answer it recorded (the reward model "
