@@ -71,3 +71,29 @@ def test_an_rlhf_run_is_the_one_recorded_before_the_refactor(tmp_path):
     model, _ = load_pretrained(run / "ppo" / "model")
     weights = sum(p.detach().abs().double().sum() for p in model.parameters())
     assert float(weights) == pytest.approx(RECORDED["lm"]["ppo_weights_abs_sum"], rel=1e-9)
+
+
+def test_an_rlhf_runs_config_json_given_back_runs_it_again_row_for_row(tmp_path):
+    """`proximal rlhf --config RUN_DIR/config.json --run-dir OTHER` is that run again: every
+    stage's metrics.csv row for row (the timing columns aside) and the same final weights."""
+    pytest.importorskip("transformers")
+    from proximal.cli import main
+    from proximal.lm.loading import load_pretrained
+
+    flags = ["--task.demonstrations", "300", "--task.eval-prompts", "16", "--model.width", "32", "--model.heads", "2",
+             "--sft.steps", "120", "--sft.batch-size", "32", "--reward.labels", "80", "--reward.epochs", "1",
+             "--ppo.iterations", "2", "--ppo.prompts-per-iteration", "16", "--ppo.minibatch-size", "8",
+             "--ppo.eval-every", "2", "--ppo.relabel-every", "0", "--threads", "1", "--seed", "2"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["rlhf", "--run-dir", str(tmp_path / "first"), *flags]) == 0
+        assert main(["rlhf", "--config", str(tmp_path / "first" / "config.json"),
+                     "--run-dir", str(tmp_path / "again")]) == 0
+    for stage in ("sft", "reward", "ppo"):
+        runs = []
+        for run in ("first", "again"):
+            with open(tmp_path / run / stage / "metrics.csv") as file:
+                runs.append([{k: v for k, v in row.items() if "seconds" not in k} for row in csv.DictReader(file)])
+        assert runs[0] == runs[1] and len(runs[0]) > 0, stage
+    weights = [sum(p.detach().abs().double().sum() for p in load_pretrained(tmp_path / run / "ppo" / "model")[0]
+                   .parameters()) for run in ("first", "again")]
+    assert float(weights[0]) == float(weights[1])
