@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "killed preference run it holds with every answer it recorded (the reward model "
                             "refitted from them, PPO from its checkpoint)")
     add_config_file_flag(prefs, "a run's config.json gives its env, ppo and run sections, its prefs.json the "
-                                 "reward section's fields")
+                                "reward section's fields")
     add_section_flags(prefs, PREFS_SECTIONS, "without a preset")
     prefs.set_defaults(handler=prefs_command)
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where STUDY.png, STUDY.md and STUDY.json go (default: docs/lm_studies)")
     for config_field in dataclasses.fields(StudyConfig):
         add_field_flag(study, config_field, bare_flag(config_field.name), f"study.{config_field.name}",
-                        f"{config_field.metadata['help']} (default: {config_field.default})")
+                       f"{config_field.metadata['help']} (default: {config_field.default})")
     study.set_defaults(handler=study_command)
 
     generate = commands.add_parser("generate", help="print a trained stage's completions for given prompts")

@@ -118,8 +118,10 @@ PREFS_RESUME_CHANGES = (("ppo", "total_timesteps"), ("reward", "host"), ("reward
                         ("reward", "human_queue_size"))
 
 
-def prefs_config(args: argparse.Namespace
-                  ) -> tuple[TrainConfig, PrefsConfig, dict[str, Any] | None, Path | None, bool]:
+PrefsStart = tuple[TrainConfig, PrefsConfig, dict[str, Any] | None, Path | None, bool]
+
+
+def prefs_config(args: argparse.Namespace) -> PrefsStart:
     """The PPO and preference configs to run, the checkpoint to resume from (None: PPO starts
     afresh), the run directory (None: a new one in --runs-dir) and whether it holds a run to
     continue."""

@@ -259,7 +259,7 @@ class PrefsConfig:
     validation_fraction: float = _param(round(1 / math.e, 4), "share of comparisons held out for validation")
     learned_std: float = _param(1.0, "standard deviation the learned reward is normalised to")
     input_clip: float | None = _param(10.0, "clip the reward model's standardised inputs to +- this many "
-                                                   "standard deviations of the first labelled data (none: no clip)")
+                                            "standard deviations of the first labelled data (none: no clip)")
     labeller: str = _param("synthetic", "who labels: synthetic (prefers the clip with the higher true "
                                       "return), replay (the answers recorded in --reward.replay-from) or human "
                                       "(a person, on a local web page whose URL is printed)")

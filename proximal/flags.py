@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from proximal.config import PREFS_SECTIONS, RENAMED, TRAIN_SECTIONS
 from proximal.errors import ConfigError, ProximalError
 
+
 def bare_flag(name: str) -> str:
     """The command-line spelling of a name: input_clip -> --input-clip."""
     return "--" + name.replace("_", "-")
@@ -79,7 +80,7 @@ def check_seed(seed: int | None) -> None:
 
 
 def add_field_flag(parser: argparse.ArgumentParser, config_field: dataclasses.Field, flag: str, dest: str,
-                    help_text: str) -> None:
+                   help_text: str) -> None:
     """The flag of one config field, defaulting to 'not given': a --x/--no-x switch for a bool, a
     typed value otherwise (parsed by the field's type; validation is the dataclass's)."""
     kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
@@ -110,8 +111,8 @@ def add_section_flags(parser: argparse.ArgumentParser, sections: dict[str, type]
         for config_field in dataclasses.fields(section_cls):
             if (section, config_field.name) not in POSITIONALS:
                 add_field_flag(group, config_field, section_flag(section, config_field.name),
-                                f"{section}.{config_field.name}",
-                                f"{config_field.metadata['help']} ({default}: {config_field.default})")
+                               f"{section}.{config_field.name}",
+                               f"{config_field.metadata['help']} ({default}: {config_field.default})")
 
 
 def add_config_file_flag(parser: argparse.ArgumentParser, reproduces: str) -> None:
@@ -122,15 +123,17 @@ def add_config_file_flag(parser: argparse.ArgumentParser, reproduces: str) -> No
 
 def given_settings(args: argparse.Namespace, sections: dict[str, type]) -> dict[str, dict[str, Any]]:
     """{section: {field: value}} of --config FILE's settings under the flags typed (lists as tuples)."""
-    given: dict[str, dict[str, Any]] = {section: {} for section in sections}
-    if getattr(args, "config", None) is not None:
-        for section, values in read_config_file(args.config, sections).items():
-            given[section].update({name: tuple(value) if isinstance(value, list) else value
-                                   for name, value in values.items()})
+    typed: dict[str, dict[str, Any]] = {}
     for dest, value in vars(args).items():
         section, _, name = dest.partition(".")
         if section in sections and name:
-            given[section][name] = tuple(value) if isinstance(value, list) else value
+            typed.setdefault(section, {})[name] = value
+    from_file = read_config_file(args.config, sections) if getattr(args, "config", None) is not None else {}
+    given: dict[str, dict[str, Any]] = {section: {} for section in sections}
+    for source in (from_file, typed):  # the flags over the file
+        for section, values in source.items():
+            given[section].update({name: tuple(value) if isinstance(value, list) else value
+                                   for name, value in values.items()})
     return given
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from proximal.errors import ConfigError
 from proximal.flags import check_output_dir, check_output_file, check_seed, given_settings
 
+
 def require_lm_dependencies() -> None:
     """The LM commands need Hugging Face transformers (the `lm` extra); say so in one line."""
     import importlib.util

@@ -266,6 +266,7 @@ def sized_to_files(config: RLHFConfig, typed: dict[str, dict]) -> tuple[RLHFConf
         if rl_prompts > 0 and "iterations" not in typed.get("ppo", {}):
             sizes["ppo"]["iterations"] = -(-PASSES * rl_prompts // config.ppo.prompts_per_iteration)
     config = config.with_overrides({section: values for section, values in sizes.items() if values})
+
     def why(section: str, name: str) -> str:
         chosen = ("as given" if name in typed.get(section, {}) else
                   f"{PASSES} passes, the default from a pretrained model" if name in sizes[section] else
