@@ -192,9 +192,7 @@ def section_from_dict(name: str, section_cls: type, values: dict[str, Any]) -> A
     (`RENAMED`) read as today's and lists read back as tuples; an unknown field is a ConfigError."""
     values = {RENAMED.get(name, {}).get(key, key): value for key, value in dict(values).items()}
     known = {f.name: f for f in dataclasses.fields(section_cls)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise ConfigError(f"unknown {name} settings: {', '.join(sorted(unknown))}")
+    _refuse_unknown(name, section_cls, values)
     return section_cls(**{key: tuple(value) if known[key].type.startswith("tuple") and isinstance(value, list)
                           else value for key, value in values.items()})
 
@@ -207,12 +205,16 @@ def replace_sections(config: Any, overrides: dict[str, dict[str, Any]]) -> Any:
     for section, values in overrides.items():
         if not hasattr(config, section):
             raise ConfigError(f"unknown section {section!r}")
-        try:
-            with in_section(section):
-                replaced[section] = dataclasses.replace(getattr(config, section), **values)
-        except TypeError as error:  # a field the section does not have
-            raise ConfigError(f"unknown {section} setting ({error})") from None
+        _refuse_unknown(section, type(getattr(config, section)), values)
+        with in_section(section):
+            replaced[section] = dataclasses.replace(getattr(config, section), **values)
     return dataclasses.replace(config, **replaced)
+
+
+def _refuse_unknown(section: str, section_cls: type, names) -> None:
+    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(section_cls)})
+    if unknown:
+        raise ConfigError(f"unknown {section} settings: {', '.join(unknown)}")
 
 
 @contextlib.contextmanager

@@ -206,19 +206,29 @@ class FileTask:
     def slices(self, prompts: list[str]) -> dict[str, np.ndarray]:
         return {}
 
+    def rl_prompts(self, key) -> list[Example]:
+        """The PPO prompts before the held-out split: --data.prompts, else the prompts of the
+        demonstrations and pairs, each once (distinct by `key(example)`)."""
+        return self.prompts or list({key(e): e for e in [*self.demonstrations, *self.preferences]}.values())
+
+    def held_out_count(self, prompts: int) -> int:
+        """How many of `prompts` PPO prompts are held out: none with --data.eval-prompts, else a
+        --data.eval-fraction of them (at least one)."""
+        return 0 if self.eval_prompts else max(1, round(self.config.eval_fraction * prompts))
+
     def data(self, seed: int, sizes: DataSizes, tokenizer) -> TaskData:
         """Prompts for PPO: --data.prompts, else the prompts of the demonstrations and pairs (each
         once); held out: --data.eval-prompts, else a seeded --data.eval-fraction of them. The
         labeller's pairs (a --reward.function labeller, a person) are asked of --reward.labels of
         the training prompts, a seeded choice in their order (each of them at most once)."""
         render = lambda example: render_prompt(tokenizer, example)  # noqa: E731
-        prompts = self.prompts or list({render(e): e for e in [*self.demonstrations, *self.preferences]}.values())
+        prompts = self.rl_prompts(render)
         rng = np.random.default_rng(seed)
         if self.eval_prompts:
             train, held_out = prompts, self.eval_prompts
         else:
             order = rng.permutation(len(prompts))
-            cut = max(1, round(self.config.eval_fraction * len(prompts)))
+            cut = self.held_out_count(len(prompts))
             held_out, train = [prompts[i] for i in order[:cut]], [prompts[i] for i in order[cut:]]
             if prompts and not train:
                 raise DataError(f"{self.config.prompts or self.config.sft or self.config.preferences}: "
@@ -254,9 +264,8 @@ def sized_to_files(config: RLHFConfig, typed: dict[str, dict]) -> tuple[RLHFConf
     (the tiny model trained from scratch keeps its defaults: it needs hundreds of passes). Also
     one line a stage saying what it will take, for the run's first lines."""
     task = FileTask(config.data)  # a bad file fails here, in one line, as it would in the run
-    prompts = task.prompts or list({str(e.prompt): e for e in [*task.demonstrations, *task.preferences]}.values())
-    rl_prompts = len(prompts) if task.eval_prompts else len(prompts) - max(1, round(config.data.eval_fraction
-                                                                                    * len(prompts)))
+    prompts = len(task.rl_prompts(lambda example: str(example.prompt)))  # raw text: no tokenizer yet
+    rl_prompts = prompts - task.held_out_count(prompts)
     sizes: dict[str, dict] = {"sft": {}, "reward": {}, "ppo": {}}
     if config.model.path:
         if task.demonstrations and "steps" not in typed.get("sft", {}):
