@@ -1,5 +1,5 @@
 """Hyperparameters: one frozen dataclass per concern, and their validation (the presets built
-from them are in proximal/presets.py).
+from them are in proximal/presets.toml, read by proximal/presets.py).
 
 `TrainConfig` is the single source of truth for a run. It is saved as `config.json` in the run
 directory and inside every checkpoint, and the CLI builds its flags from these fields (the
@@ -188,13 +188,25 @@ class TrainConfig:
 
 
 def section_from_dict(name: str, section_cls: type, values: dict[str, Any]) -> Any:
-    """One section of a config file: its fields, with the names older versions wrote
-    (`RENAMED`) read as today's and lists read back as tuples; an unknown field is a ConfigError."""
+    """One section of a config file, built (`section_settings`)."""
+    return section_cls(**section_settings(name, section_cls, values))
+
+
+def section_settings(name: str, section_cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """{field: value} of one section as a file writes it (config.json, a --config file,
+    presets.toml), read as today's: the names older versions wrote (`RENAMED`) renamed, lists as
+    tuples, and "none" as None where the field may be none (TOML has no null); an unknown field
+    is a ConfigError."""
     values = {RENAMED.get(name, {}).get(key, key): value for key, value in dict(values).items()}
     known = {f.name: f for f in dataclasses.fields(section_cls)}
     _refuse_unknown(name, section_cls, values)
-    return section_cls(**{key: tuple(value) if known[key].type.startswith("tuple") and isinstance(value, list)
-                          else value for key, value in values.items()})
+
+    def read(key: str, value: Any) -> Any:
+        if known[key].type.startswith("tuple") and isinstance(value, list):
+            return tuple(value)
+        return None if value == "none" and known[key].type.endswith("| None") else value
+
+    return {key: read(key, value) for key, value in values.items()}
 
 
 def replace_sections(config: Any, overrides: dict[str, dict[str, Any]]) -> Any:

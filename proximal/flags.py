@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from proximal.config import PREFS_SECTIONS, RENAMED, TRAIN_SECTIONS
+from proximal.config import PREFS_SECTIONS, RENAMED, TRAIN_SECTIONS, section_settings
 from proximal.errors import ConfigError, ProximalError
 
 
@@ -156,11 +156,11 @@ def read_config_file(path: str, sections: dict[str, type]) -> dict[str, dict[str
     for section, values in data.items():
         if section not in sections or not isinstance(values, dict):
             raise ConfigError(f"--config {path}: {section!r} is not a section ({', '.join(sections)})")
-        data[section] = values = {RENAMED.get(section, {}).get(name, name): value for name, value in values.items()}
         known = {f.name for f in dataclasses.fields(sections[section])}
-        unknown = sorted(set(values) - known)
+        unknown = sorted({RENAMED.get(section, {}).get(name, name) for name in values} - known)
         if unknown:
             raise ConfigError(f"--config {path}: no setting {section}.{unknown[0]} (--{section}.* flags name them)")
+        data[section] = section_settings(section, sections[section], values)
     return data
 
 

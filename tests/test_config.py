@@ -115,6 +115,23 @@ def test_a_runs_config_json_given_back_as_config_reproduces_it_and_flags_overrid
     assert RLHFConfig.from_dict(json.loads(ran.to_json())) == ran
 
 
+def test_none_in_a_toml_file_is_what_the_flag_none_is(tmp_path):
+    """TOML has no null: "none" is None where the field may be none, as `--ppo.early-stop-kl none`
+    is, and stays a string elsewhere (where the config then refuses it)."""
+    from proximal.cli import build_parser
+    from proximal.commands import prefs_config, train_config
+
+    (tmp_path / "settings.toml").write_text('[ppo]\nearly_stop_kl = "none"\n[reward]\ninput_clip = "none"\n')
+    config, prefs = prefs_config(build_parser().parse_args(["prefs", "--config", str(tmp_path / "settings.toml")]))[:2]
+    assert config.ppo.early_stop_kl is None and prefs.input_clip is None and PrefsConfig().input_clip == 10.0
+    (tmp_path / "settings.toml").write_text('[ppo]\nearly_stop_kl = "none"\n')
+    assert train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "settings.toml")]))[0] \
+        .ppo.early_stop_kl is None
+    (tmp_path / "settings.toml").write_text('[ppo]\nactivation = "none"\n')
+    with pytest.raises(ConfigError, match="activation must be tanh or relu, got 'none'"):
+        train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "settings.toml")]))
+
+
 @pytest.mark.parametrize("content, message", [
     ("[ppo]\nkl_coef = -1\n", "--ppo.kl-coef must be >= 0"),
     ("[ppo]\nkl_cof = 1\n", "no setting ppo.kl_cof"),

@@ -205,7 +205,7 @@ class SentimentTask:
     instructions = "the more positive response is the better one."
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'-\n"
     has_gold = True
-    preset = SENTIMENT_PRESET  # proximal/presets.py
+    preset = SENTIMENT_PRESET  # proximal/presets.toml, [rlhf.sentiment]
 
     @classmethod
     def from_config(cls, task_config) -> SentimentTask:
