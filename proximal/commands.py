@@ -13,10 +13,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from proximal.config import PREFS_SECTIONS, TRAIN_SECTIONS, PrefsConfig, TrainConfig, in_section, section_from_dict
+from proximal.config import PREFS_SECTIONS, TRAIN_SECTIONS, PrefsConfig, TrainConfig
 from proximal.errors import ConfigError, naming
 from proximal.flags import check_output_dir, check_output_file, check_seed, given_settings, section_flag
 from proximal.presets import prefs_preset_for, preset_for
+from proximal.sections import in_section, section_from_dict
 
 
 def _run_dir(given: str | None, holds_run: tuple[str, ...], command: str) -> tuple[Path | None, bool]:

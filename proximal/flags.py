@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from proximal.config import PREFS_SECTIONS, RENAMED, TRAIN_SECTIONS, section_settings
+from proximal.config import PREFS_SECTIONS, TRAIN_SECTIONS
+from proximal.sections import RENAMED, section_settings
 from proximal.errors import ConfigError, ProximalError
 
 

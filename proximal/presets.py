@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proximal.config import PREFS_SECTIONS, EnvConfig, PrefsConfig, TrainConfig, section_settings
+from proximal.config import PREFS_SECTIONS, EnvConfig, PrefsConfig, TrainConfig
+from proximal.sections import section_settings
 
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
 

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from proximal.config import EnvConfig, PPOConfig, PrefsConfig, RunConfig, TrainConfig, section_from_dict
+from proximal.config import EnvConfig, PPOConfig, PrefsConfig, RunConfig, TrainConfig
+from proximal.sections import section_from_dict
 from proximal.presets import PRESETS, preset_for
 from proximal.errors import ConfigError
 
