@@ -1,7 +1,11 @@
 """Stable-Baselines3 under `proximal bench`'s protocol, for a side-by-side ratio. Optional.
 
     python3 -m pip install stable-baselines3      # not a dependency of proximal; tests never need it
-    python3 benchmarks/sb3_cartpole.py --seeds 10 --out bench/sb3
+    python3 benchmarks/sb3_cartpole.py --seeds 10 --rounds 3 --out bench/sb3
+
+Each round runs `proximal bench CartPole-v1`'s protocol on seeds 0..seeds-1 (proximal.bench), then
+SB3's on the same seeds, so a machine that slows down mid-way slows both; the ratio of the two
+median training times is taken per round, then its median and range over the rounds.
 
 SB3's PPO with RL Zoo's tuned CartPole-v1 hyperparameters (8 envs, n_steps 32, batch 256,
 20 epochs, gamma 0.98, lambda 0.8, lr and clip annealed linearly from 1e-3 and 0.2, 100k steps),
@@ -18,6 +22,7 @@ import argparse
 import json
 import multiprocessing
 import statistics
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -84,32 +89,58 @@ def train_one_seed(seed: int) -> dict:
             "eval_curve": callback.curve}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+def sb3_seeds(seeds: int) -> list[dict]:
+    """SB3 on seeds 0..seeds-1, one after another, each in a fresh process (imports timed)."""
     spawn = multiprocessing.get_context("spawn")
-    seeds = []
-    for seed in range(args.seeds):
+    results = []
+    for seed in range(seeds):
         start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
             outcome = pool.submit(train_one_seed, seed).result()
         outcome.update(seed=seed, process_seconds=time.perf_counter() - start)
-        seeds.append(outcome)
-        print(f"seed {seed}: {'solved' if outcome['solved'] else 'NOT solved'} after {outcome['env_steps']:,} env steps, "
-              f"{outcome['train_seconds']:.2f} s training, {outcome['process_seconds']:.2f} s whole process", flush=True)
-    solved = [s for s in seeds if s["solved"]]
-    if solved:
-        seconds = [s["train_seconds"] for s in solved]
-        steps = [s["env_steps"] for s in solved]
-        print(f"SB3 solved {len(solved)}/{len(seeds)}; training seconds median {statistics.median(seconds):.2f} "
-              f"(max {max(seconds):.2f}); env steps median {statistics.median(steps):,.0f} (max {max(steps):,}); "
-              f"whole process median {statistics.median(s['process_seconds'] for s in seeds):.2f} s")
+        results.append(outcome)
+        print(f"  SB3 seed {seed}: {'solved' if outcome['solved'] else 'NOT solved'} after {outcome['env_steps']:,} "
+              f"env steps, {outcome['train_seconds']:.2f} s training, {outcome['process_seconds']:.2f} s whole process",
+              flush=True)
+    return results
+
+
+def median_of_solved(results: list[dict], key: str) -> float:
+    solved = [r[key] for r in results if r["solved"]]
+    return statistics.median(solved) if solved else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="proximal then SB3, this many times")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    from proximal.bench import reward_threshold, run_bench
+
+    rounds = []
+    for round_index in range(args.rounds):
+        with tempfile.TemporaryDirectory() as runs_dir:
+            ours = [r.to_dict() for r in run_bench("CartPole-v1", args.seeds, reward_threshold("CartPole-v1"), 5,
+                                                   Path(runs_dir))]
+        print(f"round {round_index + 1}: proximal solved {sum(r['solved'] for r in ours)}/{len(ours)}, median "
+              f"{median_of_solved(ours, 'train_seconds'):.2f} s of training", flush=True)
+        theirs = sb3_seeds(args.seeds)
+        ratio = median_of_solved(theirs, "train_seconds") / median_of_solved(ours, "train_seconds")
+        print(f"round {round_index + 1}: SB3 solved {sum(r['solved'] for r in theirs)}/{len(theirs)}, median "
+              f"{median_of_solved(theirs, 'train_seconds'):.2f} s of training; SB3 / proximal {ratio:.2f}x", flush=True)
+        rounds.append({"proximal": ours, "sb3": theirs, "ratio": ratio})
+    ratios = [r["ratio"] for r in rounds]
+    ours_medians = ", ".join(f"{median_of_solved(r['proximal'], 'train_seconds'):.2f}" for r in rounds)
+    their_medians = ", ".join(f"{median_of_solved(r['sb3'], 'train_seconds'):.2f}" for r in rounds)
+    print(f"SB3 / proximal, median training time to solve: {statistics.median(ratios):.2f}x over {len(ratios)} "
+          f"round(s) (range {min(ratios):.2f}-{max(ratios):.2f}); proximal medians {ours_medians} s, "
+          f"SB3 {their_medians} s")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps(
-            {"env_id": "CartPole-v1", "threshold": THRESHOLD, "library": "stable-baselines3", "seeds": seeds}, indent=2))
+            {"env_id": "CartPole-v1", "threshold": THRESHOLD, "library": "stable-baselines3", "rounds": rounds},
+            indent=2))
 
 
 if __name__ == "__main__":
