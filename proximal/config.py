@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proximal.errors import ConfigError
-from proximal.sections import (HOST, NON_EMPTY_PATH, PATH, PORT, POSITIVE_INT, POSITIVE_INTS, FINITE, Check, Section,
-                               above, at_least, int_at_least, one_of, or_none, replace_sections, require,
+from proximal.sections import (FINITE, HOST, NON_EMPTY_PATH, PATH, PORT, POSITIVE_INT, POSITIVE_INTS, Section, above,
+                               at_least, int_at_least, non_empty, one_of, or_none, replace_sections, require,
                                section_from_dict, setting, within)
 
 
@@ -29,9 +29,7 @@ ACTIVATIONS = ("tanh", "relu")
 class EnvConfig(Section):
     """Which environment, and how many copies step in parallel."""
 
-    env_id: str = setting("CartPole-v1", "Gymnasium environment id",
-                          Check("a non-empty Gymnasium id",
-                                lambda value: isinstance(value, str) and value.strip() != ""))
+    env_id: str = setting("CartPole-v1", "Gymnasium environment id", non_empty("Gymnasium id"))
     num_envs: int = setting(4, "parallel environments in the vector env (N)", POSITIVE_INT)
 
 

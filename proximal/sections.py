@@ -53,7 +53,14 @@ POSITIVE_INTS = Check("one or more positive integers",
                       lambda value: isinstance(value, tuple) and len(value) > 0
                       and all(_is_int(v) and v > 0 for v in value))
 PATH = Check("a path", lambda value: isinstance(value, str))
-NON_EMPTY_PATH = Check("a non-empty path", lambda value: isinstance(value, str) and value.strip() != "")
+
+
+def non_empty(what: str) -> Check:
+    """A string with something in it besides spaces ("a non-empty path")."""
+    return Check(f"a non-empty {what}", lambda value: isinstance(value, str) and value.strip() != "")
+
+
+NON_EMPTY_PATH = non_empty("path")
 HOST = Check("a host name or IP address (127.0.0.1, 0.0.0.0, ::1, myhost.local)",
              lambda value: isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9.:\-]+", value) is not None)
 PORT = Check("in [0, 65535]", lambda value: _is_int(value) and 0 <= value <= 65535)
