@@ -4,8 +4,8 @@ A setting is a field of a config dataclass and its flag is `--SECTION.FIELD` (`-
 sets `PPOConfig.clip_coef` in `train` and `prefs`, `PPOStageConfig.clip_coef` in `rlhf`); the run
 section's fields are bare (`--seed`, `--threads`). `add_section_flags` makes them, grouped by
 section in --help; `given_settings` reads back {section: {field: value}} of the flags typed, under
-a `--config FILE` (`read_config_file`: .toml or .json, the same sections, a run's config.json
-included); `retired_flags` are the flat spellings of an earlier version, refused with their new
+a `--config FILE` (`read_config_file`: .toml, .yaml or .json, the same sections, a run's
+config.json included); `retired_flags` are the flat spellings of an earlier version, refused with their new
 name; `as_typed` says a refused value's field as the flag the user typed.
 """
 
@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -118,7 +119,8 @@ def add_section_flags(parser: argparse.ArgumentParser, sections: dict[str, type]
 
 def add_config_file_flag(parser: argparse.ArgumentParser, reproduces: str) -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
-                        help=f"settings by section, as the flags name them, in a .toml or .json file ({reproduces}); "
+                        help=f"settings by section, as the flags name them, in a .toml, .yaml or .json file "
+                             f"({reproduces}); "
                              "the flags given override it")
 
 
@@ -139,17 +141,14 @@ def given_settings(args: argparse.Namespace, sections: dict[str, type]) -> dict[
 
 
 def read_config_file(path: str, sections: dict[str, type]) -> dict[str, dict[str, Any]]:
-    """{section: {field: value}} of a .toml or .json config file, each section and field checked
-    against `sections` (the values are checked by the config itself, as a flag's are)."""
-    import tomllib
-
+    """{section: {field: value}} of a .toml, .yaml (.yml) or .json config file, each section and
+    field checked against `sections` (the values are checked by the config itself, as a flag's are)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        text = file.read_text(encoding="utf-8-sig")
-        data = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as error:
+        data = _parse_config(file.read_text(encoding="utf-8-sig"), file.suffix.lower())
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # each format's parse error is a ValueError
         raise ConfigError(f"--config {path}: not a readable {file.suffix.lstrip('.') or 'JSON'} file "
                           f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if not isinstance(data, dict):
@@ -163,6 +162,28 @@ def read_config_file(path: str, sections: dict[str, type]) -> dict[str, dict[str
             raise ConfigError(f"--config {path}: no setting {section}.{unknown[0]} (--{section}.* flags name them)")
         data[section] = section_settings(section, sections[section], values)
     return data
+
+
+def _parse_config(text: str, suffix: str) -> Any:
+    """A config file's text by its suffix: TOML, YAML or JSON (anything else is read as JSON, as a
+    run's config.json is). A parse error is a ValueError."""
+    if suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            """YAML 1.1 reads 1e-3 as a string (it wants 1.0e-3); a config means the number."""
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                     list("-+0123456789."))
+        try:
+            return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data, no Python objects
+        except yaml.YAMLError as error:
+            raise ValueError(str(error)) from None
+    return json.loads(text)
 
 
 def retired_flags(sections: dict[str, type]) -> dict[str, str]:

@@ -133,18 +133,40 @@ def test_none_in_a_toml_file_is_what_the_flag_none_is(tmp_path):
         train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "settings.toml")]))
 
 
-@pytest.mark.parametrize("content, message", [
-    ("[ppo]\nkl_coef = -1\n", "--ppo.kl-coef must be >= 0"),
-    ("[ppo]\nkl_cof = 1\n", "no setting ppo.kl_cof"),
-    ("[optimiser]\nlr = 1\n", "'optimiser' is not a section"),
-    ("[ppo\n", "not a readable toml file"),
+def test_a_yaml_config_file_is_the_same_settings_as_its_toml_twin(tmp_path):
+    """--config FILE.yaml (or .yml): the sections and names of the TOML file; YAML's null is none,
+    and 1e-3 is the number (YAML 1.1 alone would read it as a string)."""
+    from proximal.cli import build_parser
+    from proximal.commands import prefs_config
+
+    def config_of(path):
+        return prefs_config(build_parser().parse_args(["prefs", "--config", str(path)]))[:2]
+
+    (tmp_path / "settings.toml").write_text('[ppo]\nlearning_rate = 1e-3\nhidden_sizes = [32, 32]\n'
+                                            'early_stop_kl = "none"\n[reward]\nlabels = 200\ninput_clip = "none"\n')
+    (tmp_path / "settings.yaml").write_text("ppo:\n  learning_rate: 1e-3\n  hidden_sizes: [32, 32]\n"
+                                            "  early_stop_kl: null\nreward:\n  labels: 200\n  input_clip: null\n")
+    (tmp_path / "settings.yml").write_text((tmp_path / "settings.yaml").read_text())
+    config, prefs = config_of(tmp_path / "settings.yaml")
+    assert (config.ppo.learning_rate, config.ppo.hidden_sizes, config.ppo.early_stop_kl) == (1e-3, (32, 32), None)
+    assert (prefs.labels, prefs.input_clip) == (200, None)
+    assert config_of(tmp_path / "settings.yml") == config_of(tmp_path / "settings.toml") == (config, prefs)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("settings.toml", "[ppo]\nkl_coef = -1\n", "--ppo.kl-coef must be >= 0"),
+    ("settings.toml", "[ppo]\nkl_cof = 1\n", "no setting ppo.kl_cof"),
+    ("settings.toml", "[optimiser]\nlr = 1\n", "'optimiser' is not a section"),
+    ("settings.toml", "[ppo\n", "not a readable toml file"),
+    ("settings.yaml", "ppo:\n  kl_coef: [1\n", "not a readable yaml file"),
+    ("settings.yaml", "ppo:\n  kl_coef: -1\n", "--ppo.kl-coef must be >= 0"),
 ])
-def test_a_bad_config_file_is_one_line(content, message, tmp_path, capsys):
+def test_a_bad_config_file_is_one_line(name, content, message, tmp_path, capsys):
     pytest.importorskip("transformers")
     from proximal.cli import main
 
-    (tmp_path / "settings.toml").write_text(content)
-    assert main(["rlhf", "--config", str(tmp_path / "settings.toml")]) == 1
+    (tmp_path / name).write_text(content)
+    assert main(["rlhf", "--config", str(tmp_path / name)]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
