@@ -52,6 +52,9 @@ POSITIVE_INT = Check("a positive integer", lambda value: _is_int(value) and valu
 POSITIVE_INTS = Check("one or more positive integers",
                       lambda value: isinstance(value, tuple) and len(value) > 0
                       and all(_is_int(v) and v > 0 for v in value))
+NON_NEGATIVE_NUMBERS = Check("finite values >= 0",
+                             lambda value: isinstance(value, tuple) and len(value) > 0
+                             and all(_is_finite(v) and v >= 0 for v in value))
 PATH = Check("a path", lambda value: isinstance(value, str))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +18,9 @@ from proximal.config import LABELLERS, LabellerSettings
 from proximal.errors import ConfigError
 from proximal.losses import AGGREGATIONS
 from proximal.lm.tasks import TASKS
-from proximal.sections import (FINITE, PATH, NON_EMPTY_PATH, POSITIVE_INT, POSITIVE_INTS, Check, Section, above,
-                               at_least, int_at_least, one_of, replace_sections, require, section_from_dict, setting,
-                               within)
+from proximal.sections import (FINITE, NON_EMPTY_PATH, NON_NEGATIVE_NUMBERS, PATH, POSITIVE_INT, POSITIVE_INTS, Check,
+                               Section, above, at_least, int_at_least, one_of, replace_sections, require,
+                               section_from_dict, setting, within)
 
 FILE_TASK = "files"  # the task's name when the data comes from the user's files
 MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow float32 (greedy decoding is the limit case)
@@ -331,8 +330,6 @@ class RLHFConfig(Section):
         return replace_sections(self, overrides)
 
 
-NON_NEGATIVE_VALUES = Check("finite values >= 0", lambda values: isinstance(values, tuple) and len(values) > 0 and all(
-    isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values))
 STUDIES = ("overoptimisation", "best-of-n", "methods", "label-noise")
 
 
@@ -348,14 +345,14 @@ class StudyConfig(Section):
                                                                   "methods and label-noise studies)", POSITIVE_INTS)
     betas: tuple[float, ...] = setting((0.0, 0.01, 0.03, 0.1, 0.3, 1.0), "fixed KL coefficients of the "
                                                                          "over-optimisation sweep",
-                                       NON_NEGATIVE_VALUES)
+                                       NON_NEGATIVE_NUMBERS)
     iterations: int = setting(150, "PPO/RLOO iterations of every RL variant", POSITIVE_INT)
     best_of_n: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32, 64), "the n of best-of-n", POSITIVE_INTS)
     best_of_n_prompts: int = setting(200, "held-out prompts best-of-n is measured on", POSITIVE_INT)
     best_of_n_samples: int = setting(256, "SFT samples per prompt that find its responses", POSITIVE_INT)
-    dpo_betas: tuple[float, ...] = setting((0.1, 0.3, 1.0, 3.0), "DPO's beta values", NON_NEGATIVE_VALUES,
+    dpo_betas: tuple[float, ...] = setting((0.1, 0.3, 1.0, 3.0), "DPO's beta values", NON_NEGATIVE_NUMBERS,
                                            Check("values > 0", lambda values: all(v > 0 for v in values)))
-    label_noise: tuple[float, ...] = setting((0.0, 0.1, 0.25), "labeller coin-flip rates", NON_NEGATIVE_VALUES,
+    label_noise: tuple[float, ...] = setting((0.0, 0.1, 0.25), "labeller coin-flip rates", NON_NEGATIVE_NUMBERS,
                                              Check("values in [0, 1]", lambda values: all(v <= 1 for v in values)))
 
     @property
