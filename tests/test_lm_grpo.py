@@ -12,7 +12,7 @@ from test_lm_pipeline import TINY, run_cli
 from lm_helpers import completions_for, tiny_model
 from proximal.errors import ConfigError
 from proximal.lm.config import PPOStageConfig
-from proximal.lm.model import ScalarHeadLM
+from proximal.lm.model import ScalarHeadLM, sample_completions
 from proximal.lm.ppo import ppo_update
 from proximal.lm.rollout import GROUP_STD_EPS, collect_rollout, group_advantages, policy_outputs
 from proximal.losses import clipped_surrogate, kl_k3, masked_aggregate, ratio_statistics
@@ -75,12 +75,16 @@ def _grpo_setup(**overrides):
     policy, reference = ScalarHeadLM(tiny_model(5)[0]), tiny_model(0)[0]
     prompts = ["12+34="] * 3 + ["5+5="] * 3
     completions = completions_for(tokenizer, prompts, ["46", "4", "463", "10", "1", "10"], [True] * 5 + [False])
-    config = PPOStageConfig(method="grpo", rloo_samples=3, prompts_per_iteration=6, minibatch_size=6, epochs=1,
-                            max_grad_norm=1e9, **overrides)
+    config = PPOStageConfig(**{"method": "grpo", "rloo_samples": 3, "prompts_per_iteration": 6, "minibatch_size": 6,
+                               "epochs": 1, "max_grad_norm": 1e9, **overrides})
 
-    class Fixed:
+    class Fixed:  # each response's score, whichever pass it is scored in
+        table = {("46", True): 1.0, ("4", True): 0.0, ("463", True): 2.0, ("10", True): 3.0, ("1", True): 3.0,
+                 ("10", False): 0.0}
+
         def scores(self, prompts, completions, tokenizer):
-            return torch.tensor([1.0, 0.0, 2.0, 3.0, 3.0, 0.0])[:len(prompts)]
+            keys = zip(completions.texts(tokenizer), completions.ended.tolist())
+            return torch.tensor([self.table.get(key, float(len(key[0]))) for key in keys])  # sampled ones: by length
 
     return policy, reference, Fixed(), tokenizer, prompts, completions, config
 
@@ -192,7 +196,40 @@ def test_with_the_kl_in_the_loss_the_rollout_skips_its_policy_pass_and_the_updat
     for lazy, eager in zip(lazy_gradients, gradients):
         assert torch.allclose(lazy, eager, rtol=1e-4, atol=1e-7)
     assert lazy_stats["approx_kl"] == pytest.approx(stats["approx_kl"], abs=1e-7)
-    # PPO reads values, RLOO's reward reads the log-probs, two minibatches would step in between: no skipping
-    for settings in ({"method": "ppo", "kl_in": "loss"}, {"method": "rloo"},
-                     {"method": "grpo", "kl_in": "loss", "minibatch_size": 4}):
+    # PPO reads values, two minibatches would step in between: no skipping
+    for settings in ({"method": "ppo", "kl_in": "loss"}, {"method": "ppo"},
+                     {"method": "grpo", "kl_in": "loss", "minibatch_size": 4}, {"method": "rloo", "minibatch_size": 4}):
         assert not PPOStageConfig(**{"prompts_per_iteration": 8, "minibatch_size": 8, **settings}).old_logprobs_in_update
+
+
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_with_the_kl_in_the_reward_the_rollout_reads_the_samplers_logprobs_and_the_update_is_unchanged(method):
+    """RLOO as the sentiment preset runs it (KL k1 in the reward, one minibatch): no policy pass in
+    the rollout; the reward's KL reads the log-probs the sampler drew each token with. The same
+    rewards, advantages and gradient as with the pass (to float tolerance: the cached decode sums
+    in another order), a first ratio of exactly 1, one policy pass fewer."""
+    results = {}
+    for policy_pass in (True, False):
+        policy, reference, scorer, tokenizer, prompts, _, config = _grpo_setup(kl_coef=0.3, method=method,
+                                                                               temperature=0.7)
+        assert config.kl_in == "reward" and config.old_logprobs_in_update
+        completions = sample_completions(policy.lm, tokenizer, prompts, 4, 0.7, torch.Generator().manual_seed(3), "cpu")
+        passes = []
+        policy.head.register_forward_hook(lambda *_: passes.append(1))
+        first = [torch.tensor([4, 1, 3]), torch.tensor([0, 5, 2])]
+        rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer, first, config,
+                                  config.kl_coef, policy_pass=policy_pass)
+        rewards, advantages = rollout.rewards.clone(), rollout.advantages.clone()
+        stats = ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), rollout, [torch.cat(first)], config,
+                           torch.Generator().manual_seed(0), micro_rows=3, kl_coef=config.kl_coef)
+        gradients = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+        results[policy_pass] = (stats, gradients, rewards, advantages, len(passes), completions.response_mask)
+    (stats, gradients, rewards, advantages, count, mask), (lazy_stats, lazy_gradients, lazy_rewards, lazy_advantages,
+                                                           lazy_count, _) = results.values()
+    assert torch.count_nonzero(rewards[mask] - rewards[mask].sum()) > 0  # the KL is in the reward, token by token
+    assert lazy_stats["first_ratio_error"] == 0.0 and stats["first_ratio_error"] == 0.0
+    assert lazy_count == count - 2
+    assert torch.allclose(lazy_rewards[mask], rewards[mask], atol=1e-5)
+    assert torch.allclose(lazy_advantages[mask], advantages[mask], atol=1e-4)
+    for lazy, eager in zip(lazy_gradients, gradients):
+        assert torch.allclose(lazy, eager, rtol=1e-3, atol=1e-6)

@@ -84,12 +84,12 @@ def test_without_the_shared_first_pass_micro_batches_still_start_at_a_ratio_of_e
     assert stats["first_ratio_error"] == 0.0
 
 
-@pytest.mark.parametrize("settings", [{"method": "rloo"}, {"method": "grpo", "kl_in": "loss"}])
+@pytest.mark.parametrize("settings", [{"method": "ppo"}, {"method": "rloo"}, {"method": "grpo", "kl_in": "loss"}])
 def test_an_iteration_in_passes_of_a_few_rows_starts_at_a_ratio_of_exactly_one(settings):
     """ppo_iteration with --ppo.micro-batch-size 5 over 12 rows, 2 epochs: the rollout and the
     update cut the batch alike (a first ratio of exactly 1), and the policy runs once per pass:
-    RLOO 3 rollout passes (the first kept for the update) + 2 + 3; GRPO with the KL in the loss
-    no rollout pass + 3 + 3."""
+    PPO 3 rollout passes (its values; the first kept for the update) + 2 + 3; RLOO (the KL in the
+    reward read from the sampler) and GRPO (the KL in the loss) no rollout pass + 3 + 3."""
     config = PPOStageConfig(rloo_samples=4, prompts_per_iteration=12, minibatch_size=12, epochs=2,
                             micro_batch_size=5, max_new_tokens=5, **settings)
     policy, reference, scorer, tokenizer, _, _ = _setup(config, 12)
@@ -98,7 +98,7 @@ def test_an_iteration_in_passes_of_a_few_rows_starts_at_a_ratio_of_exactly_one(s
     result = ppo_iteration(policy, reference, scorer, tokenizer, torch.optim.AdamW(policy.parameters(), lr=1e-3),
                            PROMPTS * 3, config, 0.1, torch.Generator().manual_seed(0), "cpu")
     assert result.stats["first_ratio_error"] == 0.0
-    assert len(passes) == (8 if settings["method"] == "rloo" else 6)
+    assert len(passes) == (8 if settings["method"] == "ppo" else 6)
 
 
 def test_a_large_vocabulary_never_gets_the_whole_batchs_logits(monkeypatch):
@@ -172,23 +172,29 @@ def test_the_peak_is_reset_between_stages():
 
 
 @pytest.mark.parametrize("settings", [{"method": "rloo"}, {"method": "grpo", "kl_in": "loss"}])
-def test_the_reference_holds_no_weights_during_the_update_and_changes_nothing(settings, tmp_path, monkeypatch):
+def test_the_reference_and_reward_model_hold_no_weights_during_the_update_and_change_nothing(
+        settings, tmp_path, monkeypatch):
     """A ReloadedReference (the RL stage's reference when every weight trains) is read from its
-    directory for the rollout and dropped before the update: two iterations give exactly the
-    statistics and weights of a reference kept in memory throughout."""
+    directory for the rollout and dropped before the update, and so is a reward model the stage
+    never refits (a RewardModelScorer given `reload`): two iterations give exactly the statistics
+    and weights of a reference and a reward model kept in memory throughout."""
     from proximal.lm import ppo
     from proximal.lm.loading import ReloadedReference, save_pretrained
 
     config = PPOStageConfig(rloo_samples=4, prompts_per_iteration=8, minibatch_size=8, max_new_tokens=5, **settings)
-    _, kept, scorer, tokenizer, _, _ = _setup(config, 8)
+    _, kept, kept_scorer, tokenizer, _, _ = _setup(config, 8)
     save_pretrained(kept, tokenizer, tmp_path / "start")
     reloaded = ReloadedReference(tmp_path / "start", "cpu")
+    loads = []
+    reloading_scorer = RewardModelScorer(None, config.missing_eos_score,
+                                         reload=lambda: loads.append(1) or copy.deepcopy(kept_scorer.model))
     held_during_update = []
     real_update = ppo.ppo_update
-    monkeypatch.setattr(ppo, "ppo_update", lambda *a, **k: (held_during_update.append(reloaded.loaded is not None),
-                                                             real_update(*a, **k))[1])
+    monkeypatch.setattr(ppo, "ppo_update", lambda *a, **k: (
+        held_during_update.append((reloaded.loaded is not None, reloading_scorer.model is not None)),
+        real_update(*a, **k))[1])
     runs = []
-    for reference in (kept, reloaded):
+    for reference, scorer in ((kept, kept_scorer), (reloaded, reloading_scorer)):
         policy = _setup(config, 8)[0]
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(0)
@@ -196,4 +202,5 @@ def test_the_reference_holds_no_weights_during_the_update_and_changes_nothing(se
                                "cpu").stats for _ in range(2)]
         runs.append((stats, [parameter.detach().clone() for parameter in policy.parameters()]))
     assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
-    assert held_during_update == [False, False, False, False] and list(reloaded.parameters()) == []
+    assert held_during_update == [(False, False)] * 4 and list(reloaded.parameters()) == []
+    assert len(loads) == 2 and kept_scorer.model is not None  # loaded once an iteration; one without `reload` keeps it

@@ -6,7 +6,8 @@ import torch
 from lm_helpers import ARCHITECTURES, DEVICES, completions_for, tiny_model
 from proximal.errors import CheckpointError
 from proximal.lm.loading import load_pretrained, save_pretrained
-from proximal.lm.model import ScalarHeadLM, sample_completions, sample_tokens, token_entropy, token_logprobs
+from proximal.lm.model import (ScalarHeadLM, response_logprobs, sample_completions, sample_tokens, token_entropy,
+                               token_logprobs)
 from proximal.lm.rollout import policy_outputs
 
 
@@ -71,6 +72,23 @@ def test_kv_cache_sampling_gives_what_a_full_recomputation_gives(architecture, d
         length = int(cached.response_mask[row].sum())
         assert cached.response_ids[row, :length].tolist() == generated
         assert bool(cached.ended[row]) == (generated[-1] == tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_samplers_logprobs_are_a_full_forward_pass_logprobs(architecture, temperature):
+    """What the sampler keeps of each drawn token (the RL rollout's KL reads it in place of a
+    policy pass) against `response_logprobs` on the finished completions: the same numbers to
+    float rounding, at the sampling temperature, 0 on padding."""
+    model, tokenizer = ARCHITECTURES[architecture](seed=4)
+    prompts = ["3+4=", "58+67=", "3+4=", "9+90="]
+    completions = sample_completions(model, tokenizer, prompts, 6, temperature, torch.Generator().manual_seed(1), "cpu")
+    mask = completions.response_mask
+    assert not mask.all()  # some rows ended early: their padding must hold 0
+    expected = response_logprobs(model, completions, temperature)  # [B, R]
+    assert torch.allclose(completions.sampled_logprobs[mask], expected[mask], atol=1e-5)
+    assert torch.equal(completions.sampled_logprobs[~mask], torch.zeros(int((~mask).sum())))
+    assert torch.equal(completions.select(torch.tensor([2, 0])).sampled_logprobs, completions.sampled_logprobs[[2, 0]])
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))

@@ -231,10 +231,11 @@ class PPOStageConfig(Section):
     @property
     def old_logprobs_in_update(self) -> bool:
         """Whether the rollout can skip its policy pass and the update's first epoch take the old
-        log-probs from its own passes (detached: a ratio of exactly 1): true when nothing else
-        reads them first (no critic's values, no KL in the reward) and one minibatch takes the
-        whole batch, so the first epoch runs before the first step."""
-        return self.method != "ppo" and self.kl_in == "loss" and self.minibatch_size == self.prompts_per_iteration
+        log-probs from its own passes (detached: a ratio of exactly 1): true when no critic's
+        values are needed (RLOO, GRPO) and one minibatch takes the whole batch, so the first
+        epoch runs before the first step. A KL in the reward then reads the log-probs the sampler
+        drew each token with (lm/rollout.py)."""
+        return self.method != "ppo" and self.minibatch_size == self.prompts_per_iteration
 
     @property
     def clip_high(self) -> float:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from proximal.dist import DistContext
-from proximal.lm.memory import micro_batch_rows
+from proximal.lm.memory import inference_rows
 from proximal.lm.model import response_logits_kept, response_logprobs, sample_completions
 from proximal.lm.rollout import sequence_kls
 
@@ -42,8 +42,8 @@ def evaluation_rows(model: nn.Module, tokenizer, prompts: list[str], gold: Gold 
             rows["response_length"] = completions.response_mask.sum(-1).float().cpu().numpy()
             rows["eos_rate"] = completions.ended.float().cpu().numpy()
             if reference is not None:
-                per_pass = micro_batch_rows(model, len(prompts), completions.input_ids.shape[1],
-                                            response_logits_kept(completions))
+                per_pass = inference_rows(model, len(prompts), completions.input_ids.shape[1],
+                                          response_logits_kept(completions))
                 k1, k3 = sequence_kls(response_logprobs(model, completions, temperature, per_pass),
                                       response_logprobs(reference, completions, temperature, per_pass),
                                       completions.response_mask)

@@ -224,10 +224,13 @@ class ReloadedReference(nn.Module):
         object.__setattr__(self, "loaded", None)
 
 
-def release_weights(model: nn.Module) -> None:
-    """Let `model` drop the weights it can load again (a ReloadedReference); any other keeps them."""
-    if isinstance(model, ReloadedReference):
-        model.release()
+def release_weights(*holders) -> None:
+    """Let each of `holders` drop the weights it can load again (a ReloadedReference, a reward
+    model's scorer built to reload it); any other keeps them."""
+    for holder in holders:
+        release = getattr(holder, "release", None)
+        if release is not None:
+            release()
 
 
 def bottom_blocks(lm: nn.Module, blocks: int) -> nn.Module:

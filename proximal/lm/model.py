@@ -154,6 +154,8 @@ class Completions:
     response_ids: torch.Tensor  # [B, R]
     response_mask: torch.Tensor  # [B, R] bool, True up to and including EOS
     ended: torch.Tensor | None  # [B] bool: the response emitted EOS (else it was cut); None for demonstrations
+    # [B, R] log pi(token) at the sampling temperature as the sampler drew it (0 on padding); None unless sampled
+    sampled_logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -175,7 +177,8 @@ class Completions:
 
     def select(self, index: torch.Tensor) -> Completions:
         return Completions(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
-                           self.response_mask[index], self.ended[index])
+                           self.response_mask[index], self.ended[index],
+                           None if self.sampled_logprobs is None else self.sampled_logprobs[index])
 
 
 def encode_completions(tokenizer, prompts: list[str], responses: list[str], ended: list[bool], device: str
@@ -237,7 +240,10 @@ def sample_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
     asks it: k samples of one prompt (RLOO, GRPO, the reward stage's pairs) cost one prompt's
     forward pass, not k. Once a row has emitted EOS it is fed padding, masked out; the loop stops
     when every row has ended or after `max_new_tokens`. `greedy` takes the most probable token
-    instead of sampling.
+    instead of sampling. Each drawn token's log-prob at `temperature` is kept
+    (`Completions.sampled_logprobs`): the policy's log-probs of its own samples, without a second
+    forward pass (the same numbers as `response_logprobs` on the completions, up to float rounding:
+    the cached decode sums in another order).
     """
     distinct = {prompt: number for number, prompt in enumerate(dict.fromkeys(prompts))}  # in first-seen order
     row_of = torch.tensor([distinct[prompt] for prompt in prompts], device=device)  # [B]: each row's distinct prompt
@@ -251,18 +257,20 @@ def sample_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
     prompt_ids, prompt_mask = distinct_ids[row_of], distinct_mask[row_of]  # [B, L]
     attention_mask = prompt_mask.long()  # [B, L], grows by one column per step
     positions = position_ids(attention_mask)
-    logits = output.logits[row_of, -1] / temperature  # [B, V]
+    logits = output.logits[row_of, -1]  # [B, V]
     ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # [B]
-    tokens, masks = [], []
+    tokens, masks, logprobs = [], [], []
     for _ in range(max_new_tokens):
         if greedy:
             next_tokens = logits.argmax(-1)
         else:
-            next_tokens = sample_tokens(logits, generator)  # [B]
+            next_tokens = sample_tokens(logits / temperature, generator)  # [B]
         is_real = ~ended
         next_tokens = torch.where(is_real, next_tokens, torch.full_like(next_tokens, tokenizer.pad_token_id))
         tokens.append(next_tokens)
         masks.append(is_real)
+        logprobs.append(torch.where(is_real, token_logprobs(logits[:, None], next_tokens[:, None], temperature)[:, 0],
+                                    torch.zeros((), dtype=logits.dtype, device=device)))  # [B]
         ended = ended | (is_real & (next_tokens == tokenizer.eos_token_id))
         if bool(ended.all()):
             break
@@ -270,8 +278,9 @@ def sample_completions(model: nn.Module, tokenizer, prompts: list[str], max_new_
         positions = positions[:, -1:] + 1
         output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
                        use_cache=True, **{cache_keyword: cache})
-        cache, logits = getattr(output, cache_keyword), output.logits[:, -1] / temperature
-    return Completions(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1), ended)
+        cache, logits = getattr(output, cache_keyword), output.logits[:, -1]
+    return Completions(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1), ended,
+                       torch.stack(logprobs, 1))
 
 
 SAMPLE_BATCH = 128  # rows decoded at once: SmolLM2-135M on 2 CPU cores decodes 143 tokens/s at 128, 112 at 768

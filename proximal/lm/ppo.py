@@ -3,7 +3,9 @@ Ouyang et al. 2022), one iteration read top to bottom in `ppo_iteration`:
 
   sample B responses from the policy (KV cache)                  model.sample_completions
   old log-probs, values, reference log-probs, scores             rollout.collect_rollout (a reward
-                                                                 model's score, or --reward.function's)
+                                                                 model's score, or --reward.function's;
+                                                                 RLOO's and GRPO's old log-probs: the
+                                                                 sampler's, then the update's own)
   per-token rewards: -beta * k1 everywhere, the score at EOS     rollout.token_rewards
   GAE over the response tokens, gamma = 1                        rollout.token_advantages -> compute_gae
   K epochs of minibatches: Eq. 7 + value loss                    ppo_update -> clipped_surrogate
@@ -169,7 +171,7 @@ def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, to
     moments = dist.masked_moments(rollout.advantages, rollout.mask)  # of the global batch (GRPO's stay unwhitened)
     snapshot = (take_snapshot(policy, reference, scorer, tokenizer, snapshot_prompts, config, kl_coef, moments,
                               snapshot_seed, device) if snapshot_prompts else None)
-    release_weights(reference)  # the update's passes get its room; loaded again when next asked
+    release_weights(reference, scorer)  # the update's passes get their room; loaded again when next asked
     stats = ppo_update(policy, optimizer, rollout, first_minibatches, config, generator, moments, dist,
                        micro_rows=micro_rows, kl_coef=kl_coef)
     optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next update
@@ -207,14 +209,19 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
     if dist.is_main:
         stage_dir.mkdir(exist_ok=True)
     learned = ctx.reward_function is None or ctx.config.reward.function_role != "reward"
-    reward_model = load_reward_model(ctx) if learned else None
-    scorer = RewardModelScorer(reward_model, config.cut_response_score) if learned else ctx.reward_function
+    relabel_every = config.relabel_every if learned and ctx.has_gold else 0  # relabelling needs a labeller
+    reward_model = load_reward_model(ctx) if relabel_every else None  # refitted here: held throughout
+    scorer = ctx.reward_function
+    if learned and relabel_every:
+        scorer = RewardModelScorer(reward_model, config.cut_response_score)
+    elif learned:  # never refitted: held only while it scores (loaded now, so a bad file stops the stage here)
+        scorer = RewardModelScorer(load_reward_model(ctx), config.cut_response_score,
+                                   reload=lambda: load_reward_model(ctx))
     policy_lm, reference, tokenizer = ctx.load_policy()
     policy = ScalarHeadLM(policy_lm).to(ctx.device)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=config.learning_rate, weight_decay=0.0)
     reward_optimizer = (torch.optim.AdamW(reward_model.parameters(), lr=ctx.config.reward.learning_rate,
-                                          weight_decay=0.0) if learned else None)
-    relabel_every = config.relabel_every if learned and ctx.has_gold else 0  # relabelling needs a labeller
+                                          weight_decay=0.0) if relabel_every else None)
     kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
     generator = torch.Generator(device=ctx.device).manual_seed(ctx.config.run.seed + RL_SEED)  # prompts: shared
     sampler = dist.rank_generator(generator, ctx.config.run.seed + RL_SEED)  # samples, minibatches: this rank's
@@ -222,7 +229,7 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
     sft_samples = dist.on_main(lambda: ctx.sft_samples(reference, tokenizer)) if relabel_every else None
     checkpoint_path = stage_dir / CHECKPOINT_NAME
     stateful = {"policy": policy, "optimizer": optimizer, "generator": generator}
-    if learned:
+    if relabel_every:
         stateful.update(reward_model=reward_model, reward_optimizer=reward_optimizer)
     state = restore_states(checkpoint_path, **stateful)
     start, elapsed, eval_seconds = ((0, 0.0, 0.0) if state is None else

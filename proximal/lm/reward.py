@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -58,13 +58,24 @@ def scores_or_missing_eos(model: ScalarHeadLM, completions: Completions, missing
 
 
 class RewardModelScorer:
-    """PPO's score [B] from a reward model (what `RewardFunction.scores` is for a function)."""
+    """PPO's score [B] from a reward model (what `RewardFunction.scores` is for a function). Given
+    `reload` (a function that loads it) instead of a model, it holds the model only while it is
+    used, as lm/loading.py's ReloadedReference holds the reference: loaded when first asked for
+    scores, dropped by `release` before an update, whose passes get its room. Only for a reward
+    model the RL stage never refits (every load reads the same files)."""
 
-    def __init__(self, model: ScalarHeadLM, missing_eos_score: float | None):
-        self.model, self.missing_eos_score = model, missing_eos_score
+    def __init__(self, model: ScalarHeadLM | None, missing_eos_score: float | None,
+                 reload: Callable[[], ScalarHeadLM] | None = None):
+        self.model, self.missing_eos_score, self.reload = model, missing_eos_score, reload
 
     def scores(self, prompts: list[str], completions: Completions, tokenizer) -> torch.Tensor:
+        if self.model is None:
+            self.model = self.reload()
         return scores_or_missing_eos(self.model, completions, self.missing_eos_score)
+
+    def release(self) -> None:
+        if self.reload is not None:
+            self.model = None
 
 
 def pair_scores(model: ScalarHeadLM, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from proximal.lm.config import PPOStageConfig
+from proximal.lm.loading import release_weights
+from proximal.lm.memory import inference_rows
 from proximal.lm.model import (Completions, ScalarHeadLM, response_logits, response_logits_kept, response_logprobs,
                                token_logprobs)
 from proximal.losses import compute_gae, kl_k3, masked_whiten
@@ -195,23 +197,34 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, 
     With `share_first_forward`, the first pass keeps its graph for the update's first step
     (`LMRollout.first_outputs`): one forward pass fewer (with one pass an iteration: two forward
     passes and a backward instead of three and a backward). Without `policy_pass` (see
-    `PPOStageConfig.old_logprobs_in_update`) the policy's log-probs are left to the update."""
+    `PPOStageConfig.old_logprobs_in_update`) the policy makes no pass here: the KL in the reward
+    reads the log-probs the sampler drew the tokens with, and the update's first passes give the
+    old log-probs of the ratio."""
     batch, length = completions.response_ids.shape
-    logprobs = torch.zeros(batch, length, device=completions.response_ids.device)
+    logprobs = torch.zeros(batch, length, device=completions.response_ids.device)  # [B, R]
+    if not policy_pass and config.kl_in == "reward":
+        if completions.sampled_logprobs is None:
+            raise ValueError("a KL in the reward without a policy pass needs the sampler's log-probs")
+        logprobs = completions.sampled_logprobs.clone()
     ref_logprobs, values = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
     scores = torch.zeros(batch, device=logprobs.device)
     first_outputs = None
-    for index in passes:
-        part = completions.select(index)
-        if policy_pass:
+    if policy_pass:
+        for index in passes:
             keep_graph = share_first_forward and first_outputs is None
             with torch.set_grad_enabled(keep_graph):
-                outputs = policy_outputs(policy, part, config.temperature)
+                outputs = policy_outputs(policy, completions.select(index), config.temperature)
             if keep_graph:
                 first_outputs = outputs
             logprobs[index], values[index] = outputs[0].detach(), outputs[1].detach()
-        ref_logprobs[index] = response_logprobs(reference, part, config.temperature)
-        scores[index] = scorer.scores([prompts[i] for i in index.tolist()], part, tokenizer)
+    else:  # the reference and the scorer are free to take larger passes than a training pass
+        passes = torch.arange(batch, device=logprobs.device).split(inference_rows(
+            policy.lm, batch, completions.input_ids.shape[1], response_logits_kept(completions)))
+    for index in passes:  # with a policy pass, the same passes: a policy equal to the reference is at a KL of 0
+        ref_logprobs[index] = response_logprobs(reference, completions.select(index), config.temperature)
+    release_weights(reference)  # a reference that can load again lets go of its weights before the scorer loads
+    for index in passes:
+        scores[index] = scorer.scores([prompts[i] for i in index.tolist()], completions.select(index), tokenizer)
     mask, last_index = completions.response_mask, completions.last_index
     reward_kl_coef = kl_coef if config.kl_in == "reward" else 0.0  # else beta * k3 joins the loss (ppo_update)
     kl_penalty, rewards = token_rewards(scores, logprobs, ref_logprobs, mask, last_index, reward_kl_coef)
