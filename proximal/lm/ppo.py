@@ -210,13 +210,12 @@ def run_ppo(ctx: StageContext) -> dict[str, Any]:
         stage_dir.mkdir(exist_ok=True)
     learned = ctx.reward_function is None or ctx.config.reward.function_role != "reward"
     relabel_every = config.relabel_every if learned and ctx.has_gold else 0  # relabelling needs a labeller
-    reward_model = load_reward_model(ctx) if relabel_every else None  # refitted here: held throughout
-    scorer = ctx.reward_function
-    if learned and relabel_every:
-        scorer = RewardModelScorer(reward_model, config.cut_response_score)
-    elif learned:  # never refitted: held only while it scores (loaded now, so a bad file stops the stage here)
-        scorer = RewardModelScorer(load_reward_model(ctx), config.cut_response_score,
-                                   reload=lambda: load_reward_model(ctx))
+    reward_model = load_reward_model(ctx) if learned else None  # loaded now: a bad file stops the stage here
+    scorer = (RewardModelScorer(reward_model, config.cut_response_score,
+                                reload=None if relabel_every else lambda: load_reward_model(ctx))
+              if learned else ctx.reward_function)
+    if not relabel_every:
+        reward_model = None  # never refitted: the scorer alone holds it, only while it scores
     policy_lm, reference, tokenizer = ctx.load_policy()
     policy = ScalarHeadLM(policy_lm).to(ctx.device)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=config.learning_rate, weight_decay=0.0)
