@@ -22,6 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from proximal.checkpoint import load_checkpoint
 from proximal.config import TrainConfig
@@ -39,13 +40,15 @@ def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
     return layer
 
 
-ACTIVATION_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU}
+# each activation as the bodies' module (what the state dict and printing see) and as the function
+# the forward pass calls
+ACTIVATIONS = {"tanh": (nn.Tanh, torch.tanh), "relu": (nn.ReLU, torch.relu)}
 
 
 def _mlp_body(in_dim: int, hidden_sizes: tuple[int, ...], activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden_sizes:
-        layers += [_orthogonal(nn.Linear(in_dim, width), gain=np.sqrt(2)), ACTIVATION_MODULES[activation]()]
+        layers += [_orthogonal(nn.Linear(in_dim, width), gain=np.sqrt(2)), ACTIVATIONS[activation][0]()]
         in_dim = width
     return nn.Sequential(*layers)
 
@@ -69,19 +72,35 @@ class ActorCritic(nn.Module):
         self.actor_head = _orthogonal(nn.Linear(hidden_sizes[-1], action_dim), gain=0.01)
         self.critic_head = _orthogonal(nn.Linear(hidden_sizes[-1], 1), gain=1.0)
         self.actor_log_std = nn.Parameter(torch.full((action_dim,), log_std_init)) if continuous else None
+        self.activation = ACTIVATIONS[activation][1]
+        self.actor_linears = list(self.actor_body)[::2]  # the bodies' Linear layers, for `_features`
+        self.critic_linears = None if shared_body else list(self.critic_body)[::2]
+
+    def _features(self, linears: list[nn.Linear], observations: torch.Tensor) -> torch.Tensor:
+        """A body's output, computed as its bare ops (linear, activation, linear, ...): around each
+        layer nn.Module's call machinery was 40% of a forward pass on CartPole's 8-row batches
+        (62 -> 36 us for both bodies and heads); the ops, and so the numbers, are the same."""
+        for linear in linears:
+            observations = self.activation(F.linear(observations, linear.weight, linear.bias))
+        return observations
 
     def forward(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        actor_features = self.actor_body(observations)
-        critic_features = actor_features if self.critic_body is None else self.critic_body(observations)
-        return self.actor_head(actor_features), self.critic_head(critic_features).squeeze(-1)
+        actor_features = self._features(self.actor_linears, observations)
+        critic_features = (actor_features if self.critic_linears is None
+                           else self._features(self.critic_linears, observations))
+        return _head(self.actor_head, actor_features), _head(self.critic_head, critic_features).squeeze(-1)
 
     def actor(self, observations: torch.Tensor) -> torch.Tensor:
         """The actor head alone (logits or Gaussian means): acting needs no value."""
-        return self.actor_head(self.actor_body(observations))
+        return _head(self.actor_head, self._features(self.actor_linears, observations))
 
     def value(self, observations: torch.Tensor) -> torch.Tensor:
-        features = self.actor_body(observations) if self.critic_body is None else self.critic_body(observations)
-        return self.critic_head(features).squeeze(-1)
+        linears = self.actor_linears if self.critic_linears is None else self.critic_linears
+        return _head(self.critic_head, self._features(linears, observations)).squeeze(-1)
+
+
+def _head(head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    return F.linear(features, head.weight, head.bias)
 
 
 LOG_2PI = math.log(2 * math.pi)
@@ -265,8 +284,12 @@ class PPOAgent:
                 # weighs the critic like c1 = 0.5 on the paper's (V - V^targ)^2.
                 value_loss = 0.5 * (new_values - batch.returns[indices]).pow(2).mean()
                 entropy_mean = entropy.mean()
-                # Eq. 9, negated: minimise -L^CLIP + c1 L^VF - c2 S.
-                loss = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy_mean
+                # Eq. 9, negated: minimise -L^CLIP + c1 L^VF - c2 S. (With c2 = 0 the entropy term
+                # is left out, not multiplied by 0: the same loss and gradient, and no backward
+                # pass through it.)
+                loss = policy_loss + ppo.vf_coef * value_loss
+                if ppo.ent_coef:
+                    loss = loss - ppo.ent_coef * entropy_mean
                 self.optimizer.zero_grad()
                 loss.backward()
                 if not dist.average_gradients(parameters, len(indices), loss):  # the mean over every rank's rows
