@@ -1,9 +1,9 @@
 """Where an RL iteration's time goes: sampling, the rollout's passes, the update, per iteration.
 
 Runs the RL stage alone (`proximal rlhf ... --stages ppo`) in a fresh directory beside a finished
-run, whose `start/` and `reward/` it links, for a few iterations, and prints the seconds each of
-`sample_completions`, `collect_rollout` and `ppo_update` took in each iteration, and the stage's
-peak resident memory. To compare two versions of the code, run it from each checkout in turn
+run, whose `start/` and `reward/` it links, for a few iterations, and prints the seconds and the
+peak resident memory of each of `sample_completions`, `collect_rollout` and `ppo_update` in each
+iteration, and the stage's peak. To compare two versions of the code, run it from each checkout in turn
 (`PYTHONPATH=OTHER_CHECKOUT python3 benchmarks/rl_iteration_parts.py ...`), interleaved, on an
 idle machine.
 
@@ -39,15 +39,20 @@ def main() -> None:
     from proximal.lm import memory, ppo
 
     seconds: dict[str, list[float]] = {part: [] for part in PARTS}
+    peaks: dict[str, list[float]] = {part: [] for part in PARTS}  # GB, each call's own (the peak reset before it)
 
     def timed(name):
         function = getattr(ppo, name)
 
         @functools.wraps(function)
         def wrapper(*a, **k):
+            peaks["before"] = max(peaks.get("before", 0.0), memory.peak_gb())  # what ran since the last reset
+            memory.reset_peak()
             started = time.perf_counter()
             result = function(*a, **k)
             seconds[name].append(round(time.perf_counter() - started, 2))
+            peaks[name].append(memory.peak_gb())
+            memory.reset_peak()
             return result
         return wrapper
 
@@ -68,9 +73,12 @@ def main() -> None:
     print(f"code: {Path(proximal.__file__).parent}; exit {code}")
     for iteration in range(len(seconds["ppo_update"])):
         parts = {name: seconds[name][iteration] for name in PARTS}
-        print(f"iteration {iteration + 1}: " + ", ".join(f"{name} {value:.1f} s" for name, value in parts.items())
+        print(f"iteration {iteration + 1}: " + ", ".join(f"{name} {value:.1f} s ({peaks[name][iteration]:.2f} GB)"
+                                                         for name, value in parts.items())
               + f"; their sum {sum(parts.values()):.1f} s")
-    print(f"the stage with its final evaluation: {total:.1f} s; peak {memory.peak_gb():.2f} GB")
+    everything = max([memory.peak_gb(), peaks.get("before", 0.0)] + [peak for part in PARTS for peak in peaks[part]])
+    print(f"the stage with its final evaluation: {total:.1f} s; peak {everything:.2f} GB (each part's own peak "
+          "in brackets)")
 
 
 if __name__ == "__main__":

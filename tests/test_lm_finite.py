@@ -20,7 +20,7 @@ def _minus_infinity_at_padding(module, args, output):
     -inf wherever the mask is 0, as a model that masks its own outputs might give. log_softmax of
     a row of -inf is NaN, and an addition passes the gradient through unchanged: a NaN that the
     backward pass carries back from the loss reaches the weights."""
-    attention_mask = args[1].float()  # [B, L]
+    attention_mask = args[0].attention_mask.float()  # [B, L]
     logits, scalars = output
     kept = attention_mask[:, -logits.shape[1]:]  # [B, K] of the kept logits' positions
     return logits + kept.log()[..., None], scalars + attention_mask.log()

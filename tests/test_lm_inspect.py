@@ -63,8 +63,8 @@ def recompute(run_dir: Path, prompt: str, tokens: list[int]) -> tuple[list[float
     reward_lm, _ = load_pretrained(run_dir / "reward" / "model")
     reward_model = ScalarHeadLM(reward_lm)
     reward_model.head.load_state_dict(load_checkpoint(run_dir / "reward" / "head.pt")["head"])
-    _, scalars = reward_model(sequence, torch.ones_like(sequence, dtype=torch.bool))
-    return logprobs, float(scalars[0, -1])
+    hidden = reward_lm(sequence, output_hidden_states=True).hidden_states[-1]  # [1, L, H]
+    return logprobs, float(reward_model.head(hidden[0, -1]))
 
 
 def test_the_page_shows_each_tokens_numbers_as_recomputed_from_the_saved_models(tiny_run, browser):  # noqa: F811

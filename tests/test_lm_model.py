@@ -6,8 +6,8 @@ import torch
 from lm_helpers import ARCHITECTURES, DEVICES, completions_for, tiny_model
 from proximal.errors import CheckpointError
 from proximal.lm.loading import load_pretrained, save_pretrained
-from proximal.lm.model import (ScalarHeadLM, response_logprobs, sample_completions, sample_tokens, token_entropy,
-                               token_logprobs)
+from proximal.lm.model import (ScalarHeadLM, completions_forward, lm_forward, response_logprobs, rows_per_prompt,
+                               sample_completions, sample_tokens, token_entropy, token_logprobs)
 from proximal.lm.rollout import policy_outputs
 
 
@@ -107,6 +107,54 @@ def test_a_prompt_asked_by_several_rows_is_read_once(architecture):
     assert all(shape == (len(prompts), 1) for shape in inputs[1:])
     expected = sample_completions(model, tokenizer, list(dict.fromkeys(prompts)), 1, 1.0, None, "cpu").prompt_ids
     assert torch.equal(completions.prompt_ids, expected[torch.tensor([0, 0, 1, 0, 1, 2])])
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_rows_that_share_a_prompt_read_it_once_and_get_what_whole_rows_get(architecture):
+    """`completions_forward` (runs of m rows of one prompt read it once, then their responses read
+    its KV cache) against `lm_forward` over each whole row: the same logits at every number of
+    kept positions, the same last hidden states, and the same gradient through the cache; rows
+    that are not such runs take the one pass over whole rows."""
+    model, tokenizer = ARCHITECTURES[architecture](seed=6)
+    prompts = ["3+4=", "3+4=", "58+67=", "58+67=", "9+90=", "9+90="]  # 3 prompts, 2 rows each
+    responses = ["7", "1234", "125", "12", "99", "0"]
+    completions = completions_for(tokenizer, prompts, responses, [True, False, True, True, False, True])
+    assert rows_per_prompt(completions) == 2
+    for uneven in ([0, 1, 2, 4, 5], [0, 2, 3, 1], [0, 2, 4]):  # runs of 2, 2, 1 / a prompt apart / all apart
+        assert rows_per_prompt(completions.select(torch.tensor(uneven))) == 1
+    inputs = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: inputs.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        completions_forward(model, completions)
+        completions_forward(model, completions.select(torch.tensor([0, 1, 2, 4, 5])))
+    hook.remove()
+    prompt_width, response_width = completions.prompt_ids.shape[1], completions.response_ids.shape[1]
+    assert inputs == [(3, prompt_width), (6, response_width), (5, prompt_width + response_width)]
+    mask = completions.attention_mask  # [B, P + R]: padded positions hold junk in both
+    for kept in (0, 1, response_width, response_width + 1, response_width + 3):
+        with torch.no_grad():
+            shared, shared_hidden = completions_forward(model, completions, with_hidden=True, logits_to_keep=kept)
+            whole, whole_hidden = lm_forward(model, completions.input_ids, completions.attention_mask,
+                                             with_hidden=True, logits_to_keep=kept)
+        assert shared.shape == whole.shape
+        real = mask[:, -shared.shape[1]:]
+        assert torch.allclose(shared[real], whole[real], atol=1e-5)
+        assert torch.allclose(shared_hidden[mask], whole_hidden[mask], atol=1e-5)
+
+    def gradient(forward) -> list[torch.Tensor]:
+        model.zero_grad()
+        logits, _ = forward()
+        (logits[:, :-1].log_softmax(-1)[..., 0] * completions.response_mask).sum().backward()  # [B, R]
+        return [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    kept = response_width + 1
+    shared = gradient(lambda: completions_forward(model, completions, logits_to_keep=kept))
+    whole = gradient(lambda: lm_forward(model, completions.input_ids, completions.attention_mask,
+                                        logits_to_keep=kept))
+    assert len(shared) == len(whole) and len(whole) > 0
+    for a, b in zip(shared, whole):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_sampling_stops_each_row_at_eos_and_masks_what_follows():

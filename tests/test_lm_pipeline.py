@@ -181,6 +181,45 @@ def test_mean_pooled_reward_scores_average_the_head_over_the_response_tokens_onl
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_a_pairs_two_sides_scored_in_one_pass_that_reads_their_prompt_once_score_as_each_alone(pooling, architecture):
+    """`pair_scores` (both sides in one batch, `PairBatch.sides`, each prompt read once) against
+    `reward_scores` of each side on its own, with sides of different response widths; and the
+    Bradley-Terry gradient through the shared prompt against the one of the separate passes."""
+    from proximal.lm.model import ScalarHeadLM
+    from proximal.lm.reward import pair_scores, reward_scores
+    from proximal.losses import bradley_terry_loss
+
+    model, tokenizer = ARCHITECTURES[architecture]()
+    reward_model = ScalarHeadLM(model, pooling=pooling)
+    torch.nn.init.normal_(reward_model.head.weight)
+    records = [{"query": i, "prompt": prompt, "responses": responses, "ended": ended, "label": label,
+                "labeller": "synthetic", "true_returns": None, "validation": False}
+               for i, (prompt, responses, ended, label) in enumerate([
+                   ("47+38=", ["85", "8512"], [True, False], 1.0), ("1+2=", ["3", "4"], [True, True], 0.0),
+                   ("9+9=", ["181818", "18"], [False, True], 0.5)])]
+    pairs = pairs_from_records(records, tokenizer, "cpu")
+    assert pairs.first.response_ids.shape[1] != pairs.second.response_ids.shape[1]
+    sides = pairs.sides()
+    assert sides.prompt_ids.shape[0] == 6 and torch.equal(sides.prompt_ids[0::2], pairs.first.prompt_ids)
+
+    def loss_and_gradient(scores):
+        reward_model.zero_grad()
+        first, second = scores()
+        loss = bradley_terry_loss(first, second, pairs.labels, 0.0)
+        loss.backward()
+        return first.detach(), second.detach(), [p.grad for p in reward_model.parameters() if p.grad is not None]
+
+    shared = loss_and_gradient(lambda: pair_scores(reward_model, pairs))
+    alone = loss_and_gradient(lambda: (reward_scores(reward_model, pairs.first),
+                                       reward_scores(reward_model, pairs.second)))
+    assert torch.allclose(shared[0], alone[0], atol=1e-5) and torch.allclose(shared[1], alone[1], atol=1e-5)
+    assert len(shared[2]) == len(alone[2]) > 1
+    for a, b in zip(shared[2], alone[2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_a_reward_body_of_the_bottom_blocks_is_the_full_models_hidden_state_there_and_saves_as_such(
         architecture, tmp_path):
     """Cut to its bottom block, a model's last hidden state is the full model's hidden state after

@@ -13,7 +13,7 @@ from proximal.lm.model import ScalarHeadLM, sample_completions, token_logprobs
 from proximal.lm.ppo import ppo_update
 from proximal.lm.reward import RewardModelScorer
 from proximal.lm.rollout import (AdaptiveKLController, KLBudget, collect_rollout, policy_outputs, sequence_kls,
-                                 token_advantages, token_rewards)
+                                 shuffled_groups, token_advantages, token_rewards)
 
 PROMPTS = ["7+5=", "47+38=", "1+99=", "30+4="]
 RESPONSES = ["12", "85", "10000", "3"]
@@ -61,7 +61,7 @@ def test_the_score_lands_on_each_eos_and_a_cut_response_gets_the_missing_eos_sco
     for row in (0, 1, 3):
         single = completions_for(tokenizer, [PROMPTS[row]], [RESPONSES[row]], [True])
         with torch.no_grad():
-            _, scalars = reward_model(single.input_ids, single.attention_mask)
+            _, scalars = reward_model(single)
         assert math.isclose(float(rollout.scores[row]), float(scalars[0, -1]), abs_tol=1e-5)
     nonzero = [torch.nonzero(rollout.rewards[row]).flatten().tolist() for row in range(4)]
     assert nonzero == [[2], [2], [4], [1]]  # "12"+EOS, "85"+EOS, "10000" cut at its 5th token, "3"+EOS
@@ -250,3 +250,12 @@ def test_sequence_kls_by_hand():
     assert math.isclose(float(k1), 0.5 - 1.0, abs_tol=1e-6)
     expected_k3 = (math.exp(-0.5) - 1 + 0.5) + (math.exp(1.0) - 1 - 1.0)
     assert math.isclose(float(k3), expected_k3, abs_tol=1e-6)
+
+
+def test_shuffled_groups_keep_each_block_of_k_rows_together_and_in_order():
+    order = shuffled_groups(12, 4, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(12))
+    for block in order.view(3, 4).tolist():
+        assert block[0] % 4 == 0 and block == list(range(block[0], block[0] + 4))
+    assert torch.equal(shuffled_groups(12, 1, torch.Generator().manual_seed(0)),
+                       torch.randperm(12, generator=torch.Generator().manual_seed(0)))  # k = 1: a permutation

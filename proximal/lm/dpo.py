@@ -38,23 +38,24 @@ def sequence_logprobs(model: nn.Module, completions: Completions) -> torch.Tenso
     return torch.where(completions.response_mask, logprobs, torch.zeros(())).sum(-1)
 
 
+def pair_logprobs(model: nn.Module, pairs: PairBatch) -> torch.Tensor:
+    """`sequence_logprobs` of both sides of every pair [M, 2], from one pass over both sides
+    (`PairBatch.sides`: each pair's prompt read once)."""
+    return sequence_logprobs(model, pairs.sides()).view(-1, 2)
+
+
 @torch.no_grad()
 def reference_pair_logprobs(reference: nn.Module, pairs: PairBatch, batch_size: int = 512) -> torch.Tensor:
     """log pi_ref of both sides of every pair [M, 2], computed once before training."""
-    parts = []
-    for index in torch.arange(pairs.size, device=pairs.labels.device).split(batch_size):
-        batch = pairs.select(index)
-        parts.append(torch.stack([sequence_logprobs(reference, batch.first),
-                                  sequence_logprobs(reference, batch.second)], dim=-1))
-    return torch.cat(parts)
+    return torch.cat([pair_logprobs(reference, pairs.select(index))
+                      for index in torch.arange(pairs.size, device=pairs.labels.device).split(batch_size)])
 
 
 def implicit_rewards(policy: nn.Module, pairs: PairBatch, reference_logprobs: torch.Tensor, beta: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(r1 [M], r2 [M]): beta * (log pi - log pi_ref) of each side."""
-    r1 = beta * (sequence_logprobs(policy, pairs.first) - reference_logprobs[:, 0])
-    r2 = beta * (sequence_logprobs(policy, pairs.second) - reference_logprobs[:, 1])
-    return r1, r2
+    rewards = beta * (pair_logprobs(policy, pairs) - reference_logprobs)  # [M, 2]
+    return rewards[:, 0], rewards[:, 1]
 
 
 def dpo_loss(policy: nn.Module, pairs: PairBatch, reference_logprobs: torch.Tensor, beta: float) -> torch.Tensor:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from proximal.errors import CheckpointError
 from proximal.jsonl import read_json_lines
@@ -162,6 +163,24 @@ class PairBatch:
     @property
     def size(self) -> int:
         return len(self.labels)
+
+    def sides(self) -> Completions:
+        """Both sides as one batch [2M]: pair i's first response in row 2i, its second in row
+        2i + 1, the narrower side's responses padded. The two rows of a pair share their prompt,
+        which a forward pass then reads once (`completions_forward`)."""
+        width = max(self.first.response_ids.shape[1], self.second.response_ids.shape[1])
+
+        def side_by_side(first: torch.Tensor, second: torch.Tensor, padded: bool = False) -> torch.Tensor:
+            if padded:  # [M, R] -> [M, width]: the new columns are padding (0, masked out)
+                first, second = (F.pad(side, (0, width - side.shape[1])) for side in (first, second))
+            return torch.stack([first, second], dim=1).flatten(0, 1)  # [2M, ...]
+
+        first, second = self.first, self.second
+        return Completions(side_by_side(first.prompt_ids, second.prompt_ids),
+                           side_by_side(first.prompt_mask, second.prompt_mask),
+                           side_by_side(first.response_ids, second.response_ids, padded=True),
+                           side_by_side(first.response_mask, second.response_mask, padded=True),
+                           side_by_side(first.ended, second.ended))
 
 
 def pairs_from_records(records: list[dict], tokenizer, device: str) -> PairBatch:

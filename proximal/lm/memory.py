@@ -44,23 +44,33 @@ FLOAT_BYTES = 4
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
-def pass_bytes_per_row(config, width: int, kept: int, training: bool = True) -> int:
-    """Bytes one row of `width` tokens holds through a pass of the model `config` describes (a
-    Hugging Face config): the logits of its `kept` final positions, and every block's saved
-    activations in a training pass, or one block's working set in a pass without gradients."""
+def pass_bytes(config, tokens: int, kept: int, training: bool = True) -> int:
+    """Bytes a pass over `tokens` tokens of the model `config` describes (a Hugging Face config)
+    holds: the logits of `kept` positions, and every block's saved activations in a training
+    pass, or one block's working set in a pass without gradients."""
     blocks = config.num_hidden_layers if training else 1
-    return FLOAT_BYTES * (width * blocks * FLOATS_PER_HIDDEN * config.hidden_size
+    return FLOAT_BYTES * (tokens * blocks * FLOATS_PER_HIDDEN * config.hidden_size
                           + kept * config.vocab_size * LOGIT_COPIES)
 
 
-def micro_batch_rows(model: nn.Module, rows: int, width: int, kept: int, requested: int = 0) -> int:
+def micro_batch_rows(model: nn.Module, rows: int, width: int, kept: int, requested: int = 0,
+                     prompt_width: int = 0, group: int = 1) -> int:
     """Rows per forward/backward pass over a minibatch of `rows` rows of `width` tokens, `kept`
     of whose final positions' logits are read: `requested` when > 0, else as many as
-    ACTIVATION_BUDGET allows (at least one, at most `rows`)."""
+    ACTIVATION_BUDGET allows (at least one, at most `rows`). With `group` > 1 the rows come in
+    blocks of `group` that share their first `prompt_width` tokens, read once a pass
+    (`completions_forward`): a pass takes a whole number of blocks, or a divisor of one, so that
+    no pass straddles two blocks."""
     if requested > 0:
         return min(requested, rows)
-    per_row = pass_bytes_per_row(model.config, width, kept)
-    return max(1, min(rows, ACTIVATION_BUDGET // per_row))
+
+    def bytes_of(pass_rows: int) -> int:
+        prompts = pass_rows if group == 1 else max(1, pass_rows // group)  # prompts read in the pass
+        tokens = pass_rows * (width - prompt_width) + prompts * prompt_width
+        return pass_bytes(model.config, tokens, pass_rows * kept)
+
+    aligned = [r for r in range(1, rows + 1) if group % r == 0 or r % group == 0]
+    return max([1] + [r for r in aligned if bytes_of(r) <= ACTIVATION_BUDGET])
 
 
 def inference_rows(model: nn.Module, rows: int, width: int, kept: int) -> int:
@@ -68,7 +78,7 @@ def inference_rows(model: nn.Module, rows: int, width: int, kept: int) -> int:
     scores, evaluations) of a model shaped like `model`: as many as ACTIVATION_BUDGET allows when
     nothing is saved for a backward pass. Larger passes run faster on a CPU (SmolLM2-135M: 12
     rows of ~77 tokens a pass here, where a training pass takes 2)."""
-    return max(1, min(rows, ACTIVATION_BUDGET // pass_bytes_per_row(model.config, width, kept, training=False)))
+    return max(1, min(rows, ACTIVATION_BUDGET // pass_bytes(model.config, width, kept, training=False)))
 
 
 @cache

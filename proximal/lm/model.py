@@ -75,10 +75,10 @@ class ScalarHeadLM(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, head_bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, K, V] of the last K = `logits_to_keep` positions (0: all), scalars [B, L])."""
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, with_hidden=True, logits_to_keep=logits_to_keep)
+    def forward(self, completions: Completions, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, K, V] of the last K = `logits_to_keep` positions (0: all), scalars [B, P + R])
+        of `completions` (`completions_forward`)."""
+        logits, hidden = completions_forward(self.lm, completions, with_hidden=True, logits_to_keep=logits_to_keep)
         return logits, self.head(hidden).squeeze(-1)
 
 
@@ -181,6 +181,54 @@ class Completions:
                            None if self.sampled_logprobs is None else self.sampled_logprobs[index])
 
 
+def rows_per_prompt(completions: Completions) -> int:
+    """m when the rows are D prompts' runs of m rows each, in order (prompt d's samples in rows
+    d m .. d m + m - 1: the k samples of a prompt sit together), else 1."""
+    rows = len(completions.prompt_ids)
+    same = ((completions.prompt_ids[1:] == completions.prompt_ids[:-1]).all(-1)
+            & (completions.prompt_mask[1:] == completions.prompt_mask[:-1]).all(-1))  # [B - 1]: row i + 1 repeats row i
+    starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])).flatten()
+    runs = len(starts)
+    if runs == rows or rows % runs:
+        return 1
+    return rows // runs if torch.equal(starts, torch.arange(0, rows, rows // runs, device=starts.device)) else 1
+
+
+def completions_forward(model: nn.Module, completions: Completions, with_hidden: bool = False,
+                        logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`lm_forward` over each row's prompt and response [B, P + R], each prompt read once when the
+    rows are runs of m rows of one prompt (`rows_per_prompt`): the D prompts' pass fills a KV cache,
+    repeated m times for the responses' pass, as the sampler does, so a run of the k samples of a
+    prompt costs one prompt's pass, not k, forward and backward (the cache keeps its graph). The
+    same outputs as one pass over the whole rows, up to float rounding; and repeatable to the last
+    bit: the backward pass of a repeat is a sum in a fixed order (that of indexing a CPU tensor
+    with an index tensor adds up in whatever order its threads finish)."""
+    repeats = rows_per_prompt(completions)
+    if repeats == 1:
+        return lm_forward(model, completions.input_ids, completions.attention_mask, with_hidden, logits_to_keep)
+    prompt_ids, prompt_mask = completions.prompt_ids[::repeats], completions.prompt_mask[::repeats]  # [D, P]
+    response_length = completions.response_ids.shape[1]
+    keep_from_responses = logits_to_keep if 0 < logits_to_keep <= response_length else 0  # 0: all R
+    keep_from_prompt = logits_to_keep - response_length if logits_to_keep > response_length else (
+        0 if logits_to_keep == 0 else 1)  # 0: all P; 1 when none is read (the fewest a pass returns)
+    cache_keyword = _cache_keyword(model)
+    prompt_pass = model(input_ids=prompt_ids, attention_mask=prompt_mask.long(), position_ids=position_ids(prompt_mask),
+                        use_cache=True, output_hidden_states=with_hidden, logits_to_keep=keep_from_prompt)
+    cache = getattr(prompt_pass, cache_keyword)
+    cache.batch_repeat_interleave(repeats)  # [D, ...] -> [B, ...] in every layer
+    attention_mask = completions.attention_mask.long()  # [B, P + R]
+    response_pass = model(input_ids=completions.response_ids, attention_mask=attention_mask,
+                          position_ids=position_ids(attention_mask)[:, prompt_ids.shape[1]:],
+                          use_cache=True, output_hidden_states=with_hidden, logits_to_keep=keep_from_responses,
+                          **{cache_keyword: cache})
+    logits = response_pass.logits  # [B, min(K, R), V]
+    if logits_to_keep == 0 or logits_to_keep > response_length:
+        logits = torch.cat([prompt_pass.logits.repeat_interleave(repeats, dim=0), logits], dim=1)  # [B, K, V]
+    hidden = (torch.cat([prompt_pass.hidden_states[-1].repeat_interleave(repeats, dim=0),
+                         response_pass.hidden_states[-1]], dim=1) if with_hidden else None)  # [B, P + R, H]
+    return logits, hidden
+
+
 def encode_completions(tokenizer, prompts: list[str], responses: list[str], ended: list[bool], device: str
                        ) -> Completions:
     """Given prompts and responses (as text; EOS appended where `ended`) as one padded batch."""
@@ -215,8 +263,7 @@ def response_logprobs(model: nn.Module, completions: Completions, temperature: f
     if 0 < rows < len(completions.response_ids):
         return torch.cat([response_logprobs(model, completions.select(part), temperature)
                           for part in torch.arange(len(completions.response_ids)).split(rows)])
-    logits, _ = lm_forward(model, completions.input_ids, completions.attention_mask,
-                           logits_to_keep=response_logits_kept(completions))
+    logits, _ = completions_forward(model, completions, logits_to_keep=response_logits_kept(completions))
     return token_logprobs(response_logits(logits, completions), completions.response_ids, temperature)
 
 

@@ -52,7 +52,7 @@ from proximal.lm.loading import release_weights, save_pretrained, trainable_para
 from proximal.lm.model import ScalarHeadLM, response_logits_kept, sample_completions, token_entropy
 from proximal.lm.reward import RewardModelScorer, load_reward_model, refit_on_policy_samples
 from proximal.lm.rollout import (AdaptiveKLController, KLBudget, LMRollout, Scorer, collect_rollout, micro_batches,
-                                 policy_outputs, sequence_kls, update_advantages)
+                                 policy_outputs, sequence_kls, shuffled_groups, update_advantages)
 from proximal.lm.snapshots import (SNAPSHOT_SEED, SNAPSHOTS_NAME, append_snapshot, keep_snapshots_until,
                                    snapshot_prompts, snapshot_record, take_snapshot)
 from proximal.lm.stage import MODEL_DIR, RL_SEED, StageContext, finish
@@ -110,8 +110,8 @@ def ppo_update(policy: ScalarHeadLM, optimizer: torch.optim.Optimizer, rollout: 
     history, first_ratio_error = [], None
     first_outputs, rollout.first_outputs = rollout.first_outputs, None  # its graph is spent by one backward
     for epoch in range(config.epochs):
-        minibatches = first_minibatches if epoch == 0 else torch.randperm(
-            len(mask), generator=generator, device=generator.device).split(config.minibatch_size // dist.world_size)
+        minibatches = first_minibatches if epoch == 0 else shuffled_groups(
+            len(mask), config.group_size, generator).split(config.minibatch_size // dist.world_size)
         for index in minibatches:
             rows, tokens = len(index), int(mask[index].sum())
             statistics, loss, ratio_errors = torch.zeros(5, device=mask.device), torch.zeros((), device=mask.device), []
@@ -161,10 +161,10 @@ def ppo_iteration(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, to
     completions = sample_completions(policy.lm, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                      generator, device)
     minibatch_rows = config.minibatch_size // dist.world_size
-    first_minibatches = torch.randperm(len(prompts), generator=generator, device=generator.device
-                                       ).to(device).split(minibatch_rows)
+    first_minibatches = shuffled_groups(len(prompts), group, generator).to(device).split(minibatch_rows)
     micro_rows = micro_batch_rows(policy.lm, minibatch_rows, completions.input_ids.shape[1],
-                                  response_logits_kept(completions), config.micro_batch_size)
+                                  response_logits_kept(completions), config.micro_batch_size,
+                                  completions.prompt_ids.shape[1], group)
     rollout = collect_rollout(policy, reference, scorer, prompts, completions, tokenizer,
                               micro_batches(first_minibatches, micro_rows), config, kl_coef, share_first_forward=True,
                               policy_pass=not config.old_logprobs_in_update)

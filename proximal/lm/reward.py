@@ -44,7 +44,7 @@ def reward_scores(model: ScalarHeadLM, completions: Completions) -> torch.Tensor
     """The score [B] of each response: the head's output at its last token (its EOS), or with
     `model.pooling` "mean" its mean over the response's tokens (the head of their mean hidden
     state: the head is linear)."""
-    _, scalars = model(completions.input_ids, completions.attention_mask, logits_to_keep=1)  # [B, P + R]
+    _, scalars = model(completions, logits_to_keep=1)  # [B, P + R]
     prompt_length = completions.prompt_ids.shape[1]
     if model.pooling == "mean":
         return masked_mean(scalars[:, prompt_length:], completions.response_mask, dim=1)
@@ -80,7 +80,10 @@ class RewardModelScorer:
 
 
 def pair_scores(model: ScalarHeadLM, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    return reward_scores(model, pairs.first), reward_scores(model, pairs.second)
+    """The scores [M] of each pair's first and second response, from one pass over both sides
+    (`PairBatch.sides`: each pair's prompt read once)."""
+    scores = reward_scores(model, pairs.sides()).view(-1, 2)  # [M, 2]
+    return scores[:, 0], scores[:, 1]
 
 
 @torch.no_grad()
@@ -88,8 +91,9 @@ def pair_accuracy(model: ScalarHeadLM, pairs: PairBatch) -> dict[str, float]:
     """On strict pairs: agreement with the labeller's answer, and with the gold ordering. Scored
     in passes of `inference_rows` pairs: one pass over all 210 validation pairs of the sentiment
     preset took 19.4 s here, passes of 8-16 rows 14.7 s (the same scores)."""
-    rows = inference_rows(model.lm, pairs.size, pairs.first.input_ids.shape[1], kept=1)
-    parts = [pair_scores(model, pairs.select(part)) for part in torch.arange(pairs.size, device=pairs.labels.device).split(rows)]
+    rows = max(1, inference_rows(model.lm, 2 * pairs.size, pairs.first.input_ids.shape[1], kept=1) // 2)  # pairs
+    parts = [pair_scores(model, pairs.select(part))
+             for part in torch.arange(pairs.size, device=pairs.labels.device).split(rows)]
     return pair_agreement(torch.cat([first for first, _ in parts]), torch.cat([second for _, second in parts]), pairs)
 
 

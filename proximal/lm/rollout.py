@@ -173,12 +173,20 @@ def policy_outputs(policy: ScalarHeadLM, completions: Completions, temperature: 
     s_t (prompt + tokens before t) is read where token t is predicted. Logits and values are 0 at
     padded positions, whatever the model gives there (`response_logits`: a NaN there would pass
     the loss's masks but turn its gradient NaN, 0 x NaN in the backward pass of exp and pow)."""
-    logits, scalars = policy(completions.input_ids, completions.attention_mask, response_logits_kept(completions))
+    logits, scalars = policy(completions, response_logits_kept(completions))
     prompt_length, response_length = completions.prompt_ids.shape[1], completions.response_ids.shape[1]
     logits = response_logits(logits, completions)  # [B, R, V]
     values = torch.where(completions.response_mask, scalars[:, prompt_length - 1: prompt_length - 1 + response_length],
                          torch.zeros((), dtype=scalars.dtype, device=scalars.device))  # [B, R]
     return token_logprobs(logits, completions.response_ids, temperature), values, logits
+
+
+def shuffled_groups(rows: int, group: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of `rows` rows [rows] that keeps each block of `group` rows (the k samples
+    of a prompt) together and in order: a pass over a block reads its prompt once
+    (`completions_forward`). With `group` 1, a plain permutation."""
+    order = torch.randperm(rows // group, generator=generator, device=generator.device)  # [rows / group]
+    return (order[:, None] * group + torch.arange(group, device=order.device)).flatten()
 
 
 def micro_batches(minibatches: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
