@@ -11,7 +11,7 @@ import torch
 from lm_helpers import completions_for, tiny_model
 from proximal.lm import memory
 from proximal.lm.config import PPOStageConfig
-from proximal.lm.memory import micro_batch_rows, pass_bytes
+from proximal.lm.memory import inference_rows, micro_batch_rows, pass_bytes
 from proximal.lm.model import ScalarHeadLM, response_logits_kept, sample_completions
 from proximal.lm.ppo import ppo_iteration, ppo_update
 from proximal.lm.rollout import collect_rollout, micro_batches
@@ -175,6 +175,18 @@ def test_a_pass_over_blocks_that_share_a_prompt_counts_the_prompt_once_and_takes
     assert micro_batch_rows(model, 64, 16, 6, prompt_width=10, group=4) == 2  # 3 would straddle two blocks
     monkeypatch.setattr(memory, "ACTIVATION_BUDGET", pass_bytes(model.config, 8 * 6 + 2 * 10, 8 * 6))
     assert micro_batch_rows(model, 64, 16, 6, prompt_width=10, group=4) == 8  # two blocks, two prompts
+
+
+def test_passes_without_gradients_take_whole_blocks_of_a_prompts_rows(monkeypatch):
+    """`inference_rows` with blocks of 4 rows that share a prompt: of the 13 rows the budget fits,
+    12 (three whole blocks); of 3, 2 (half a block); without blocks, all 13."""
+    model, _ = tiny_model()
+    per_row = pass_bytes(model.config, 16, 6, training=False)
+    monkeypatch.setattr(memory, "ACTIVATION_BUDGET", 13 * per_row)
+    assert inference_rows(model, 64, 16, 6) == 13
+    assert inference_rows(model, 64, 16, 6, group=4) == 12
+    monkeypatch.setattr(memory, "ACTIVATION_BUDGET", 3 * per_row)
+    assert inference_rows(model, 64, 16, 6, group=4) == 2
 
 
 @pytest.mark.skipif(not memory.reset_peak(), reason="the OS offers no reset of the peak resident size")

@@ -69,16 +69,24 @@ def micro_batch_rows(model: nn.Module, rows: int, width: int, kept: int, request
         tokens = pass_rows * (width - prompt_width) + prompts * prompt_width
         return pass_bytes(model.config, tokens, pass_rows * kept)
 
-    aligned = [r for r in range(1, rows + 1) if group % r == 0 or r % group == 0]
-    return max([1] + [r for r in aligned if bytes_of(r) <= ACTIVATION_BUDGET])
+    return max([1] + [r for r in range(1, rows + 1) if whole_groups(r, group) and bytes_of(r) <= ACTIVATION_BUDGET])
 
 
-def inference_rows(model: nn.Module, rows: int, width: int, kept: int) -> int:
+def whole_groups(pass_rows: int, group: int) -> bool:
+    """Whether passes of `pass_rows` rows over blocks of `group` rows (cut from a block's start)
+    never straddle two blocks: a whole number of blocks, or a divisor of one."""
+    return group % pass_rows == 0 or pass_rows % group == 0
+
+
+def inference_rows(model: nn.Module, rows: int, width: int, kept: int, group: int = 1) -> int:
     """Rows per forward pass without gradients (the reference's log-probs, the reward model's
     scores, evaluations) of a model shaped like `model`: as many as ACTIVATION_BUDGET allows when
-    nothing is saved for a backward pass. Larger passes run faster on a CPU (SmolLM2-135M: 12
-    rows of ~77 tokens a pass here, where a training pass takes 2)."""
-    return max(1, min(rows, ACTIVATION_BUDGET // pass_bytes(model.config, width, kept, training=False)))
+    nothing is saved for a backward pass (every row's prompt counted), taken so that no pass
+    straddles two blocks of `group` rows (`whole_groups`), whose prompt it then reads once. Larger
+    passes run faster on a CPU (SmolLM2-135M: 12 rows of ~77 tokens a pass here, where a training
+    pass takes 2)."""
+    fits = max(1, min(rows, ACTIVATION_BUDGET // pass_bytes(model.config, width, kept, training=False)))
+    return max(r for r in range(1, fits + 1) if whole_groups(r, group))
 
 
 @cache

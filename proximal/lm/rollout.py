@@ -227,7 +227,7 @@ def collect_rollout(policy: ScalarHeadLM, reference: nn.Module, scorer: Scorer, 
             logprobs[index], values[index] = outputs[0].detach(), outputs[1].detach()
     else:  # the reference and the scorer are free to take larger passes than a training pass
         passes = torch.arange(batch, device=logprobs.device).split(inference_rows(
-            policy.lm, batch, completions.input_ids.shape[1], response_logits_kept(completions)))
+            policy.lm, batch, completions.input_ids.shape[1], response_logits_kept(completions), config.group_size))
     for index in passes:  # with a policy pass, the same passes: a policy equal to the reference is at a KL of 0
         ref_logprobs[index] = response_logprobs(reference, completions.select(index), config.temperature)
     release_weights(reference)  # a reference that can load again lets go of its weights before the scorer loads
